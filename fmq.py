@@ -1,0 +1,852 @@
+# fmq.py: Flow Map Q-Guidance (FMQ), offline-to-online RL with one-step flow map policies.
+# Paper: "Aligning Flow Map Policies with Optimal Q-Guidance", Ziakas, Russo, Bose (2026), arXiv:2605.12416.
+# Read top to bottom: Args -> envs & datasets -> networks -> losses & updates -> evaluate -> main.
+import copy
+import csv
+import dataclasses
+import difflib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from tqdm import tqdm
+
+import qgbs as qgbs_lib  # Algorithm 2 (Q-Guided Beam Search), a separate file that others copy alone
+
+Sampler = Literal["onestep", "best-of-n", "qgbs"]
+
+
+@dataclass
+class Args:
+    # --- experiment ---
+    env_id: str = "scene-t5"
+    """a paper id from ENVS (e.g. scene-t5, cube-dbl-t3, can) or any OGBench singletask name"""
+    exp_name: str = "fmq"
+    """experiment name; the run folder is {runs_dir}/{env_id}__{exp_name}__{seed}"""
+    seed: int = 0
+    """seed of python, numpy, torch and the training env (evaluation uses seed + 10_000)"""
+    deterministic: bool = False
+    """torch.use_deterministic_algorithms: identical reruns on the same device"""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'"""
+    compile: bool = False
+    """torch.compile the losses (opt-in; pays off on a GPU for long runs)"""
+    amp: bool = False
+    """bf16 autocast for network forward passes"""
+    dataset_dir: Optional[str] = None
+    """dataset folder; default ~/.ogbench/data (OGBench) or ~/.robomimic (RoboMimic, {task}/mh/low_dim_v15.hdf5)"""
+    # --- logging & checkpoints ---
+    runs_dir: str = "runs"
+    """where run folders go (config.json, train.csv, eval.csv, TensorBoard events, checkpoints/)"""
+    track: bool = False
+    """also log to Weights & Biases (needs `pip install wandb`)"""
+    wandb_project: str = "fmq"
+    """W&B project name, with --track"""
+    log_interval: int = 5000
+    """steps between train.csv / TensorBoard rows (and NaN checks)"""
+    eval_interval: int = int(1e5)
+    """steps between evaluations (also at step 0 of each phase and at the end)"""
+    eval_episodes: int = 50
+    """evaluation episodes"""
+    eval_envs: int = 50
+    """parallel evaluation envs stepped in lockstep (episodes run in waves of this size)"""
+    save_interval: int = int(1e5)
+    """steps between checkpoints (also at each evaluation and at the phase switch)"""
+    keep_checkpoints: int = 3
+    """how many recent checkpoints to keep"""
+    resume: Optional[str] = None
+    """continue a killed run: its folder, or 'auto' (this run's folder if it holds a checkpoint)"""
+    load_checkpoint: Optional[str] = None
+    """start from this checkpoint's networks, e.g. an offline one with --offline-steps 0"""
+    # --- algorithm ---
+    offline_steps: int = int(1e6)
+    """offline pretraining steps (flow map + critics on the dataset)"""
+    online_steps: int = int(1e6)
+    """online steps: one env step and one update each"""
+    batch_size: int = 256
+    """batch size"""
+    hidden_dim: int = 512
+    """MLP width (actor and critics)"""
+    num_layers: int = 4
+    """hidden layers (actor and critics)"""
+    time_dim: int = 64
+    """sinusoidal features for each of r and t"""
+    actor_layer_norm: bool = False
+    """LayerNorm in the actor"""
+    critic_layer_norm: bool = True
+    """LayerNorm in the critics"""
+    lr: float = 3e-4
+    """Adam learning rate (actor and critics)"""
+    discount: Optional[float] = None
+    """discount per env step; None takes the env table's (0.99; 0.995 for the giant/humanoid mazes)"""
+    tau: float = 0.005
+    """Polyak rate of the target critics"""
+    num_critics: int = 2
+    """critic ensemble size (twin critics)"""
+    offline_q_agg: Optional[Literal["mean", "min"]] = None
+    """critic aggregation in offline TD targets; None takes the env table's (mean; min for the mazes)"""
+    online_q_agg: Literal["mean", "min"] = "min"
+    """critic aggregation in online TD targets"""
+    horizon: int = 5
+    """action chunk length, executed open-loop"""
+    best_of_n: int = 32
+    """N of the best-of-N action: TD bootstrap action, and the best-of-n sampler"""
+    flow_map_loss: Literal["eulerian", "lagrangian", "progressive"] = "eulerian"
+    """off-diagonal self-distillation loss (Boffi et al., arXiv:2505.18825)"""
+    curriculum_start: int = 5000
+    """offline step where the largest jump t - r starts growing from 0 (diagonal loss only before)"""
+    curriculum_end: int = 50000
+    """offline step where the largest jump t - r reaches 1"""
+    online_target: Literal["fmq", "best-of-n"] = "fmq"
+    """online actor target: FMQ (Alg. 1), or the best-of-N action (generate-and-select baseline, as MVP)"""
+    eta: float = 1.0
+    """trust-region radius eta (Thm 3.2)"""
+    beta: float = 0.3
+    """critic-disagreement damping in eta_eff = eta / (1 + beta * delta_critic)"""
+    kappa1: float = 1e-8
+    """gradient-norm floor kappa1 in g = grad Q / (||grad Q|| + kappa1)"""
+    official_eta: bool = False
+    """official JAX variant: eta_eff = 1 / (1 + beta * delta_critic), eta dropped"""
+    guidance_critic: Literal["q1", "mean"] = "q1"
+    """critic whose action-gradient guides the actor: Q_phi1 (Alg. 1) or the ensemble mean"""
+    # --- acting & QGBS ---
+    sampler: Sampler = "best-of-n"
+    """evaluation sampler; best-of-n (N=32) is the paper's FMQ column, qgbs its FMQ + QGBS column"""
+    train_sampler: Sampler = "onestep"
+    """online acting sampler (Alg. 1, line 2: one-step)"""
+    qgbs_m: int = 4
+    """QGBS beam size M"""
+    qgbs_k: int = 1
+    """QGBS renoising rounds K"""
+    qgbs_b: int = 4
+    """QGBS branches B per beam member"""
+    qgbs_rho: float = 1.5
+    """QGBS signal-to-noise ratio rho: renoise to t' = rho / (1 + rho)"""
+    qgbs_eta: float = 0.3
+    """QGBS trust-region step eta"""
+    qgbs_completion: Literal["flow-map", "euler"] = "flow-map"
+    """QGBS completion: the flow map jump X_{t',1} (paper) or one diagonal Euler step (official code)"""
+
+
+class FMQError(Exception):
+    """A user-facing error: printed as one line, no traceback."""
+
+
+# ---------------------------------------------------------------- envs & datasets
+def _ogb(name, **settings):
+    return dict(suite="ogbench", name=name, **settings)
+
+
+# Every per-env setting lives here. reward: 'sparse' -> -1 until success, 0 at success (Q-chunking's scene
+# setting); 'minus_one' -> r - 1 (Q-chunking's robomimic setting). discount / q_agg of the mazes follow FQL.
+ENV_DEFAULTS = dict(discount=0.99, offline_q_agg="mean", reward=None)
+ENVS = {
+    "can": dict(suite="robomimic", name="can", max_episode_steps=300, reward="minus_one"),
+    "square": dict(suite="robomimic", name="square", max_episode_steps=400, reward="minus_one"),
+    "cube-dbl-t3": _ogb("cube-double-play-singletask-task3-v0"),
+    "cube-dbl-t4": _ogb("cube-double-play-singletask-task4-v0"),
+    "cube-trl-t3": _ogb("cube-triple-play-singletask-task3-v0"),
+    "cube-trl-t4": _ogb("cube-triple-play-singletask-task4-v0"),
+    "scene-t4": _ogb("scene-play-singletask-task4-v0", reward="sparse"),
+    "scene-t5": _ogb("scene-play-singletask-task5-v0", reward="sparse"),
+    "hmaze-med-t3": _ogb("humanoidmaze-medium-navigate-singletask-task3-v0", discount=0.995, offline_q_agg="min"),
+    "hmaze-med-t4": _ogb("humanoidmaze-medium-navigate-singletask-task4-v0", discount=0.995, offline_q_agg="min"),
+    "amaze-gnt-t4": _ogb("antmaze-giant-navigate-singletask-task4-v0", discount=0.995, offline_q_agg="min"),
+    "amaze-gnt-t5": _ogb("antmaze-giant-navigate-singletask-task5-v0", discount=0.995, offline_q_agg="min"),
+}
+REWARDS = {None: lambda r: r, "sparse": lambda r: np.where(r != 0, -1.0, 0.0), "minus_one": lambda r: r - 1.0}
+RM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")  # robomimic low-dim keys
+
+
+def env_spec(env_id):
+    if env_id in ENVS:
+        return {**ENV_DEFAULTS, **ENVS[env_id]}
+    if "-singletask-" in env_id:
+        return {**ENV_DEFAULTS, **_ogb(env_id)}
+    close = difflib.get_close_matches(env_id, list(ENVS), n=1)
+    raise FMQError(f"unknown env id '{env_id}'" + (f" (did you mean '{close[0]}'?)" if close else "")
+                   + f"; valid ids: {', '.join(ENVS)}, or any OGBench '*-singletask-task*-v0' name")
+
+
+class RoboMimicEnv:
+    """robosuite env built from the dataset file's env metadata (as robomimic does), with robomimic's low-dim
+    observation keys and gymnasium's step API. robomimic's own wrapper is not used: it imports mujoco_py."""
+
+    def __init__(self, env_args, max_episode_steps):
+        import robosuite
+        kwargs = dict(env_args["env_kwargs"], has_renderer=False, has_offscreen_renderer=False,
+                      use_camera_obs=False, ignore_done=True)
+        import gymnasium
+        self.env, self.spec = robosuite.make(env_args["env_name"], **kwargs), SimpleNamespace(max_episode_steps=max_episode_steps)
+        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (self.env.action_dim,), np.float32)
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, self.reset(seed=0)[0].shape, np.float32)
+
+    def _obs(self, ob):
+        return np.concatenate([ob["object-state" if k == "object" else k] for k in RM_KEYS]).astype(np.float32)
+
+    def reset(self, seed=None):
+        if seed is not None:
+            np.random.seed(seed)  # robosuite 1.4 draws object placements from numpy's global RNG
+        self.t = 0
+        return self._obs(self.env.reset()), {}
+
+    def step(self, action):
+        ob, reward, _, _ = self.env.step(action)
+        self.t += 1
+        success = bool(self.env._check_success())
+        return self._obs(ob), float(success), success, self.t >= self.spec.max_episode_steps, {"success": success}
+
+
+def make_env(spec, env_args=None):
+    """One env with gymnasium's API; `env_args` is the robomimic file's env metadata."""
+    if spec["suite"] == "robomimic":
+        return RoboMimicEnv(env_args, spec["max_episode_steps"])
+    import ogbench
+    return ogbench.make_env_and_datasets(spec["name"], env_only=True)
+
+
+def load_dataset(spec, dataset_dir):
+    """Offline data as numpy arrays (observations, actions, rewards, masks, next_observations, ends) and the
+    robomimic env metadata (None for OGBench). `ends` marks the last step of each trajectory."""
+    if spec["suite"] == "robomimic":
+        return load_robomimic(spec, dataset_dir)
+    import ogbench
+    root = Path(dataset_dir or "~/.ogbench/data").expanduser()
+    name = "-".join(p for p in spec["name"].split("-") if p != "singletask" and not p.startswith("task"))
+    try:
+        _, data, _ = ogbench.make_env_and_datasets(spec["name"], dataset_dir=str(root), compact_dataset=False)
+    except OSError as e:  # a failed download (no network) is an URLError, an OSError
+        raise FMQError(f"OGBench dataset {root / (name + '.npz')} is missing and could not be downloaded ({e}); "
+                       f"on a machine with internet run `python -c \"import ogbench; ogbench.download_datasets"
+                       f"(['{name}'], '{root}')\"` and copy the files there, or pass --dataset-dir") from None
+    return dict(data, ends=data["terminals"]), None
+
+
+def load_robomimic(spec, dataset_dir):
+    import h5py
+    path = Path(dataset_dir or "~/.robomimic").expanduser() / spec["name"] / "mh" / "low_dim_v15.hdf5"
+    if not path.exists():
+        raise FMQError(f"RoboMimic dataset not found at {path}; download the multi-human low-dim file with robomimic's "
+                       f"scripts/download_datasets.py --tasks {spec['name']} --dataset_types mh --hdf5_types low_dim "
+                       f"and put it there, or pass --dataset-dir (a folder holding {spec['name']}/mh/low_dim_v15.hdf5)")
+    with h5py.File(path, "r") as f:
+        demos = sorted(f["data"], key=lambda d: int(d.split("_")[-1]))
+        missing = [k for k in RM_KEYS if k not in f[f"data/{demos[0]}/obs"]]
+        if missing:
+            raise FMQError(f"{path} lacks observation keys {missing} (it has {sorted(f[f'data/{demos[0]}/obs'])}); "
+                           f"FMQ needs the low-dim keys {list(RM_KEYS)}")
+        cat = lambda demo, group: np.concatenate([demo[group][k][:] for k in RM_KEYS], -1)
+        parts = [(cat(d, "obs"), d["actions"][:], d["rewards"][:], d["dones"][:], cat(d, "next_obs"))
+                 for d in (f[f"data/{name}"] for name in demos)]
+        env_args = json.loads(f["data"].attrs["env_args"])
+    obs, actions, rewards, dones, next_obs = (np.concatenate(x).astype(np.float32) for x in zip(*parts))
+    ends = np.zeros(len(obs), np.float32)
+    ends[np.cumsum([len(p[0]) for p in parts]) - 1] = 1.0
+    return dict(observations=obs, actions=actions, rewards=rewards, masks=1.0 - dones,
+                next_observations=next_obs, ends=ends), env_args
+
+
+def chunk_return(rewards, masks, discount):
+    """Action-chunk reward and mask (Q-chunking): sum_k discount^k r_k over the steps up to and including the
+    first terminal one (mask 0, OGBench semantics); the chunk's mask is 0 if any of its steps is terminal."""
+    alive = torch.cumprod(F.pad(masks[:, :-1], (1, 0), value=1.0), 1)
+    powers = discount ** torch.arange(rewards.shape[1], device=rewards.device, dtype=rewards.dtype)
+    return (alive * powers * rewards).sum(1), masks.prod(1)
+
+
+class ReplayBuffer:
+    """The offline dataset and the online transitions, on the training device, preallocated once at the final
+    size; offline rows are never overwritten. Samples action chunks that stay inside one episode."""
+
+    FIELDS = ("observations", "actions", "rewards", "masks", "next_observations")
+
+    def __init__(self, data, online_steps, horizon, device):
+        n_off, self.h, self.device = len(data["observations"]), horizon, device
+        cap = n_off + online_steps
+        self.data = {k: torch.zeros((cap,) + data[k].shape[1:], device=device) for k in self.FIELDS}
+        for k in self.FIELDS:
+            self.data[k][:n_off] = torch.as_tensor(data[k], dtype=torch.float32)
+        ends = np.asarray(data["ends"], bool).copy()
+        ends[-1] = True
+        c = np.concatenate([[0], np.cumsum(ends)])
+        i = np.arange(max(n_off - horizon + 1, 0))
+        ok = i[c[i + horizon - 1] - c[i] == 0]  # no trajectory end among steps i .. i + h - 2
+        self.starts = torch.zeros(cap, dtype=torch.long, device=device)
+        self.starts[:len(ok)] = torch.as_tensor(ok)
+        self.n_off, self.size, self.n_off_starts, self.n_starts, self.ep_len = n_off, n_off, len(ok), len(ok), 0
+
+    def add(self, obs, action, reward, mask, next_obs, end):
+        for k, v in zip(self.FIELDS, (obs, action, reward, mask, next_obs)):
+            self.data[k][self.size] = torch.as_tensor(v, dtype=torch.float32)
+        self.size, self.ep_len = self.size + 1, self.ep_len + 1
+        if self.ep_len >= self.h:  # a chunk ending at this step now lies inside the episode
+            self.starts[self.n_starts] = self.size - self.h
+            self.n_starts += 1
+        if end:
+            self.ep_len = 0
+
+    def sample(self, batch_size, discount):
+        idx = self.starts[torch.randint(self.n_starts, (batch_size,), device=self.device)]
+        seq = idx[:, None] + torch.arange(self.h, device=self.device)
+        R, mask = chunk_return(self.data["rewards"][seq], self.data["masks"][seq], discount)
+        return dict(obs=self.data["observations"][idx], actions=self.data["actions"][seq].flatten(1),
+                    R=R, mask=mask, next_obs=self.data["next_observations"][idx + self.h - 1])
+
+    def online_state(self):
+        return dict(rows={k: v[self.n_off:self.size].cpu() for k, v in self.data.items()}, ep_len=self.ep_len,
+                    starts=self.starts[self.n_off_starts:self.n_starts].cpu())
+
+    def load_online_state(self, state):
+        n, s = len(state["rows"]["rewards"]), len(state["starts"])
+        for k, v in state["rows"].items():
+            self.data[k][self.n_off:self.n_off + n] = v.to(self.device)
+        self.starts[self.n_off_starts:self.n_off_starts + s] = state["starts"].to(self.device)
+        self.size, self.n_starts, self.ep_len = self.n_off + n, self.n_off_starts + s, state["ep_len"]
+
+
+# ---------------------------------------------------------------- networks
+def time_features(t, dim):
+    """Sinusoidal features of a time in [0, 1], frequencies from 1 to 1000."""
+    freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), dim // 2, device=t.device, dtype=t.dtype))
+    return torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)], -1)
+
+
+def mlp(in_dim, hidden, out_dim, layers, layer_norm):
+    mods = []
+    for k in range(layers):
+        mods += [nn.Linear(in_dim if k == 0 else hidden, hidden)] + [nn.LayerNorm(hidden)] * layer_norm + [nn.GELU()]
+    return nn.Sequential(*mods, nn.Linear(hidden, out_dim))
+
+
+class FlowMapActor(nn.Module):
+    """Average velocity u_theta(a_r, r, t | s) of a flow map X_{r,t}(a_r|s) = a_r + (t - r) u_theta(a_r, r, t|s).
+    Actions are flattened chunks of `horizon` actions; a_0 ~ N(0, I) is noise, a_1 an action."""
+
+    def __init__(self, obs_dim, act_dim, args):
+        super().__init__()
+        self.act_dim, self.time_dim = act_dim, args.time_dim
+        self.net = mlp(obs_dim + act_dim + 2 * args.time_dim, args.hidden_dim, act_dim, args.num_layers,
+                       args.actor_layer_norm)
+
+    def forward(self, obs, a_r, r, t):
+        r, t = (torch.as_tensor(x, dtype=a_r.dtype, device=a_r.device).reshape(-1, 1).expand(len(a_r), 1)
+                for x in (r, t))
+        return self.net(torch.cat([obs, a_r, time_features(r, self.time_dim), time_features(t, self.time_dim)], -1))
+
+
+class EnsembleLinear(nn.Module):
+    def __init__(self, n, in_dim, out_dim):
+        super().__init__()
+        k = 1.0 / math.sqrt(in_dim)  # nn.Linear's default init range, per member
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-k, k))
+        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-k, k))
+
+    def forward(self, x):  # [n, B, in] -> [n, B, out]
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleLayerNorm(nn.Module):
+    def __init__(self, n, dim):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(n, 1, dim)), nn.Parameter(torch.zeros(n, 1, dim))
+
+    def forward(self, x):
+        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+
+
+class Critics(nn.Module):
+    """`num_critics` Q networks on action chunks as one batched ensemble: Q(s, a) -> [num_critics, B]."""
+
+    def __init__(self, obs_dim, act_dim, args):
+        super().__init__()
+        n, h = args.num_critics, args.hidden_dim
+        mods = []
+        for k in range(args.num_layers):
+            mods += [EnsembleLinear(n, obs_dim + act_dim if k == 0 else h, h)]
+            mods += [EnsembleLayerNorm(n, h)] * args.critic_layer_norm + [nn.GELU()]
+        self.net, self.n = nn.Sequential(*mods, EnsembleLinear(n, h, 1)), n
+
+    def forward(self, obs, a):
+        return self.net(torch.cat([obs, a], -1).expand(self.n, -1, -1)).squeeze(-1)
+
+
+def q_agg(critic, how):
+    """Q(s, a) -> [B], aggregated over the ensemble."""
+    return lambda obs, a: critic(obs, a).min(0).values if how == "min" else critic(obs, a).mean(0)
+
+
+def make_agent(args, obs_dim, act_dim, device):
+    actor, critic = FlowMapActor(obs_dim, act_dim, args).to(device), Critics(obs_dim, act_dim, args).to(device)
+    return SimpleNamespace(
+        actor=actor, critic=critic, critic_target=copy.deepcopy(critic).requires_grad_(False), u_off=None,
+        actor_opt=torch.optim.Adam(actor.parameters(), lr=args.lr),
+        critic_opt=torch.optim.Adam(critic.parameters(), lr=args.lr))
+
+
+def freeze_offline_copy(agent):
+    """Alg. 1's u_off: a frozen copy of the pretrained flow map."""
+    agent.u_off = copy.deepcopy(agent.actor).requires_grad_(False)
+
+
+# ---------------------------------------------------------------- sampling
+def one_step(actor, obs, generator=None):
+    """Alg. 1, line 2: a_1 = a_0 + u_theta(a_0, 0, 1 | s), a_0 ~ N(0, I): one network evaluation."""
+    a_0 = torch.randn(len(obs), actor.act_dim, device=obs.device, generator=generator)
+    return (a_0 + actor(obs, a_0, 0.0, 1.0)).clamp(-1.0, 1.0)
+
+
+def best_of_n(actor, q_fn, obs, n, generator=None):
+    """The best of n one-step samples under q_fn: (actions [B, d], their Q [B])."""
+    obs_n = obs.repeat_interleave(n, 0)
+    a = one_step(actor, obs_n, generator)
+    q = q_fn(obs_n, a).view(len(obs), n)
+    q_best, i = q.max(1)
+    return a.view(len(obs), n, -1)[torch.arange(len(obs), device=obs.device), i], q_best
+
+
+def select_action(agent, obs, sampler, args, generator=None):
+    """Action chunks [B, act_dim] for states [B, obs_dim] with the chosen sampler (no gradient to the nets)."""
+    actor, q_fn = agent.actor, q_agg(agent.critic, "mean")
+    if sampler == "onestep":
+        return one_step(actor, obs, generator)
+    if sampler == "best-of-n":
+        return best_of_n(actor, q_fn, obs, args.best_of_n, generator)[0]
+    jump = lambda a_r, r, s: a_r + (1.0 - r) * actor(s, a_r, r, 1.0)  # X_{r,1}(a_r | s)
+    euler = lambda a_r, r, s: a_r + (1.0 - r) * actor(s, a_r, r, r)  # official code: one diagonal Euler step
+    return qgbs_lib.qgbs(jump, q_fn, obs, action_dim=actor.act_dim, M=args.qgbs_m, K=args.qgbs_k, B=args.qgbs_b,
+                         rho=args.qgbs_rho, eta=args.qgbs_eta, generator=generator,
+                         complete=euler if args.qgbs_completion == "euler" else None)[0]
+
+
+def sampler_nfe(sampler, args):
+    return {"onestep": 1, "best-of-n": args.best_of_n}.get(sampler) or qgbs_lib.nfe(args.qgbs_m, args.qgbs_k, args.qgbs_b)
+
+
+# ---------------------------------------------------------------- losses & updates
+def trust_region_velocity(u_ref, grad_q, eta, kappa1=0.0):
+    """Theorem 3.2: the velocity within ||u - u_ref||_2 <= eta that maximises the first-order expansion of Q at
+    a_1, u* = u_ref + eta * grad_q / (||grad_q||_2 + kappa1). Batched over the leading dim; eta a scalar or [B]."""
+    eta = torch.as_tensor(eta, dtype=u_ref.dtype, device=u_ref.device).reshape(-1, *[1] * (u_ref.dim() - 1))
+    norm = grad_q.flatten(1).norm(dim=1).reshape(-1, *[1] * (u_ref.dim() - 1))
+    return u_ref + eta * grad_q / (norm + kappa1)
+
+
+def eulerian_target(u, obs, a_r, r, t):
+    """Eulerian / MeanFlow self-distillation: X_{r,t}(a_r) is constant along the flow in r, so
+    u(a_r, r, t) = v(a_r, r) + (t - r) (d/dr) u(a_r, r, t), d/dr = partial_r + v . grad_a, v(a, r) = u(a, r, r).
+    The total derivative is one forward-mode JVP. Returns (u(a_r, r, t), target)."""
+    v = u(obs, a_r, r, r).detach()
+    u_rt, du_dr = torch.func.jvp(lambda a, r_: u(obs, a, r_, t), (a_r, r), (v, torch.ones_like(r)))
+    return u_rt, v + (t - r) * du_dr
+
+
+def lagrangian_target(u, obs, a_r, r, t):
+    """Lagrangian self-distillation (LSD): d/dt X_{r,t}(a_r) = v(X_{r,t}(a_r), t), i.e.
+    u(a_r, r, t) = v(X_{r,t}(a_r), t) - (t - r) partial_t u(a_r, r, t)."""
+    u_rt, du_dt = torch.func.jvp(lambda t_: u(obs, a_r, r, t_), (t,), (torch.ones_like(t),))
+    x_t = (a_r + (t - r) * u_rt).detach()
+    return u_rt, u(obs, x_t, t, t) - (t - r) * du_dt
+
+
+def progressive_target(u, obs, a_r, r, t):
+    """Progressive self-distillation (PSD): X_{r,t} = X_{s,t} o X_{r,s} for s = r + lam (t - r), i.e.
+    u(a_r, r, t) = lam u(a_r, r, s) + (1 - lam) u(X_{r,s}(a_r), s, t)."""
+    lam = torch.rand_like(r)
+    s = r + lam * (t - r)
+    with torch.no_grad():
+        u_rs = u(obs, a_r, r, s)
+        u_st = u(obs, a_r + (s - r) * u_rs, s, t)
+    return u(obs, a_r, r, t), lam * u_rs + (1 - lam) * u_st
+
+
+FLOW_MAP_TARGETS = dict(eulerian=eulerian_target, lagrangian=lagrangian_target, progressive=progressive_target)
+
+
+def max_gap(step, args):
+    """Curriculum on the largest jump t - r: 0 until curriculum_start, then linear up to 1 at curriculum_end."""
+    return min(max((step - args.curriculum_start) / max(args.curriculum_end - args.curriculum_start, 1), 0.0), 1.0)
+
+
+def flow_map_loss(actor, obs, a_data, gap, flow_map_loss="eulerian"):
+    """Offline pretraining of the two-time flow map by self-distillation, with no multi-step teacher: the
+    diagonal (flow matching) loss ||u(a_t, t, t) - (a_1 - a_0)||^2, plus an off-diagonal loss ||u - sg(target)||^2
+    on pairs r <= t with t - r <= gap."""
+    B = len(a_data)
+    a_0, t = torch.randn_like(a_data), torch.rand(B, 1, device=a_data.device)
+    diag = F.mse_loss(actor(obs, (1 - t) * a_0 + t * a_data, t, t), a_data - a_0)
+    if gap <= 0.0:
+        return diag, {"actor/diag_loss": diag.detach()}
+    r = torch.rand(B, 1, device=a_data.device)
+    t = r + torch.rand(B, 1, device=a_data.device) * gap * (1 - r)
+    u_rt, target = FLOW_MAP_TARGETS[flow_map_loss](actor, obs, (1 - r) * a_0 + r * a_data, r, t)
+    distill = F.mse_loss(u_rt, target.detach())
+    return diag + distill, {"actor/diag_loss": diag.detach(), "actor/distill_loss": distill.detach()}
+
+
+def fmq_loss(agent, obs, a_data, args):
+    """Alg. 1, lines 5-9: regress u_theta(a_r, r, 1) onto sg(u_off(a_r, r, 1) + eta_eff g)."""
+    B = len(a_data)
+    r, a_0 = torch.rand(B, 1, device=a_data.device), torch.randn_like(a_data)
+    a_r = (1 - r) * a_0 + r * a_data  # line 5
+    with torch.no_grad():
+        u_off = agent.u_off(obs, a_r, r, 1.0)
+    a_1 = (a_r + (1 - r) * u_off).requires_grad_(True)  # line 6
+    qs = agent.critic(obs, a_1)
+    q_guide = qs[0] if args.guidance_critic == "q1" else qs.mean(0)
+    grad_q = torch.autograd.grad(q_guide.sum(), a_1)[0]  # d Q / d a only: no gradient reaches the critic
+    spread = qs.detach().std(0)
+    delta = spread / spread.mean().clamp_min(1e-8)  # delta_critic: per-sample twin spread / its batch mean
+    eta_eff = (1.0 if args.official_eta else args.eta) / (1 + args.beta * delta)  # line 8
+    target = trust_region_velocity(u_off, grad_q, eta_eff, args.kappa1).detach()  # line 7 and sg(.) of line 9
+    loss = F.mse_loss(agent.actor(obs, a_r, r, 1.0), target)  # line 9
+    return loss, {"actor/fmq_loss": loss.detach(), "actor/eta_eff": eta_eff.mean(),
+                  "actor/q_grad_norm": grad_q.norm(dim=1).mean()}
+
+
+def best_of_n_loss(agent, obs, a_data, args):
+    """Baseline (generate and select, as MVP): flow-match u_theta(a_r, r, 1) toward the best-of-N action."""
+    with torch.no_grad():
+        a_best, _ = best_of_n(agent.actor, q_agg(agent.critic, "mean"), obs, args.best_of_n)
+    r, a_0 = torch.rand(len(obs), 1, device=obs.device), torch.randn_like(a_best)
+    loss = F.mse_loss(agent.actor(obs, (1 - r) * a_0 + r * a_best, r, 1.0), a_best - a_0)
+    return loss, {"actor/bon_loss": loss.detach()}
+
+
+def critic_loss(agent, batch, discount, horizon, agg, n):
+    """Chunked TD: Q(s, a_{t:t+h}) -> R + discount^h mask max_{n} Q_target(s', a'_n), a'_n one-step samples."""
+    with torch.no_grad():
+        _, next_q = best_of_n(agent.actor, q_agg(agent.critic_target, agg), batch["next_obs"], n)
+        target = batch["R"] + discount ** horizon * batch["mask"] * next_q
+    qs = agent.critic(batch["obs"], batch["actions"])
+    loss = F.mse_loss(qs, target.expand_as(qs))
+    return loss, {"critic/loss": loss.detach(), "critic/q": qs.mean().detach(), "critic/target": target.mean()}
+
+
+def optimize(opt, loss, params):
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    norm = nn.utils.clip_grad_norm_(params, float("inf"))  # only measures: fused, no host sync
+    opt.step()
+    return norm
+
+
+def update(agent, batch, step, args, losses):
+    """One critic and one actor update; returns the logged values as device tensors (no host sync)."""
+    online = agent.u_off is not None
+    with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.amp):
+        c_loss, info = losses["critic"](agent, batch, args.discount, args.horizon,
+                                        args.online_q_agg if online else args.offline_q_agg, args.best_of_n)
+    info["critic/grad_norm"] = optimize(agent.critic_opt, c_loss, agent.critic.parameters())
+    torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)
+    with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.amp):
+        if online:
+            a_loss, a_info = losses[args.online_target](agent, batch["obs"], batch["actions"], args)
+        else:
+            a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], batch["actions"],
+                                                max_gap(step, args), args.flow_map_loss)
+    info.update(a_info, **{"actor/grad_norm": optimize(agent.actor_opt, a_loss, agent.actor.parameters())})
+    return info
+
+
+# ---------------------------------------------------------------- evaluate
+@torch.no_grad()
+def evaluate(agent, envs, args, sampler):
+    """Success rate over args.eval_episodes seeded episodes, run in lockstep in `envs`, one batched policy
+    call per chunk. Episode i resets with seed args.seed + 10_000 + i; the policy noise is seeded too."""
+    device = next(agent.actor.parameters()).device
+    gen = torch.Generator(device).manual_seed(args.seed + 10_000)
+    success, returns, lengths = [], [], []
+    for first in range(0, args.eval_episodes, len(envs)):
+        wave = envs[:min(len(envs), args.eval_episodes - first)]
+        obs = np.stack([e.reset(seed=args.seed + 10_000 + first + i)[0] for i, e in enumerate(wave)])
+        live, ret, length, succ = np.ones(len(wave), bool), np.zeros(len(wave)), np.zeros(len(wave)), np.zeros(len(wave))
+        while live.any():
+            idx = np.flatnonzero(live)
+            chunk = select_action(agent, torch.as_tensor(obs[idx], dtype=torch.float32, device=device), sampler, args, gen)
+            chunk = chunk.float().view(len(idx), args.horizon, -1).cpu().numpy()
+            for k in range(args.horizon):
+                for j, i in enumerate(idx):
+                    if live[i]:
+                        obs[i], r, term, trunc, info = wave[i].step(chunk[j, k])
+                        ret[i], length[i], succ[i], live[i] = ret[i] + r, length[i] + 1, info["success"], not (term or trunc)
+        success, returns, lengths = success + list(succ), returns + list(ret), lengths + list(length)
+    return dict(success=float(np.mean(success)), **{"return": float(np.mean(returns)), "length": float(np.mean(lengths))})
+
+
+# ---------------------------------------------------------------- checkpoints & logs
+ARCH = ("env_id", "horizon", "hidden_dim", "num_layers", "time_dim", "num_critics", "actor_layer_norm",
+        "critic_layer_norm")
+EVAL_FIELDS = ("step", "phase", "env_steps", "success", "return", "length", "sampler", "nfe", "episodes", "time")
+TRAIN_FIELDS = ("step", "phase", "env_steps", "sps", "critic/loss", "critic/q", "critic/target", "critic/grad_norm",
+                "actor/diag_loss", "actor/distill_loss", "actor/fmq_loss", "actor/bon_loss", "actor/eta_eff",
+                "actor/q_grad_norm", "actor/grad_norm", "env/episode_return", "env/episode_success")
+NETS = ("actor", "critic", "critic_target", "actor_opt", "critic_opt")
+
+
+def save_checkpoint(run_dir, state, keep):
+    """Atomic write (temp file + rename); keeps the `keep` most recent checkpoints."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path = ckpt_dir / f"step_{state['step']:09d}.pt"
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(run_dir):
+    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
+    return ckpts[-1] if ckpts else None
+
+
+def load_checkpoint(path, args, agent):
+    """Loads networks and optimisers into `agent` after checking that the checkpoint fits this run."""
+    try:
+        ckpt = torch.load(path, map_location=next(agent.actor.parameters()).device, weights_only=False)
+    except (OSError, RuntimeError) as e:
+        raise FMQError(f"cannot read checkpoint {path}: {e}") from None
+    theirs = {k: ckpt["args"].get(k) for k in ARCH if ckpt["args"].get(k) != getattr(args, k)}
+    if theirs:
+        raise FMQError(f"checkpoint {path} does not fit this run: it has {theirs}, this run "
+                       f"{ {k: getattr(args, k) for k in theirs} }")
+    for k in NETS:
+        getattr(agent, k).load_state_dict(ckpt[k])
+    if ckpt.get("u_off") is not None:
+        freeze_offline_copy(agent)
+        agent.u_off.load_state_dict(ckpt["u_off"])
+    return ckpt
+
+
+def rng_state():
+    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+
+
+def set_rng_state(s):
+    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def csv_logger(path, fields, resume_step=None):
+    """Append-mode CSV writer; on resume, rows logged after the checkpoint are dropped (they will be redone)."""
+    rows = []
+    if resume_step is not None and path.exists():
+        with open(path) as f:
+            rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]
+    f = open(path, "w", newline="")
+    writer = csv.DictWriter(f, fields, restval="", extrasaction="ignore")
+    writer.writeheader(), writer.writerows(rows), f.flush()
+    return lambda row: (writer.writerow(row), f.flush())
+
+
+class NonFiniteGuard:
+    """Remembers, on the device, the first step where a logged loss or gradient norm was NaN/inf; `check` syncs."""
+
+    def __init__(self):
+        self.keys, self.first, self.bad = [], None, None
+
+    def track(self, info, step):
+        bad = ~torch.isfinite(torch.stack([v.float() for v in info.values()]))
+        if list(info) != self.keys:  # first step of a phase: the logged keys change
+            self.keys, self.bad = list(info), torch.zeros_like(bad)
+            self.first = torch.full((), -1, device=bad.device) if self.first is None else self.first
+        self.first = torch.where(bad.any() & (self.first < 0), step, self.first)
+        self.bad |= bad
+
+    def check(self, last_good):
+        if self.first is not None and int(self.first) >= 0:
+            names = [k for k, b in zip(self.keys, self.bad.tolist()) if b]
+            raise FMQError(f"non-finite {', '.join(names)} at step {int(self.first)}; training stopped. "
+                           f"Last good checkpoint: {last_good or 'none yet'}")
+
+
+def validate(args, spec):
+    problems = [msg for bad, msg in [
+        (args.horizon < 1, "--horizon must be >= 1"),
+        (args.qgbs_m < 1 or args.qgbs_b < 1 or args.qgbs_k < 0, "QGBS needs --qgbs-m >= 1, --qgbs-b >= 1, --qgbs-k >= 0"),
+        (args.qgbs_rho <= 0, "--qgbs-rho must be > 0"),
+        (args.num_critics < 2, "--num-critics must be >= 2 (FMQ's delta_critic is the critics' spread)"),
+        (args.best_of_n < 1 or args.batch_size < 1, "--best-of-n and --batch-size must be >= 1"),
+        (min(args.eval_episodes, args.eval_envs, args.log_interval, args.eval_interval, args.save_interval,
+             args.keep_checkpoints) < 1, "eval/log/save intervals and counts must be >= 1"),
+        (args.offline_steps < 0 or args.online_steps < 0, "step counts must be >= 0"),
+        (args.offline_steps == 0 and not (args.load_checkpoint or args.resume),
+         "--offline-steps 0 needs --load-checkpoint (a pretrained flow map for u_off) or --resume"),
+    ] if bad]
+    if problems:
+        raise FMQError("; ".join(problems))
+
+
+def preallocation_check(n_rows, row_floats, device):
+    need = n_rows * (row_floats * 4 + 8)
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if need > 0.9 * free:
+        raise FMQError(f"the replay buffer needs {need / 2**30:.1f} GiB on {device} but only {free / 2**30:.1f} GiB "
+                       f"is free; use fewer --online-steps or another device")
+
+
+# ---------------------------------------------------------------- main
+def main(args: Args):
+    spec = env_spec(args.env_id)
+    args = dataclasses.replace(args, discount=spec["discount"] if args.discount is None else args.discount,
+                               offline_q_agg=args.offline_q_agg or spec["offline_q_agg"])
+    validate(args, spec)
+    run_dir = Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
+    if args.resume not in (None, "auto"):
+        run_dir = Path(args.resume)
+    resume_from = latest_checkpoint(run_dir) if args.resume else None
+    if args.resume not in (None, "auto") and resume_from is None:
+        raise FMQError(f"--resume {args.resume}: no checkpoint in {run_dir / 'checkpoints'}")
+    if args.resume is None and latest_checkpoint(run_dir) is not None:
+        raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+
+    data, env_args = load_dataset(spec, args.dataset_dir)
+    env = make_env(spec, env_args)
+    obs_dim, act_dim, limit = env.observation_space.shape[0], env.action_space.shape[0], env.spec.max_episode_steps
+    if data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,):
+        raise FMQError(f"dataset shapes (obs {data['observations'].shape[1:]}, actions {data['actions'].shape[1:]}) "
+                       f"do not match env {spec['name']} (obs ({obs_dim},), actions ({act_dim},))")
+    if args.horizon >= limit:
+        raise FMQError(f"--horizon {args.horizon} must be shorter than the episode ({limit} steps)")
+    data["rewards"] = REWARDS[spec["reward"]](data["rewards"]).astype(np.float32)
+    preallocation_check(len(data["observations"]) + args.online_steps, 2 * obs_dim + act_dim + 2, device)
+    buffer = ReplayBuffer(data, args.online_steps, args.horizon, device)
+    del data
+
+    agent = make_agent(args, obs_dim, act_dim * args.horizon, device)
+    losses = dict(critic=critic_loss, flow_map=flow_map_loss, fmq=fmq_loss, **{"best-of-n": best_of_n_loss})
+    if args.compile:
+        losses = {k: torch.compile(v) for k, v in losses.items()}
+    total, step, ep = args.offline_steps + args.online_steps, 0, dict(index=0, start=buffer.size, ret=0.0)
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, args, agent)
+        step, ep = ckpt["step"], ckpt["episode"]
+        buffer.load_online_state(ckpt["buffer"])
+        set_rng_state(ckpt["rng"])
+    elif args.load_checkpoint:
+        load_checkpoint(args.load_checkpoint, args, agent)
+    (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
+    from torch.utils.tensorboard import SummaryWriter
+    if args.track:
+        import wandb
+        wandb.init(project=args.wandb_project, name=run_dir.name, config=asdict(args), sync_tensorboard=True)
+    writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume_from else None)
+    resume_step = step if resume_from else None
+    log_train = csv_logger(run_dir / "train.csv", TRAIN_FIELDS, resume_step)
+    log_eval = csv_logger(run_dir / "eval.csv", EVAL_FIELDS, resume_step)
+
+    episode_seed = lambda i: args.seed * 1_000_003 + i  # the training env's episode i starts from this seed
+    obs, _ = env.reset(seed=episode_seed(ep["index"]))
+    for a in buffer.data["actions"][ep["start"]:buffer.size].cpu().numpy():  # resume: replay the current episode
+        obs = env.step(a)[0]
+    if buffer.size > ep["start"] and not np.allclose(obs, buffer.data["next_observations"][buffer.size - 1].cpu()):
+        raise FMQError("replaying the interrupted episode did not reproduce its observations (env or version changed?)")
+    queue = list(ep.get("queue", []))
+    eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time(), (step, time.time())
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.append(True))
+
+    def phase_of(s):
+        return "offline" if s < args.offline_steps or args.online_steps == 0 else "online"
+
+    def checkpoint(s):
+        guard.check(last_ckpt)  # a bad state is never saved over the last good one
+        state = {k: getattr(agent, k).state_dict() for k in NETS}
+        state.update(step=s, args=asdict(args), u_off=agent.u_off.state_dict() if agent.u_off else None,
+                     buffer=buffer.online_state(), rng=rng_state(), episode=dict(ep, queue=list(queue)))
+        return save_checkpoint(run_dir, state, args.keep_checkpoints)
+
+    def run_eval(s):
+        nonlocal eval_envs
+        eval_envs = eval_envs or [make_env(spec, env_args) for _ in range(min(args.eval_envs, args.eval_episodes))]
+        result = evaluate(agent, eval_envs, args, args.sampler)
+        log_eval(dict(step=s, phase=phase_of(s), env_steps=max(s - args.offline_steps, 0), sampler=args.sampler,
+                      nfe=sampler_nfe(args.sampler, args), episodes=args.eval_episodes, time=round(time.time() - t0, 1),
+                      **result))
+        writer.add_scalar("eval/success", result["success"], s)
+        return result
+
+    if step >= args.offline_steps and agent.u_off is None:  # online from a loaded (offline) checkpoint
+        freeze_offline_copy(agent)
+    result = run_eval(step) if resume_from is None else {}
+    pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
+    while step < total:
+        online = step >= args.offline_steps
+        if online:  # Alg. 1, lines 2-3: act (one-step by default), store the transition
+            if not queue:
+                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                    a = select_action(agent, torch.as_tensor(obs[None], dtype=torch.float32, device=device), args.train_sampler, args)
+                queue = list(a.float().view(args.horizon, act_dim).cpu().numpy())
+            action = queue.pop(0)
+            next_obs, r, term, trunc, info = env.step(action)
+            buffer.add(obs, action, float(REWARDS[spec["reward"]](r)), 1.0 - term, next_obs, term or trunc)
+            ep["ret"] += r
+            obs = next_obs
+            if term or trunc:
+                writer.add_scalar("env/episode_return", ep["ret"], step), writer.add_scalar("env/episode_success", info["success"], step)
+                ep = dict(index=ep["index"] + 1, start=buffer.size, ret=0.0, last_return=ep["ret"], last_success=float(info["success"]))
+                obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []
+        info = update(agent, buffer.sample(args.batch_size, args.discount), step, args, losses)  # Alg. 1, line 4-9
+        guard.track(info, step)
+        step += 1
+        pbar.update(1)
+        if step == args.offline_steps and args.online_steps > 0:  # phase switch: freeze u_off (Alg. 1 input)
+            guard.check(last_ckpt)
+            freeze_offline_copy(agent)
+        if step % args.log_interval == 0 or step == total:
+            guard.check(last_ckpt)
+            sps = (step - last_log[0]) / (time.time() - last_log[1])
+            last_log = (step, time.time())
+            row = {k: float(v) for k, v in info.items()}
+            row.update({"env/episode_return": ep.get("last_return", ""), "env/episode_success": ep.get("last_success", "")})
+            log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0), sps=round(sps, 1)))
+            for k, v in row.items():
+                writer.add_scalar(k, v, step) if v != "" else None
+            pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=result.get("success", "-"))
+        evaluated = step % args.eval_interval == 0 or step == total or step == args.offline_steps
+        if evaluated:
+            result = run_eval(step)
+            pbar.set_postfix(phase=phase_of(step), success=result["success"])
+        if evaluated or step % args.save_interval == 0 or stop:
+            last_ckpt = checkpoint(step)
+        if stop:
+            pbar.close()
+            raise FMQError(f"stopped by signal at step {step}; checkpoint {last_ckpt}; continue with --resume {run_dir}")
+    pbar.close()
+    writer.close()
+    final = dict(step=step, success=result.get("success"), sampler=args.sampler)
+    (run_dir / "final.json").write_text(json.dumps(final))
+    return final
+
+
+if __name__ == "__main__":
+    try:
+        main(tyro.cli(Args))
+    except FMQError as e:
+        sys.exit(f"fmq: error: {e}")

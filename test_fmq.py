@@ -1,0 +1,741 @@
+"""Tests for fmq.py and qgbs.py. `pytest` runs them all on CPU in a few minutes; CUDA tests skip without a GPU."""
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent
+TOOLS = ROOT / "tools"
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(TOOLS))
+import fmq  # noqa: E402
+import qgbs  # noqa: E402
+import report  # noqa: E402
+import sweep  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+OGB, RM = DATA / "ogbench", DATA / "robomimic"
+needs_data = pytest.mark.skipif(not (OGB / "scene-play-v0.npz").exists(), reason="needs ../shared/data")
+
+
+def tiny_args(tmp_path, **kw):
+    """A run small enough for CPU tests: narrow nets, few steps, 2 eval episodes."""
+    base = dict(env_id="scene-t5", dataset_dir=str(OGB), runs_dir=str(tmp_path / "runs"), hidden_dim=32, num_layers=2,
+                time_dim=8, batch_size=16, best_of_n=4, offline_steps=20, online_steps=20, eval_interval=20,
+                eval_episodes=2, eval_envs=2, log_interval=10, save_interval=10, curriculum_start=5, curriculum_end=15,
+                device="cpu", deterministic=True)
+    return fmq.Args(**{**base, **kw})
+
+
+def read_csv(path):
+    import csv
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------- Theorem 3.2
+def test_trust_region_velocity_is_the_maximiser_on_the_boundary():
+    """Thm 3.2 against an independent solver (SLSQP on the constrained linearised problem), on random inputs."""
+    from scipy.optimize import minimize
+    rng = np.random.default_rng(0)
+    u_ref, grad_q = rng.normal(size=(6, 5)), rng.normal(size=(6, 5))
+    eta = rng.uniform(0.1, 2.0, size=6)
+    u_star = fmq.trust_region_velocity(torch.tensor(u_ref), torch.tensor(grad_q), torch.tensor(eta)).numpy()
+    for i in range(6):
+        # maximise Q(a_1) + grad_q . (1 - r)(u - u_ref)  s.t. ||u - u_ref|| <= eta; (1 - r) > 0 does not move the argmax
+        res = minimize(lambda u: -grad_q[i] @ (u - u_ref[i]), u_ref[i], jac=lambda u: -grad_q[i], method="SLSQP",
+                       constraints=[dict(type="ineq", fun=lambda u: eta[i] ** 2 - np.sum((u - u_ref[i]) ** 2),
+                                         jac=lambda u: -2 * (u - u_ref[i]))], options=dict(ftol=1e-15, maxiter=500))
+        np.testing.assert_allclose(u_star[i], res.x, atol=1e-5)
+        assert np.linalg.norm(u_star[i] - u_ref[i]) == pytest.approx(eta[i], abs=1e-12)  # on the boundary
+    # kappa1 > 0 shrinks the step below eta and keeps the direction
+    u_k = fmq.trust_region_velocity(torch.tensor(u_ref), torch.tensor(grad_q), 1.0, kappa1=0.5).numpy()
+    step = u_k - u_ref
+    assert np.all(np.linalg.norm(step, axis=1) < 1.0)
+    np.testing.assert_allclose(step / np.linalg.norm(step, axis=1, keepdims=True),
+                               grad_q / np.linalg.norm(grad_q, axis=1, keepdims=True), atol=1e-12)
+
+
+# ---------------------------------------------------------------- flow-map losses on a known flow map
+MU, SIGMA = torch.tensor([0.7, -1.2, 0.3], dtype=torch.float64), torch.tensor([0.5, 1.5, 0.2], dtype=torch.float64)
+
+
+def gaussian_flow_map(wrong=1.0):
+    """Average velocity of the exact flow map from N(0, I) (time 0) to N(MU, SIGMA^2) (time 1) along
+    a_t = (1 - t) a_0 + t a_1: X_{r,t}(x) = m_t + (s_t / s_r)(x - m_r), m_t = t MU, s_t^2 = (1-t)^2 + t^2 SIGMA^2.
+    `wrong` != 1 scales the map's contraction term: a flow map that is not the exact one."""
+    s = lambda t: torch.sqrt((1 - t) ** 2 + t ** 2 * SIGMA ** 2)
+    ds = lambda t: (-(1 - t) + t * SIGMA ** 2) / s(t)
+
+    def u(obs, x, r, t):
+        r, t = (torch.as_tensor(z, dtype=x.dtype).reshape(-1, 1).expand(len(x), 1) for z in (r, t))
+        gap = t - r
+        safe = torch.where(gap.abs() > 1e-9, gap, torch.ones_like(gap))
+        d = torch.where(gap.abs() > 1e-9, (s(t) - s(r)) / (safe * s(r)), ds(r) / s(r))
+        return MU + (x - r * MU) * d * wrong
+    return u
+
+
+@pytest.mark.parametrize("kind", ["eulerian", "lagrangian", "progressive"])
+def test_flow_map_losses_vanish_only_for_the_exact_flow_map(kind):
+    torch.manual_seed(0)
+    x, r = torch.randn(256, 3, dtype=torch.float64), torch.rand(256, 1, dtype=torch.float64) * 0.8
+    t = r + 0.05 + torch.rand(256, 1, dtype=torch.float64) * (0.95 - r)
+    obs = torch.zeros(256, 1, dtype=torch.float64)
+    u_rt, target = fmq.FLOW_MAP_TARGETS[kind](gaussian_flow_map(), obs, x, r, t)
+    assert (u_rt - target).abs().max() < 1e-8
+    u_rt, target = fmq.FLOW_MAP_TARGETS[kind](gaussian_flow_map(wrong=1.3), obs, x, r, t)
+    assert ((u_rt - target) ** 2).mean() > 1e-3
+
+
+def test_flow_map_loss_curriculum_and_gradients():
+    args = fmq.Args(hidden_dim=16, num_layers=2, time_dim=8)
+    actor = fmq.FlowMapActor(4, 3, args)
+    obs, a = torch.randn(8, 4), torch.randn(8, 3)
+    assert fmq.max_gap(0, args) == 0.0 and fmq.max_gap(args.curriculum_end, args) == 1.0
+    assert 0 < fmq.max_gap((args.curriculum_start + args.curriculum_end) // 2, args) < 1
+    loss, info = fmq.flow_map_loss(actor, obs, a, 0.0)
+    assert set(info) == {"actor/diag_loss"}
+    for kind in fmq.FLOW_MAP_TARGETS:
+        loss, info = fmq.flow_map_loss(actor, obs, a, 1.0, kind)
+        actor.zero_grad()
+        loss.backward()
+        assert torch.isfinite(loss) and "actor/distill_loss" in info
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in actor.parameters())
+
+
+# ---------------------------------------------------------------- action chunks
+def test_chunk_return_hand_worked():
+    rewards = torch.tensor([[-1.0, -1.0, 0.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0, -1.0], [0.0, -1.0, -1.0, -1.0, -1.0]])
+    masks = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0, 1.0]])
+    R, mask = fmq.chunk_return(rewards, masks, 0.9)
+    # row 0: -1 - 0.9 + 0 (terminal at step 2; nothing after it counts); row 1: -(1 + .9 + .81 + .729 + .6561)
+    torch.testing.assert_close(R, torch.tensor([-1.9, -4.0951, 0.0]))
+    torch.testing.assert_close(mask, torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_replay_buffer_chunks_stay_inside_episodes():
+    n, h = 20, 3
+    ends = np.zeros(n, np.float32)
+    ends[[6, 13, 19]] = 1  # trajectories 0-6, 7-13, 14-19
+    data = dict(observations=np.arange(n, dtype=np.float32)[:, None], actions=np.arange(n, dtype=np.float32)[:, None],
+                rewards=-np.ones(n, np.float32), masks=np.ones(n, np.float32),
+                next_observations=np.arange(1, n + 1, dtype=np.float32)[:, None], ends=ends)
+    buf = fmq.ReplayBuffer(data, online_steps=10, horizon=h, device="cpu")
+    starts = set(buf.starts[:buf.n_starts].tolist())
+    assert starts == {0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 14, 15, 16, 17}
+    for i in range(7):  # an online episode of 4 steps, then one of 3
+        buf.add([100.0 + i], [100.0 + i], -1.0, 1.0, [101.0 + i], end=i == 3)
+    assert set(buf.starts[:buf.n_starts].tolist()) - starts == {20, 21, 24}
+    batch = buf.sample(512, 0.9)
+    torch.testing.assert_close(batch["actions"][:, 1:] - batch["actions"][:, :-1], torch.ones(512, h - 1))
+    torch.testing.assert_close(batch["next_obs"][:, 0], batch["obs"][:, 0] + h)
+    torch.testing.assert_close(batch["R"], torch.full((512,), -2.71))
+
+
+# ---------------------------------------------------------------- gradients flow only where the paper says
+def small_agent(**kw):
+    args = dataclasses.replace(fmq.Args(hidden_dim=16, num_layers=2, time_dim=8, best_of_n=4), discount=0.99,
+                               offline_q_agg="mean", **kw)
+    agent = fmq.make_agent(args, 6, 10, "cpu")
+    fmq.freeze_offline_copy(agent)
+    batch = dict(obs=torch.randn(8, 6), actions=torch.rand(8, 10) * 2 - 1, R=-torch.rand(8), mask=torch.ones(8),
+                 next_obs=torch.randn(8, 6))
+    return args, agent, batch
+
+
+def test_fmq_loss_gradient_reaches_only_the_online_actor():
+    args, agent, batch = small_agent()
+    loss, info = fmq.fmq_loss(agent, batch["obs"], batch["actions"], args)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in agent.actor.parameters())
+    assert all(p.grad is None for m in (agent.critic, agent.critic_target, agent.u_off) for p in m.parameters())
+    assert not any(p.requires_grad for m in (agent.critic_target, agent.u_off) for p in m.parameters())
+
+
+def test_fmq_target_is_the_trust_region_displacement_of_u_off():
+    """With beta = 0, the minimiser of the FMQ loss is u_off + eta * grad Q1 / ||grad Q1|| at a_1 (Alg. 1)."""
+    args, agent, batch = small_agent(beta=0.0, eta=0.7, kappa1=0.0)
+    torch.manual_seed(3)
+    captured = {}
+    real_actor = agent.actor
+    agent.actor = lambda obs, a_r, r, t: captured.update(a_r=a_r, r=r) or real_actor(obs, a_r, r, t)
+    torch.manual_seed(3)
+    fmq.fmq_loss(agent, batch["obs"], batch["actions"], args)
+    a_r, r = captured["a_r"], captured["r"]
+    u_off = agent.u_off(batch["obs"], a_r, r, 1.0)
+    a_1 = (a_r + (1 - r) * u_off).requires_grad_(True)
+    g = torch.autograd.grad(agent.critic(batch["obs"], a_1)[0].sum(), a_1)[0]
+    expected = u_off + 0.7 * g / g.norm(dim=1, keepdim=True)
+    agent.actor = lambda obs, a_r, r, t: expected  # a perfect actor: zero loss
+    torch.manual_seed(3)
+    loss, _ = fmq.fmq_loss(agent, batch["obs"], batch["actions"], args)
+    assert loss.item() < 1e-12
+
+
+def test_critic_loss_gradient_reaches_only_the_critic():
+    args, agent, batch = small_agent()
+    loss, _ = fmq.critic_loss(agent, batch, 0.99, 5, "mean", 4)
+    loss.backward()
+    assert all(p.grad is not None for p in agent.critic.parameters())
+    assert all(p.grad is None for m in (agent.actor, agent.critic_target) for p in m.parameters())
+
+
+def test_best_of_n_equals_qgbs_with_k0_on_the_same_noise():
+    args, agent, batch = small_agent()
+    q_fn = fmq.q_agg(agent.critic, "mean")
+    with torch.no_grad():
+        a_ref, q_ref = fmq.best_of_n(agent.actor, q_fn, batch["obs"], 16, torch.Generator().manual_seed(5))
+        jump = lambda a_r, r, s: a_r + (1.0 - r) * agent.actor(s, a_r, r, 1.0)
+        a, info = qgbs.qgbs(jump, q_fn, batch["obs"], action_dim=10, M=16, K=0, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(a, a_ref)
+    torch.testing.assert_close(info["q"], q_ref)
+
+
+def test_update_changes_parameters_and_polyak_moves_targets():
+    args, agent, batch = small_agent()
+    before = [p.clone() for p in agent.critic_target.parameters()]
+    losses = dict(critic=fmq.critic_loss, flow_map=fmq.flow_map_loss, fmq=fmq.fmq_loss, **{"best-of-n": fmq.best_of_n_loss})
+    info = fmq.update(agent, batch, 0, args, losses)
+    assert all(torch.isfinite(v) for v in info.values())
+    for p_t, p_b, p in zip(agent.critic_target.parameters(), before, agent.critic.parameters()):
+        torch.testing.assert_close(p_t, p_b + args.tau * (p - p_b))
+
+
+# ---------------------------------------------------------------- env ids and settings
+def test_env_table_and_unknown_id():
+    assert fmq.env_spec("scene-t5")["name"] == "scene-play-singletask-task5-v0"
+    assert fmq.env_spec("hmaze-med-t3")["name"] == "humanoidmaze-medium-navigate-singletask-task3-v0"
+    assert fmq.env_spec("amaze-gnt-t4") == dict(suite="ogbench", name="antmaze-giant-navigate-singletask-task4-v0",
+                                                discount=0.995, offline_q_agg="min", reward=None)
+    assert fmq.env_spec("puzzle-3x3-play-singletask-task1-v0")["discount"] == 0.99
+    assert len(fmq.ENVS) == 12
+    with pytest.raises(fmq.FMQError, match="did you mean 'scene-t5'.*valid ids: can, square"):
+        fmq.env_spec("scene-t55")
+
+
+# ---------------------------------------------------------------- end to end
+NUMERIC = ("critic/loss", "critic/q", "actor/grad_norm", "success", "return")
+
+
+def strip_timing(rows):
+    return [{k: v for k, v in r.items() if k not in ("sps", "time")} for r in rows]
+
+
+@needs_data
+def test_tiny_run_end_to_end_and_deterministic(tmp_path):
+    final = fmq.main(tiny_args(tmp_path / "a"))
+    run = tmp_path / "a" / "runs" / "scene-t5__fmq__0"
+    train, evals = read_csv(run / "train.csv"), read_csv(run / "eval.csv")
+    assert [int(r["step"]) for r in train] == [10, 20, 30, 40]
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (20, "online"), (40, "online")]
+    assert all(np.isfinite(float(r[k])) for r in train for k in ("critic/loss", "actor/grad_norm"))
+    assert train[-1]["actor/fmq_loss"] != "" and train[0]["actor/diag_loss"] != ""
+    assert json.loads((run / "final.json").read_text())["step"] == 40 == final["step"]
+    assert json.loads((run / "config.json").read_text())["discount"] == 0.99
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.pt"))[-1] == "step_000000040.pt"
+    fmq.main(tiny_args(tmp_path / "b"))  # same seed, same device: identical numbers
+    run_b = tmp_path / "b" / "runs" / "scene-t5__fmq__0"
+    assert strip_timing(read_csv(run_b / "train.csv")) == strip_timing(train)
+    assert strip_timing(read_csv(run_b / "eval.csv")) == strip_timing(evals)
+
+
+@needs_data
+def test_online_from_offline_checkpoint_with_qgbs_and_best_of_n_target(tmp_path):
+    fmq.main(tiny_args(tmp_path, online_steps=0, offline_steps=10, eval_interval=10))
+    ckpt = tmp_path / "runs" / "scene-t5__fmq__0" / "checkpoints" / "step_000000010.pt"
+    args = tiny_args(tmp_path, exp_name="online", offline_steps=0, online_steps=10, eval_interval=10,
+                     load_checkpoint=str(ckpt), sampler="qgbs", online_target="best-of-n")
+    fmq.main(args)
+    evals = read_csv(tmp_path / "runs" / "scene-t5__online__0" / "eval.csv")
+    assert [(r["sampler"], r["nfe"]) for r in evals] == [("qgbs", "20")] * 2
+    bad = dataclasses.replace(args, exp_name="bad", hidden_dim=64)
+    with pytest.raises(fmq.FMQError, match="does not fit this run.*hidden_dim"):
+        fmq.main(bad)
+
+
+@pytest.mark.skipif(not (RM / "can" / "mh" / "low_dim_v15.hdf5").exists(), reason="needs ../shared/data")
+def test_robomimic_can_end_to_end(tmp_path):
+    final = fmq.main(tiny_args(tmp_path, env_id="can", dataset_dir=str(RM), offline_steps=10, online_steps=10,
+                               eval_interval=10))
+    assert final["step"] == 20 and 0.0 <= final["success"] <= 1.0
+    env = fmq.make_env(fmq.env_spec("can"), fmq.load_dataset(fmq.env_spec("can"), str(RM))[1])
+    assert env.reset(seed=1)[0].shape == (23,) and env.action_space.shape == (7,)
+    np.testing.assert_array_equal(env.reset(seed=1)[0], env.reset(seed=1)[0])
+
+
+@needs_data
+def test_cli_smoke_cube_double(tmp_path):
+    cmd = [sys.executable, str(ROOT / "fmq.py"), "--env-id", "cube-dbl-t3", "--dataset-dir", str(OGB), "--runs-dir",
+           str(tmp_path), "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--best-of-n", "4",
+           "--offline-steps", "10", "--online-steps", "10", "--eval-episodes", "2", "--eval-interval", "10",
+           "--log-interval", "5", "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    evals = read_csv(tmp_path / "cube-dbl-t3__fmq__0" / "eval.csv")
+    assert len(evals) == 3 and all(np.isfinite(float(r["return"])) for r in evals)
+
+
+# ---------------------------------------------------------------- bad input: one line, exit code != 0
+def run_cli(*flags, timeout=300):
+    out = subprocess.run([sys.executable, str(ROOT / "fmq.py"), *flags], capture_output=True, text=True, timeout=timeout)
+    return out.returncode, out.stderr
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--env-id", "scene-t55"], "unknown env id 'scene-t55' (did you mean 'scene-t5'?); valid ids: can, square"),
+    (["--offline-steps", "0"], "--offline-steps 0 needs --load-checkpoint"),
+    (["--qgbs-rho", "0"], "--qgbs-rho must be > 0"),
+    (["--qgbs-m", "0"], "QGBS needs --qgbs-m >= 1"),
+    (["--resume", "/nonexistent/run"], "no checkpoint in /nonexistent/run/checkpoints"),
+])
+def test_bad_flags_give_one_clear_line(flags, message):
+    code, err = run_cli(*flags)
+    assert code != 0 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("fmq: error: ") and message in err
+
+
+@needs_data
+def test_horizon_longer_than_episode(tmp_path):
+    code, err = run_cli("--dataset-dir", str(OGB), "--horizon", "800", "--runs-dir", str(tmp_path))
+    assert code != 0 and "Traceback" not in err and "--horizon 800 must be shorter than the episode (750 steps)" in err
+
+
+def test_missing_ogbench_dataset_names_the_path(tmp_path, monkeypatch):
+    import urllib.error
+    import ogbench.utils
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(ogbench.utils, "download_datasets", no_network)
+    with pytest.raises(fmq.FMQError, match=f"{tmp_path}/cube-triple-play-v0.npz is missing.*download_datasets"):
+        fmq.load_dataset(fmq.env_spec("cube-trl-t3"), str(tmp_path))
+
+
+def test_missing_robomimic_dataset_names_the_path(tmp_path):
+    with pytest.raises(fmq.FMQError, match=f"not found at {tmp_path}/square/mh/low_dim_v15.hdf5"):
+        fmq.load_dataset(fmq.env_spec("square"), str(tmp_path))
+
+
+@pytest.mark.skipif(not (RM / "can" / "mh" / "low_dim_v15.hdf5").exists(), reason="needs ../shared/data")
+def test_robomimic_wrong_observation_keys(tmp_path):
+    import h5py
+    import shutil
+    (tmp_path / "can" / "mh").mkdir(parents=True)
+    path = tmp_path / "can" / "mh" / "low_dim_v15.hdf5"
+    shutil.copy(RM / "can" / "mh" / "low_dim_v15.hdf5", path)
+    with h5py.File(path, "a") as f:
+        for demo in f["data"]:
+            del f[f"data/{demo}/obs/object"]
+    with pytest.raises(fmq.FMQError, match=r"lacks observation keys \['object'\]"):
+        fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
+
+
+@needs_data
+def test_dataset_that_does_not_match_the_env(tmp_path):
+    os.symlink(OGB / "scene-play-v0.npz", tmp_path / "cube-double-play-v0.npz")
+    os.symlink(OGB / "scene-play-v0-val.npz", tmp_path / "cube-double-play-v0-val.npz")
+    with pytest.raises(fmq.FMQError, match=r"dataset shapes \(obs \(40,\).*do not match env"):
+        fmq.main(tiny_args(tmp_path, env_id="cube-dbl-t3", dataset_dir=str(tmp_path)))
+
+
+@needs_data
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = fmq.critic_loss
+
+    def poisoned(agent, batch, *a):
+        loss, info = real(agent, batch, *a)
+        poisoned.calls += 1
+        return (loss * float("nan"), info) if poisoned.calls > 25 else (loss, info)
+    poisoned.calls = 0
+    monkeypatch.setattr(fmq, "critic_loss", poisoned)
+    run = tmp_path / "runs" / "scene-t5__fmq__0"
+    with pytest.raises(fmq.FMQError, match=f"non-finite critic/loss.* at step 25; .*{run}/checkpoints/step_000000020.pt"):
+        fmq.main(tiny_args(tmp_path))
+    ckpt = torch.load(run / "checkpoints" / "step_000000020.pt", weights_only=False)
+    assert ckpt["step"] == 20 and all(torch.isfinite(p).all() for p in ckpt["actor"].values())
+    assert not (run / "checkpoints" / "step_000000030.pt").exists()
+
+
+# ---------------------------------------------------------------- kill and resume
+@needs_data
+def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    flags = ["--dataset-dir", str(OGB), "--hidden-dim", "32", "--num-layers", "2", "--time-dim", "8",
+             "--batch-size", "16", "--best-of-n", "4", "--offline-steps", "20", "--online-steps", "300",
+             "--eval-episodes", "2", "--eval-interval", "1000", "--log-interval", "10", "--save-interval", "10",
+             "--curriculum-start", "5", "--curriculum-end", "15", "--device", "cpu", "--deterministic",
+             "--resume", "auto"]
+    code, err = run_cli(*flags, "--runs-dir", str(tmp_path / "a"))
+    assert code == 0, err[-2000:]
+    ckpts = tmp_path / "b" / "scene-t5__fmq__0" / "checkpoints"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "fmq.py"), *flags, "--runs-dir", str(tmp_path / "b")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (ckpts / "step_000000060.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (ckpts.parent / "final.json").exists(), "the run finished before it could be killed"
+    code, err = run_cli(*flags, "--runs-dir", str(tmp_path / "b"))
+    assert code == 0, err[-2000:]
+    for name in ("train.csv", "eval.csv"):
+        a, b = (read_csv(tmp_path / d / "scene-t5__fmq__0" / name) for d in "ab")
+        steps = [int(r["step"]) for r in b]
+        assert steps == sorted(set(steps)), "duplicated or unordered rows"
+        assert strip_timing(a) == strip_timing(b)
+    assert (tmp_path / "a" / "scene-t5__fmq__0" / "final.json").read_text() == (ckpts.parent / "final.json").read_text()
+
+
+# ---------------------------------------------------------------- qgbs.py (Algorithm 2)
+D = 3  # action_dim used by the toy problems
+
+
+def toy_jump(a_r, r, obs):
+    """Deterministic, nonlinear, state-dependent stand-in for X_{r,1}(a_r | s); obs is [n, ...]."""
+    s = obs.reshape(obs.shape[0], -1)[:, :D]
+    return torch.tanh(0.8 * a_r + 0.5 * s + 0.3 * r) * 1.2
+
+
+def toy_q(obs, a):
+    """Smooth, state-dependent critic with a unique maximiser c(s) per state; returns [n]."""
+    c = 0.5 * torch.sin(obs.reshape(obs.shape[0], -1)[:, :D])
+    return -((a - c) ** 2).sum(-1) + 0.1 * torch.cos(3 * a).sum(-1)
+
+
+def make_obs(batch=5, dtype=torch.float64, device="cpu"):
+    g = torch.Generator(device=device).manual_seed(123)
+    return torch.randn(batch, 4, generator=g, dtype=dtype, device=device)
+
+
+def gen(seed, device="cpu"):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+@pytest.mark.parametrize("M,K,B", [(4, 1, 4), (32, 0, 1), (8, 1, 2), (4, 2, 4), (3, 3, 1), (1, 0, 7)])
+def test_nfe_counts_jump_rows(M, K, B):
+    obs, rows = make_obs(batch=5), []
+
+    def counting_jump(a_r, r, o):
+        assert a_r.shape[0] == o.shape[0]
+        rows.append(a_r.shape[0])
+        return toy_jump(a_r, r, o)
+
+    _, info = qgbs.qgbs(counting_jump, toy_q, obs, action_dim=D, M=M, K=K, B=B, generator=gen(0))
+    assert qgbs.nfe(M, K, B) == M * (1 + K * B)
+    assert sum(rows) / obs.shape[0] == qgbs.nfe(M, K, B) == info["nfe"]
+    assert len(rows) == 1 + K  # one batched network call per round
+    assert qgbs.nfe(4, 1, 4) == 20 and qgbs.nfe(32, 0, 1) == 32  # paper's table
+
+
+def test_custom_complete_counts_as_nfe_and_is_used():
+    obs, calls = make_obs(batch=2), []
+
+    def euler_complete(a_tp, t_prime, o):  # official-code style completion, one NFE per row
+        calls.append((a_tp.shape[0], t_prime))
+        return a_tp + (1 - t_prime) * toy_jump(a_tp, t_prime, o)
+
+    qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=2, K=2, B=3, rho=1.5, complete=euler_complete,
+              generator=gen(0))
+    assert calls == [(2 * 2 * 3, pytest.approx(0.6))] * 2
+
+
+def test_k0_is_best_of_n_on_same_noise():
+    obs, N = make_obs(batch=4), 6
+    actions, info = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=N, K=0, B=4, generator=gen(7))
+    # Independent best-of-N, loop per state and per sample, same draw: a_0 = randn(batch, N, D).
+    a_0 = torch.randn(obs.shape[0], N, D, generator=gen(7), dtype=obs.dtype)
+    for i in range(obs.shape[0]):
+        cands = [toy_jump(a_0[i, n][None], 0.0, obs[i][None]).clamp(-1, 1)[0] for n in range(N)]
+        qs = [toy_q(obs[i][None], a[None])[0] for a in cands]
+        best = max(range(N), key=lambda n: qs[n])
+        torch.testing.assert_close(actions[i], cands[best])
+        torch.testing.assert_close(info["q"][i], qs[best])
+
+
+def test_same_seed_same_result_other_seed_differs():
+    obs = make_obs()
+    a1, _ = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=3, K=2, B=2, generator=gen(1))
+    a2, _ = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=3, K=2, B=2, generator=gen(1))
+    a3, _ = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=3, K=2, B=2, generator=gen(2))
+    assert torch.equal(a1, a2) and not torch.equal(a1, a3)
+
+
+@pytest.mark.parametrize("eta", [1e-2, 1e-3])
+def test_gradient_step_first_order_gain(eta):
+    """Thm 3.2: moving by eta * g / ||g|| raises Q by eta * ||g|| + O(eta^2).
+
+    The jump returns a fixed action per state, so every candidate is a*(s) and the final beam is
+    a* + eta * g/||g||. For Q = -(a - c)^T A (a - c) the exact gain is eta ||g|| - eta^2 u^T A u.
+    """
+    obs = make_obs(batch=4)
+    A = torch.tensor([1.0, 3.0, 0.5], dtype=obs.dtype)
+    a_star = lambda o: torch.cos(o[:, :D])  # noqa: E731
+    c = lambda o: torch.sin(o[:, 1 : D + 1])  # noqa: E731
+    quad_q = lambda o, a: -(A * (a - c(o)) ** 2).sum(-1)  # noqa: E731
+    fixed_jump = lambda a_r, r, o: a_star(o).expand_as(a_r).clone()  # noqa: E731
+    with torch.no_grad():  # callers use no_grad; the Q-gradient must still be taken
+        actions, info = qgbs.qgbs(fixed_jump, quad_q, obs, action_dim=D, M=2, K=1, B=3, eta=eta,
+                                  generator=gen(0), action_range=(-10.0, 10.0))
+    g = -2 * A * (a_star(obs) - c(obs))
+    gain = info["q"] - quad_q(obs, a_star(obs))
+    expected = eta * g.norm(dim=-1)
+    assert (gain - expected).abs().max() <= A.max() * eta**2 * (1 + 1e-6)
+    assert (gain - expected).abs().max() > 0  # it is second order, not exact: the test can see it
+    torch.testing.assert_close(actions, a_star(obs) + eta * g / g.norm(dim=-1, keepdim=True))
+
+
+def test_gradient_step_leaves_critic_params_untouched():
+    net = torch.nn.Linear(4 + D, 1).double()
+    q_net = lambda o, a: net(torch.cat([o, a], -1)).squeeze(-1)  # noqa: E731
+    with torch.no_grad():
+        qgbs.qgbs(toy_jump, q_net, make_obs(), action_dim=D, M=2, K=1, B=2, generator=gen(0))
+    assert all(p.grad is None for p in net.parameters())
+
+
+def test_batched_equals_per_state_loop(monkeypatch):
+    """Noise is drawn state-major (leading dim = batch), so state i of a batched call must equal a
+    batch-of-one call that sees row i of the same draws. We record the batched draws, then replay
+    row i of each in the per-state calls; any mixing across states (wrong topk/gather dim, wrong
+    repeat) breaks the equality."""
+    obs, kw = make_obs(batch=4), dict(action_dim=D, M=3, K=2, B=2, eta=0.3)
+    real_randn, draws = torch.randn, []
+
+    def recording_randn(*args, **kwargs):
+        draws.append(real_randn(*args, **kwargs))
+        return draws[-1]
+
+    monkeypatch.setattr(torch, "randn", recording_randn)
+    actions, info = qgbs.qgbs(toy_jump, toy_q, obs, generator=gen(3), **kw)
+    assert [x.shape[0] for x in draws] == [obs.shape[0]] * 3
+    for i in range(obs.shape[0]):
+        replay = iter([x[i : i + 1] for x in draws])
+        monkeypatch.setattr(torch, "randn", lambda *a, **k: next(replay))
+        a_i, info_i = qgbs.qgbs(toy_jump, toy_q, obs[i : i + 1], **kw)
+        torch.testing.assert_close(a_i[0], actions[i])
+        torch.testing.assert_close(info_i["q"][0], info["q"][i])
+        torch.testing.assert_close(info_i["beam"][0], info["beam"][i])
+
+
+@pytest.mark.parametrize("K", [0, 1, 2])
+def test_returns_argmax_q_of_final_beam(K):
+    obs = make_obs(batch=6)
+    actions, info = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=5, K=K, B=3, generator=gen(4))
+    beam = info["beam"]
+    q = toy_q(obs.repeat_interleave(5, 0), beam.reshape(-1, D)).reshape(6, 5)
+    torch.testing.assert_close(info["beam_q"], q)
+    torch.testing.assert_close(info["q"], q.max(1).values)
+    torch.testing.assert_close(actions, beam[torch.arange(6), q.argmax(1)])
+    assert (q.max(1).values[:, None] >= q).all()
+
+
+def _check_shapes(device, dtype):
+    obs = make_obs(batch=3, dtype=dtype, device=device).reshape(3, 2, 2)  # non-flat obs
+    actions, info = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=4, K=1, B=2, generator=gen(0, device))
+    assert actions.shape == (3, D) and info["q"].shape == (3,) and info["beam"].shape == (3, 4, D)
+    for x in (actions, info["q"], info["beam"]):
+        assert x.dtype == dtype and x.device.type == torch.device(device).type
+    assert isinstance(info["nfe"], int) and info["nfe"] == 12
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shapes_and_dtypes_cpu(dtype):
+    _check_shapes("cpu", dtype)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_shapes_and_dtypes_cuda(dtype):
+    _check_shapes("cuda", dtype)
+
+
+@pytest.mark.parametrize("bad", [dict(M=0), dict(B=0), dict(K=-1), dict(rho=0.0), dict(rho=-1.0),
+                                 dict(action_dim=None)])
+def test_invalid_args_raise(bad):
+    kw = dict(action_dim=D, M=2, K=1, B=2, rho=1.5) | bad
+    with pytest.raises(ValueError):
+        qgbs.qgbs(toy_jump, toy_q, make_obs(), **kw)
+
+
+@pytest.mark.parametrize("lo,hi", [(-1.0, 1.0), (-0.2, 0.7)])
+def test_actions_stay_in_action_range(lo, hi):
+    overshoot = lambda a_r, r, o: 5 * a_r + o[:, :D]  # noqa: E731
+    far_q = lambda o, a: -((a - 10.0) ** 2).sum(-1)  # maximiser far outside the box  # noqa: E731
+    for K in (0, 1, 2):
+        actions, info = qgbs.qgbs(overshoot, far_q, make_obs(), action_dim=D, M=4, K=K, B=3, eta=5.0,
+                                  generator=gen(K), action_range=(lo, hi))
+        for x in (actions, info["beam"]):
+            assert x.min() >= lo and x.max() <= hi
+    assert torch.allclose(actions, torch.full_like(actions, hi))  # pushed to the upper bound
+
+
+def test_renoise_input_is_t_prime_mix_of_beam_and_noise(monkeypatch):
+    """Alg. 2, line 6: the completion sees t' a_1^m + (1 - t') eps^{mb}, with t' = rho / (1 + rho)."""
+    obs, M, B, rho = make_obs(batch=2), 2, 3, 0.8
+    real_randn, draws, seen = torch.randn, [], []
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: draws.append(real_randn(*a, **k)) or draws[-1])
+
+    def recording_complete(a_tp, t_prime, o):
+        seen.append((a_tp, t_prime))
+        return toy_jump(a_tp, t_prime, o)
+
+    qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=M, K=1, B=B, rho=rho, generator=gen(5),
+              complete=recording_complete)
+    a_0, eps = draws
+    a_1 = toy_jump(a_0.reshape(-1, D), 0.0, obs.repeat_interleave(M, 0)).clamp(-1, 1).reshape(2, M, 1, D)
+    t = rho / (1 + rho)
+    (a_tp, t_prime), = seen
+    assert t_prime == pytest.approx(t)
+    torch.testing.assert_close(a_tp, (t * a_1 + (1 - t) * eps).reshape(-1, D))
+
+
+def test_beam_is_top_m_of_completions():
+    """Alg. 2, line 8: with eta = 0 the final beam is exactly the M best of the M*B completions."""
+    obs, M, B, outs = make_obs(batch=3), 3, 4, []
+
+    def recording_complete(a_tp, t_prime, o):
+        outs.append(toy_jump(a_tp, t_prime, o).clamp(-1, 1))
+        return outs[-1]
+
+    _, info = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=M, K=1, B=B, eta=0.0, generator=gen(6),
+                        complete=recording_complete)
+    q_all = toy_q(obs.repeat_interleave(M * B, 0), outs[0]).reshape(3, M * B)
+    top_q, top = q_all.topk(M, dim=1)
+    top_a = outs[0].reshape(3, M * B, D)[torch.arange(3)[:, None], top]
+    order = info["beam_q"].argsort(dim=1, descending=True)
+    torch.testing.assert_close(info["beam_q"].gather(1, order), top_q)
+    torch.testing.assert_close(info["beam"][torch.arange(3)[:, None], order], top_a)
+
+
+# ---------------------------------------------------------------- tools/report.py and tools/sweep.py
+EVAL_HEADER = "step,phase,env_steps,success,return,length,sampler,nfe,episodes,time"
+# final success per task and seed (4 seeds x 3 tasks): sorted 0,.1,.2,[.5,.5,.6,.6,.6,.6],.9,1,1
+FINALS = {"can": [0.0, 0.5, 0.5, 1.0], "square": [0.6, 0.6, 0.6, 0.6], "scene-t4": [0.1, 0.2, 0.9, 1.0]}
+
+
+def make_run(runs_dir, env_id, method, seed, final, online_ramp, offline_steps=100, finished=True, extra_rows=()):
+    """Run folder as fmq.py writes it: evals every 20 steps, offline success 0.3*final, then an online ramp
+    reaching `final` at online env step `online_ramp`."""
+    run = Path(runs_dir) / f"{env_id}__{method}__{seed}"
+    run.mkdir(parents=True)
+    cfg = {"env_id": env_id, "exp_name": method, "seed": seed, "offline_steps": offline_steps,
+           "online_steps": 100, "online_target": "fmq", "sampler": "onestep"}
+    (run / "config.json").write_text(json.dumps(cfg))
+    rows = [EVAL_HEADER]
+    for step in range(0, offline_steps + 101, 20):
+        env_steps = max(0, step - offline_steps)
+        phase = "offline" if step <= offline_steps else "online"
+        succ = 0.3 * final if phase == "offline" else final * min(1.0, env_steps / online_ramp)
+        rows.append(f"{step},{phase},{env_steps},{succ},0,0,onestep,1,50,0")
+    (run / "eval.csv").write_text("\n".join(rows + list(extra_rows)) + "\n")
+    if finished:
+        (run / "final.json").write_text(json.dumps({"step": offline_steps + 100, "success": final}))
+    return run
+
+
+def make_grid(runs_dir):
+    for env_id, finals in FINALS.items():
+        for seed, final in enumerate(finals):
+            make_run(runs_dir, env_id, "fmq", seed, final, online_ramp=40)
+            make_run(runs_dir, env_id, "mvp-bon", seed, final, online_ramp=80)
+
+
+def test_final_scores_iqm_and_ci(tmp_path):
+    make_grid(tmp_path)
+    finals = report.final_scores(report.load_runs(tmp_path))
+    assert len(finals) == 24 and (finals.step == 200).all()
+    scores = report.score_matrices(finals, ["fmq", "mvp-bon"])
+    assert scores["fmq"].shape == (4, 3)
+    np.testing.assert_allclose(scores["fmq"][:, 0], FINALS["can"])  # columns in paper task order
+    agg = report.aggregate(scores, reps=300)["fmq"]
+    assert agg["iqm"] == pytest.approx(3.4 / 6)  # middle 6 of the 12 sorted scores
+    assert agg["mean"] == pytest.approx(6.6 / 12)
+    assert agg["iqm_ci"][0] <= agg["iqm"] <= agg["iqm_ci"][1]
+    assert agg["mean_ci"][0] <= agg["mean"] <= agg["mean_ci"][1]
+
+
+def test_missing_seed_uses_common_tasks_and_seeds(tmp_path, capsys):
+    make_grid(tmp_path)
+    for f in (tmp_path / "square__mvp-bon__3").iterdir():
+        f.unlink()
+    (tmp_path / "square__mvp-bon__3").rmdir()
+    scores = report.score_matrices(report.final_scores(report.load_runs(tmp_path)), ["fmq", "mvp-bon"])
+    assert scores["fmq"].shape == scores["mvp-bon"].shape == (3, 3)
+    assert "warning" in capsys.readouterr().out
+
+
+def test_other_sampler_and_duplicate_steps(tmp_path):
+    # a resumed run re-logs step 200 (last row wins) and also logs a QGBS eval
+    make_run(tmp_path, "can", "fmq", 0, 0.5, 50, extra_rows=["200,online,100,0.7,0,0,onestep,1,50,0",
+                                                            "200,online,100,0.9,0,0,qgbs,20,50,0"])
+    finals = report.final_scores(report.load_runs(tmp_path)).set_index("method")
+    assert finals.success["fmq"] == 0.7 and finals.success["fmq/qgbs"] == 0.9
+
+
+def test_speedup_known_ratio():
+    x = np.arange(1, 11) * 10_000
+    base = np.array([0.0, 0.1, 0.2, 0.4, 0.4, 0.3, 0.4, 0.4, 0.4, 0.4])  # best 0.4, first at 40k
+    ref = np.array([0.1, 0.4, 0.5, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6, 0.6])  # reaches 0.4 at 20k
+    np.testing.assert_allclose(report.speedup(x, base, x, ref, qs=(0.5, 1.0)), [30 / 20, 40 / 20])
+    slow = np.minimum(ref, 0.3)  # never reaches 0.4 -> skipped (nan)
+    s = report.speedup(x, base, x, slow, qs=(0.5, 1.0))
+    assert s[0] == pytest.approx(30 / 20) and np.isnan(s[1])
+    assert np.isnan(report.speedup(x, 0 * base, x, ref)).all()  # baseline never succeeds: no target
+    mean, ci = report.bootstrap_mean_ci([1.0, 2.0, 3.0], reps=500)
+    assert mean == 2.0 and ci[0] <= 2.0 <= ci[1]
+
+
+def test_report_main_table_json_and_figures(tmp_path, capsys):
+    make_grid(tmp_path / "runs")
+    rc = report.main(["--runs-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path / "figs"), "--reps", "200",
+                      "--out-json", str(tmp_path / "out.json")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    for cell in ("0.50 ± 0.35", "0.60 ± 0.00", "0.55 ± 0.40", "ddof=0", "IQM [95% CI]", "0.57 ["):
+        assert cell in out
+    res = json.loads((tmp_path / "out.json").read_text())
+    assert res["aggregate"]["fmq"]["iqm"] == pytest.approx(3.4 / 6)
+    # fmq ramps linearly to the final success by 40 online env steps, mvp-bon by 80 -> 2x at every target
+    assert res["speedup"]["1.0"]["mean"] == pytest.approx(2.0) and res["speedup"]["0.5"]["mean"] == pytest.approx(2.0)
+    assert res["speedup"]["1.0"]["n"] == 3
+    for png in ("learning_curves.png", "speedup.png"):
+        assert (tmp_path / "figs" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_skips_speedup_without_baseline(tmp_path, capsys):
+    make_run(tmp_path / "runs", "can", "fmq", 0, 0.5, 50)
+    assert report.main(["--runs-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path / "figs"), "--reps", "50"]) == 0
+    assert "speedup: skipped" in capsys.readouterr().out
+    assert (tmp_path / "figs" / "learning_curves.png").exists() and not (tmp_path / "figs" / "speedup.png").exists()
+
+
+def test_sweep_dry_run_commands_and_skip(tmp_path):
+    runs = tmp_path / "runs"
+    (runs / "can__fmq__1").mkdir(parents=True)
+    (runs / "can__fmq__1" / "final.json").write_text("{}")
+    argv = ["--dry-run", "--env-ids", "can", "square", "--seeds", "0", "1", "--runs-dir", str(runs),
+            "--method", "fmq=", "--method", "mvp-bon=--online-target best-of-n", "--python", "py",
+            "--script", "fmq.py", "--", "--offline-steps", "1000"]
+    out = subprocess.run([sys.executable, str(TOOLS / "sweep.py"), *argv], capture_output=True, text=True,
+                         check=True).stdout
+    lines = out.splitlines()
+    assert "# skip (finished): can__fmq__1" in lines
+    assert (f"py fmq.py --env-id square --seed 1 --exp-name mvp-bon --runs-dir {shlex.quote(str(runs))} "
+            "--online-target best-of-n --offline-steps 1000 --resume auto") in lines
+    assert sum(line.startswith("py fmq.py") for line in lines) == 7
+    assert not any("can --seed 1 --exp-name fmq " in line for line in lines)
+    assert sorted(p.name for p in runs.iterdir()) == ["can__fmq__1"]  # nothing created, nothing run
+    assert not list(runs.rglob("stdout.log"))
+    # build_runs is importable and gives the full grid (finished runs included)
+    names = [name for name, _ in sweep.build_runs(sweep.parse_args(argv))]
+    assert len(names) == 8 and names[0] == "can__fmq__0" and names[-1] == "square__mvp-bon__1"
+    default = sweep.parse_args([])
+    assert default.env_ids == sweep.PAPER_ENV_IDS and default.seeds == [0, 1, 2, 3, 4] and default.methods == ["fmq="]

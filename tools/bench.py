@@ -1,0 +1,205 @@
+"""Speed benchmark of fmq.py ("Aligning Flow Map Policies with Optimal Q-Guidance", FMQ).
+
+On one device (CUDA when present, else CPU), with the real shapes of an env id and the paper's network sizes,
+it reports the median over many timed repeats (after one warm-up phase) of
+  * the offline update: critic TD with the best-of-N target + flow-map loss (diagonal + self-distillation),
+  * the online update: critic TD + FMQ loss; the env's step time (random actions, a real env) and their sum,
+  * action selection for 1 and 50 states: one-step flow map, best-of-N, QGBS, and a 10-step Euler flow policy
+    (the same FlowMapActor integrated on its diagonal u(a_t, t, t)) for comparison,
+  * the offline update's achieved FLOP/s (FlopCounterMode, forward + backward) as a fraction of the device's
+    measured matmul rate at the update's dominant shape [batch * N, hidden] x [hidden, hidden], same dtype.
+Each update includes sampling its batch from a replay buffer of random data (as in fmq.main's loop).
+One configuration per invocation: run it with and without --amp to compare.
+
+  python tools/bench.py --quick                     # < 2 min on a 2-core CPU
+  python tools/bench.py --amp --out bench_amp.json  # bf16 autocast; writes the table as JSON
+"""
+import argparse
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import fmq  # noqa: E402
+
+ROBOMIMIC_SHAPES = dict(can=(23, 7), square=(23, 7))  # obs_dim, act_dim (the env needs the dataset file)
+FOOTER = ("targets: CPU one-step action (1 state) < 1 ms; GPU offline update < 2 ms, online step < 5 ms.\n"
+          "same-CPU JAX baselines, median per offline update: Q-chunking best-of-32 ~570 ms, FQL ~60 ms.")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env-id", default="scene-t5", help="env id from fmq.ENVS or an OGBench name (default: %(default)s)")
+    p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda[:i]'")
+    p.add_argument("--quick", action="store_true", help="5 warm-up + 10 timed updates (default: 20 + 100)")
+    p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (Args.amp)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the losses (Args.compile)")
+    p.add_argument("--hidden-dim", type=int, default=fmq.Args.hidden_dim, help="MLP width (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=fmq.Args.batch_size, help="batch size (default: %(default)s)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed updates; action selection gets 5x as many, within a time budget (default: 10 with --quick, else 100)")
+    return p.parse_args(argv)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_ms(fn, device, warmup, repeats, max_s=float("inf")):
+    """Median wall time of fn() in ms over `repeats` calls (fewer, but at least 5, once they took max_s seconds),
+    synchronising the device around each call."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 5 and sum(times) > max_s:
+            break
+    return 1e3 * statistics.median(times)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(l.split(":", 1)[1].strip() for l in lines if l.startswith("model name"))
+    except (OSError, StopIteration):
+        import platform
+        return platform.processor() or "cpu"
+
+
+def synthetic_buffer(obs_dim, act_dim, horizon, device, rows=100_000, episode_len=1000):
+    rng = np.random.default_rng(0)
+    obs = rng.standard_normal((rows + 1, obs_dim), dtype=np.float32)
+    data = dict(observations=obs[:-1], next_observations=obs[1:],
+                actions=rng.uniform(-1, 1, (rows, act_dim)).astype(np.float32),
+                rewards=-(rng.random(rows) < 0.9).astype(np.float32), masks=np.ones(rows, np.float32),
+                ends=(np.arange(rows) % episode_len == episode_len - 1).astype(np.float32))
+    return fmq.ReplayBuffer(data, 0, horizon, device)
+
+
+def env_step_ms(env, steps=300):
+    """Median step time of the real env with random actions (resets are not timed); None without an env."""
+    if env is None:
+        return None
+    env.action_space.seed(0)
+    env.reset(seed=0)
+    times = []
+    for _ in range(steps):
+        a = env.action_space.sample()
+        t0 = time.perf_counter()
+        _, _, term, trunc, _ = env.step(a)
+        times.append(time.perf_counter() - t0)
+        if term or trunc:
+            env.reset()
+    return 1e3 * statistics.median(times)
+
+
+def euler_flow(actor, obs, steps=10):
+    """A plain flow policy of the same network: a_{k+1} = a_k + dt u(a_k, t_k, t_k), `steps` NFE."""
+    a = torch.randn(len(obs), actor.act_dim, device=obs.device)
+    for k in range(steps):
+        a = a + actor(obs, a, k / steps, k / steps) / steps
+    return a.clamp(-1.0, 1.0)
+
+
+def main(argv=None):
+    cli = parse_args(argv)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cli.device == "auto" else cli.device)
+    warmup, repeats = (5, 10) if cli.quick else (20, 100)
+    repeats = cli.repeats or repeats
+    budget = 2.0 if cli.quick else 10.0  # seconds per action-selection row
+    spec = fmq.env_spec(cli.env_id)
+    args = dataclasses.replace(fmq.Args(), env_id=cli.env_id, amp=cli.amp, compile=cli.compile,
+                               hidden_dim=cli.hidden_dim, batch_size=cli.batch_size,
+                               discount=spec["discount"], offline_q_agg=spec["offline_q_agg"])
+    torch.manual_seed(0)
+    env = None if spec["suite"] == "robomimic" else fmq.make_env(spec)
+    if env is None:
+        obs_dim, act_dim = ROBOMIMIC_SHAPES[spec["name"]]
+    else:
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+    buffer = synthetic_buffer(obs_dim, act_dim, args.horizon, device)
+    agent = fmq.make_agent(args, obs_dim, act_dim * args.horizon, device)
+    eager = dict(critic=fmq.critic_loss, flow_map=fmq.flow_map_loss, fmq=fmq.fmq_loss,
+                 **{"best-of-n": fmq.best_of_n_loss})
+    losses = {k: torch.compile(v) for k, v in eager.items()} if args.compile else eager
+    step = args.curriculum_end + 1  # past the curriculum: the full self-distillation loss
+    update = lambda ls=losses: fmq.update(agent, buffer.sample(args.batch_size, args.discount), step, args, ls)
+    rows = []
+
+    def row(name, ms, **extra):
+        rows.append(dict(name=name, ms=ms, **extra))
+        print(f"  {name:<28} {'n/a' if ms is None else f'{ms:10.3f}'} ms", file=sys.stderr, flush=True)
+
+    print(f"fmq bench: {cli.env_id} (obs {obs_dim}, act {act_dim} x h{args.horizon}) on {device} "
+          f"({device_name(device)}), {torch.get_num_threads()} threads, amp={args.amp}, compile={args.compile}, "
+          f"{args.num_layers}x{args.hidden_dim}, batch {args.batch_size}, N={args.best_of_n}, "
+          f"{warmup} warm-up + {repeats} timed updates, load average {os.getloadavg()[0]:.2f}", flush=True)
+    # the ceiling: a matmul of the update's dominant shape (the best-of-N target), timed right before the update
+    dtype = torch.bfloat16 if args.amp else torch.float32
+    m, h = args.batch_size * args.best_of_n, args.hidden_dim
+    x, w = torch.randn(m, h, device=device, dtype=dtype), torch.randn(h, h, device=device, dtype=dtype)
+    matmul = median_ms(lambda: x @ w, device, warmup, 2 * repeats)
+    offline = median_ms(update, device, warmup, repeats)
+    row("offline update", offline)
+    with FlopCounterMode(display=False) as counter:  # eager losses: the same math, counted op by op
+        update(eager)
+    flops = counter.get_total_flops()
+    fmq.freeze_offline_copy(agent)  # agent.u_off set: fmq.update now does the online update
+    online = median_ms(update, device, warmup, repeats)
+    row("online update", online)
+    env_ms = env_step_ms(env)
+    row("env step", env_ms)
+    row("online step (update + env)", None if env_ms is None else online + env_ms)
+
+    samplers = dict(onestep="one-step", **{"best-of-n": f"best-of-{args.best_of_n}"},
+                    qgbs=f"qgbs M{args.qgbs_m} K{args.qgbs_k} B{args.qgbs_b}", euler="euler 10-step")
+    for n_states in (1, 50):
+        obs = torch.randn(n_states, obs_dim, device=device)
+        for sampler, label in samplers.items():
+            if sampler == "euler":
+                act = lambda: euler_flow(agent.actor, obs)
+            else:
+                act = lambda: fmq.select_action(agent, obs, sampler, args)
+            with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+                row(f"act {label} [{n_states}]", median_ms(act, device, warmup, 5 * repeats, max_s=budget))
+
+    ceiling, achieved = 2 * m * h * h / matmul / 1e6, flops / offline / 1e6  # GFLOP/s
+    row("offline update FLOP/s", offline, gflop=flops / 1e9, gflops=achieved, ceiling_gflops=ceiling,
+        fraction=achieved / ceiling)
+
+    print(f"\n{'':<30}{'median ms':>12}{'GFLOP/s':>12}{'ceiling':>12}{'fraction':>10}")
+    for r in rows:
+        ms = "n/a" if r["ms"] is None else f"{r['ms']:.3f}"
+        flop = f"{r['gflops']:12.1f}{r['ceiling_gflops']:12.1f}{r['fraction']:10.3f}" if "gflops" in r else ""
+        print(f"{r['name']:<30}{ms:>12}{flop}")
+    print(f"({flops / 1e9:.2f} GFLOP per offline update; ceiling: {dtype} matmul [{m}, {h}] x [{h}, {h}], "
+          f"{matmul:.3f} ms)\n{FOOTER}")
+    result = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
+                  threads=torch.get_num_threads(), load_average=os.getloadavg(),
+                  float32_matmul_precision=torch.get_float32_matmul_precision(),
+                  settings=dict(vars(cli), warmup=warmup, repeats=repeats, obs_dim=obs_dim, act_dim=act_dim,
+                                args=dataclasses.asdict(args)), rows=rows)
+    if cli.out:
+        Path(cli.out).write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,274 @@
+"""Paper table, IQM and figures from fmq.py runs ("Aligning Flow Map Policies with Optimal Q-Guidance", FMQ).
+
+Reads {runs_dir}/*/config.json + eval.csv and prints
+  * the success rate per task and method at each seed's final evaluation, mean ± std over seeds (Table 1),
+  * IQM and mean over seeds x tasks with 95% stratified-bootstrap CIs (rliable),
+  * the online convergence speedup of --ref-method over --baseline (Figure 3),
+and writes learning_curves.png (Figure 2) and speedup.png (Figure 3) to --fig-dir.
+A method is a run's exp_name; eval rows logged with a sampler other than the run's own
+config sampler count as the method "{exp_name}/{sampler}".
+
+  python tools/report.py --runs-dir runs --fig-dir docs --out-json docs/results.json
+"""
+import argparse
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rliable import metrics  # numpy/scipy only; rliable.library is imported lazily in aggregate()
+from scipy import stats
+
+PAPER_ENV_IDS = ["can", "square", "cube-dbl-t3", "cube-dbl-t4", "cube-trl-t3", "cube-trl-t4",
+                 "scene-t4", "scene-t5", "hmaze-med-t3", "hmaze-med-t4", "amaze-gnt-t4", "amaze-gnt-t5"]
+QS = (0.5, 0.75, 0.9, 1.0)  # speedup targets: xi = q * (best online mean success of the baseline)
+STD_DDOF = 0  # table std over seeds: population std (np.std default)
+
+
+def load_runs(runs_dir):
+    """All eval rows of all runs in one DataFrame, plus env_id, method, seed, offline_steps, finished, run."""
+    frames = []
+    for csv in sorted(Path(runs_dir).glob("*/eval.csv")):
+        if not (csv.parent / "config.json").exists():
+            print(f"warning: {csv.parent} has no config.json, ignored")
+            continue
+        cfg, df = json.loads((csv.parent / "config.json").read_text()), pd.read_csv(csv)
+        if df.empty:
+            continue
+        other = df["sampler"].astype(str) != str(cfg.get("sampler", df["sampler"].iloc[0]))
+        df["method"] = np.where(other, cfg["exp_name"] + "/" + df["sampler"].astype(str), cfg["exp_name"])
+        # a resumed run may log a step twice: keep the last row
+        df = df.drop_duplicates(["method", "step"], keep="last").sort_values("step")
+        frames.append(df.assign(env_id=cfg["env_id"], seed=int(cfg["seed"]), run=csv.parent.name,
+                                offline_steps=int(cfg.get("offline_steps", 0)),
+                                finished=(csv.parent / "final.json").exists()))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def final_scores(df):
+    """Success at the final (last-step) eval row of each (env_id, method, seed)."""
+    last = df.sort_values("step").groupby(["env_id", "method", "seed"], sort=False).tail(1)
+    if not last["finished"].all():
+        print(f"warning: using the latest eval of unfinished run(s): {', '.join(sorted(last.run[~last.finished]))}")
+    return last[["env_id", "method", "seed", "step", "success", "finished", "run"]].reset_index(drop=True)
+
+
+def score_matrices(finals, methods):
+    """{method: [num_seeds, num_tasks] final successes} over the tasks and seeds present for every method."""
+    tasks = [t for t in task_order(finals) if all(((finals.env_id == t) & (finals.method == m)).any() for m in methods)]
+    seeds = sorted(set.intersection(*[set(finals.seed[(finals.env_id == t) & (finals.method == m)])
+                                      for t in tasks for m in methods])) if tasks else []
+    have = set(zip(finals.method, finals.env_id, finals.seed))
+    missing = [f"{m}/{t}/seed {s}" for m in methods for t in task_order(finals) for s in sorted(set(finals.seed))
+               if (m, t, s) not in have]
+    if missing:
+        print(f"warning: missing runs {', '.join(missing)}; IQM/mean use the tasks and seeds present for all "
+              f"methods: {len(tasks)} tasks, seeds {seeds}")
+    pivot = finals.pivot_table(index="seed", columns=["method", "env_id"], values="success")
+    return {m: pivot.loc[seeds, [(m, t) for t in tasks]].to_numpy() for m in methods} if tasks and seeds else {}
+
+
+def _iqm_and_mean(x):
+    return np.array([metrics.aggregate_iqm(x), metrics.aggregate_mean(x)])
+
+
+def aggregate(score_dict, reps=50000, seed=0):
+    """{method: {iqm, iqm_ci, mean, mean_ci}} over seeds x tasks, 95% stratified bootstrap CIs (rliable)."""
+    try:
+        from rliable import library as rly
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # arch: random_state is deprecated
+            point, ci = rly.get_interval_estimates(score_dict, _iqm_and_mean, reps=reps,
+                                                   random_state=np.random.RandomState(seed))
+    except Exception as e:  # rliable 1.2 needs arch<8, and arch 7 does not import with pandas>=3
+        print(f"warning: rliable.library unusable ({type(e).__name__}: {e}); "
+              "same stratified bootstrap done in numpy")
+        rng, point, ci = np.random.default_rng(seed), {}, {}
+        for m, x in score_dict.items():  # resample seeds within each task, independently per task
+            boot = np.take_along_axis(x[None], rng.integers(x.shape[0], size=(reps, *x.shape)), axis=1)
+            boot = np.stack([stats.trim_mean(boot.reshape(reps, -1), 0.25, axis=1), boot.mean(axis=(1, 2))], 1)
+            point[m], ci[m] = _iqm_and_mean(x), np.percentile(boot, [2.5, 97.5], axis=0)
+    return {m: {"iqm": float(point[m][0]), "iqm_ci": [float(v) for v in ci[m][:, 0]],
+                "mean": float(point[m][1]), "mean_ci": [float(v) for v in ci[m][:, 1]]} for m in score_dict}
+
+
+def task_order(df):
+    """Paper order first, then any other env ids sorted."""
+    present = set(df["env_id"])
+    return [t for t in PAPER_ENV_IDS if t in present] + sorted(present - set(PAPER_ENV_IDS))
+
+
+def mean_curves(df, x="step"):
+    """Per (env_id, method, x): mean success over seeds, 95% t-interval (lo, hi) and seed count n."""
+    g = df.groupby(["env_id", "method", x])["success"]
+    out = g.agg(mean="mean", std="std", n="count").reset_index()
+    half = stats.t.ppf(0.975, np.maximum(out.n - 1, 1)) * out["std"].fillna(0) / np.sqrt(out.n)
+    return out.assign(lo=out["mean"] - half, hi=out["mean"] + half)
+
+
+def first_reach(x, y, target):
+    """First x at which y >= target, nan if never."""
+    hit = np.flatnonzero(np.asarray(y) >= target - 1e-9)
+    return float(np.asarray(x)[hit[0]]) if hit.size else np.nan
+
+
+def speedup(x_base, y_base, x_ref, y_ref, qs=QS):
+    """For xi = q * max(y_base): (x where the baseline first reaches xi) / (x where ref first does).
+
+    x are online env steps (> 0), y mean success curves; nan where ref never reaches xi or max(y_base) == 0.
+    """
+    best = np.max(y_base)
+    if best <= 0:
+        return np.full(len(qs), np.nan)
+    return np.array([first_reach(x_base, y_base, q * best) / first_reach(x_ref, y_ref, q * best) for q in qs])
+
+
+def bootstrap_mean_ci(values, reps=10000, seed=0):
+    """Mean of values and its 95% percentile bootstrap CI (resampling values, e.g. tasks)."""
+    values = np.asarray(values, float)
+    boot = np.random.default_rng(seed).choice(values, size=(reps, len(values))).mean(axis=1)
+    return float(values.mean()), [float(v) for v in np.percentile(boot, [2.5, 97.5])]
+
+
+def speedup_table(df, ref, base, qs=QS):
+    """Per-task speedups [num_tasks, len(qs)] of ref over base from online mean curves (x = env_steps)."""
+    curves = mean_curves(df[(df.phase == "online") & (df.env_steps > 0)], x="env_steps")
+    rows = {}
+    for task in task_order(df):
+        c = {m: curves[(curves.env_id == task) & (curves.method == m)] for m in (ref, base)}
+        if len(c[ref]) and len(c[base]):
+            rows[task] = speedup(c[base].env_steps, c[base]["mean"], c[ref].env_steps, c[ref]["mean"], qs)
+    return pd.DataFrame.from_dict(rows, orient="index", columns=list(qs))
+
+
+def plot_learning_curves(df, methods, path):
+    import matplotlib.pyplot as plt
+    tasks, curves = task_order(df), mean_curves(df)
+    ncols = min(4, len(tasks))
+    nrows = -(-len(tasks) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
+    for ax, task in zip(axes.flat, tasks):
+        for i, m in enumerate(methods):
+            c = curves[(curves.env_id == task) & (curves.method == m)]
+            ax.plot(c.step, c["mean"], color=f"C{i}", label=m)
+            ax.fill_between(c.step, c.lo.clip(0, 1), c.hi.clip(0, 1), color=f"C{i}", alpha=0.2)
+        boundary = df.offline_steps[df.env_id == task].median()
+        ax.axvline(boundary, color="k", ls="--", lw=1)
+        ax.text(0.02, 0.97, "offline", transform=ax.get_xaxis_transform(), ha="left", va="top", fontsize=8)
+        ax.text(boundary, 0.97, " online", transform=ax.get_xaxis_transform(), ha="left", va="top", fontsize=8)
+        ax.set(title=task, ylim=(-0.02, 1.08), xlabel="update step", ylabel="success rate")
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(tasks):]:
+        ax.axis("off")
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=len(methods), frameon=False)
+    fig.suptitle("Offline-to-online learning curves (mean, 95% CI over seeds)")
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_speedup(agg, ref, base, path):
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    labels = [f"ξ = {q:g}·best" for q in agg]
+    means = np.array([a["mean"] for a in agg.values()])
+    err = np.abs(np.array([a["ci"] for a in agg.values()]).T - means)
+    ax.bar(labels, means, yerr=err, capsize=5, color="C0", alpha=0.8)
+    for i, a in enumerate(agg.values()):
+        ax.text(i, a["ci"][1], f"{a['mean']:.2f}×\n({a['n']} tasks)", ha="center", va="bottom", fontsize=8)
+    ax.axhline(1, color="k", ls="--", lw=1)
+    top = max(a["ci"][1] for a in agg.values())
+    ax.set(xlabel=f"success target (best = best online mean success of {base})", ylabel="speedup (online env steps)",
+           title=f"Convergence speedup of {ref} over {base}, 95% CI", ylim=(0, max(1.5, top * 1.25)))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs-dir", default="runs", help="folder holding the run folders (default: runs)")
+    p.add_argument("--methods", nargs="+", default=None, help="methods (exp names) to show, in order (default: all)")
+    p.add_argument("--ref-method", default="fmq", help="method whose speedup is measured (default: fmq)")
+    p.add_argument("--baseline", default="mvp-bon", help="baseline of the speedup figure (default: mvp-bon)")
+    p.add_argument("--reps", type=int, default=50000, help="bootstrap resamples (default: 50000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--fig-dir", default="docs", help="where the PNG figures go (default: docs)")
+    p.add_argument("--out-json", default=None, help="also write all numbers to this JSON file")
+    args = p.parse_args(argv)
+
+    df = load_runs(args.runs_dir)
+    methods = args.methods or sorted(set(df.get("method", [])), key=lambda m: (m != args.ref_method, m))
+    df = df[df.method.isin(methods)] if len(df) else df
+    if df.empty:
+        print(f"no eval.csv rows of methods {methods or 'any'} under {args.runs_dir}")
+        return 1
+    finals, tasks = final_scores(df), task_order(df)
+    out = {"std_ddof": STD_DDOF, "table": {}, "aggregate": {}, "speedup": {}}
+
+    # Table 1: final success, mean ± std over seeds
+    scores = score_matrices(finals, methods)
+    out["aggregate"] = aggregate(scores, args.reps, args.seed) if scores else {}
+    n_max = finals.groupby(["env_id", "method"]).size().max()
+    print(f"\nSuccess rate at each seed's final eval: mean ± std over seeds (std ddof={STD_DDOF}; "
+          f"{n_max} seeds unless marked n=)")
+    cells = {}
+    for t in tasks:
+        for m in methods:
+            s = finals.success[(finals.env_id == t) & (finals.method == m)].to_numpy()
+            if len(s):
+                out["table"].setdefault(t, {})[m] = {"mean": s.mean(), "std": s.std(ddof=STD_DDOF), "n": len(s)}
+                cells[t, m] = f"{s.mean():.2f} ± {s.std(ddof=STD_DDOF):.2f}" + (f" (n={len(s)})" if len(s) < n_max else "")
+    for name, key in (("IQM [95% CI]", "iqm"), ("mean [95% CI]", "mean")):
+        for m, a in out["aggregate"].items():
+            cells[name, m] = f"{a[key]:.2f} [{a[key + '_ci'][0]:.2f}, {a[key + '_ci'][1]:.2f}]"
+    rows = tasks + (["IQM [95% CI]", "mean [95% CI]"] if scores else [])
+    width = [max(len(r) for r in rows + ["task"])] + [max([len(m)] + [len(cells.get((r, m), "-")) for r in rows])
+                                                      for m in methods]
+    for r in [["task"] + methods] + [[r] + [cells.get((r, m), "-") for m in methods] for r in rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, width)))
+    if scores:
+        shape = next(iter(scores.values())).shape
+        print(f"(IQM/mean over {shape[0]} seeds x {shape[1]} tasks, {args.reps} stratified bootstrap resamples)")
+
+    # Figure 3: convergence speedup of ref over baseline during the online phase
+    ref, base = args.ref_method, args.baseline
+    table = speedup_table(df, ref, base) if {ref, base} <= set(df.method) else pd.DataFrame()
+    if table.empty:
+        print(f"\nspeedup: skipped (needs online evals of both '{ref}' and '{base}' on a common task)")
+    else:
+        print(f"\nSpeedup of {ref} over {base}: online env steps {base} needs to first reach xi / those {ref} needs,"
+              f"\nxi = q * best online mean success of {base}; skipped (-) where {ref} never reaches xi "
+              f"or {base} never succeeds")
+        print("task".ljust(14) + "".join(f"q={q:g}".rjust(10) for q in QS))
+        for task, row in table.iterrows():
+            print(task.ljust(14) + "".join(("-" if np.isnan(v) else f"{v:.2f}").rjust(10) for v in row))
+        for q in QS:
+            vals = table[q].dropna()
+            if len(vals):
+                mean, ci = bootstrap_mean_ci(vals, seed=args.seed)
+                out["speedup"][q] = {"mean": mean, "ci": ci, "n": len(vals), "per_task": vals.to_dict()}
+                print(f"q={q:g}: mean speedup {mean:.2f}x [95% CI {ci[0]:.2f}, {ci[1]:.2f}] over {len(vals)} tasks")
+
+    # figures
+    import matplotlib
+    matplotlib.use("Agg")
+    fig_dir = Path(args.fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    plot_learning_curves(df, methods, fig_dir / "learning_curves.png")
+    print(f"\nwrote {fig_dir / 'learning_curves.png'}")
+    if out["speedup"]:
+        plot_speedup(out["speedup"], ref, base, fig_dir / "speedup.png")
+        print(f"wrote {fig_dir / 'speedup.png'}")
+    else:
+        print("speedup figure skipped: no speedup numbers")
+    if args.out_json:
+        Path(args.out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out_json).write_text(json.dumps(out, indent=1, default=float))
+        print(f"wrote {args.out_json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

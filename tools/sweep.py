@@ -1,0 +1,149 @@
+"""Launch a grid of fmq.py runs (env ids x seeds x methods), locally or on SLURM (submitit).
+
+Reproduces the paper's experiment grid ("Aligning Flow Map Policies with Optimal Q-Guidance", FMQ).
+Each run is `python fmq.py --env-id ENV --seed S --exp-name METHOD [method flags] [-- flags] --resume auto`
+and lives in {runs_dir}/{ENV}__{METHOD}__{S}. Finished runs (final.json exists) are skipped and killed
+runs resume from their last checkpoint, so re-running the same sweep command is always safe.
+
+  python tools/sweep.py --dry-run
+  python tools/sweep.py --env-ids can square --seeds 0 1 --workers 2 --method fmq=
+      --method mvp-bon="--online-target best-of-n" -- --offline-steps 1000   (one command line)
+  python tools/sweep.py --launcher slurm --slurm-partition gpu
+"""
+import argparse
+import os
+import queue
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+PAPER_ENV_IDS = ["can", "square", "cube-dbl-t3", "cube-dbl-t4", "cube-trl-t3", "cube-trl-t4",
+                 "scene-t4", "scene-t5", "hmaze-med-t3", "hmaze-med-t4", "amaze-gnt-t4", "amaze-gnt-t5"]
+
+
+def visible_gpus():
+    """GPU ids usable by runs: CUDA_VISIBLE_DEVICES if set, else those `nvidia-smi -L` lists ([] if none)."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):
+        return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(l for l in out.splitlines() if l.startswith("GPU"))]
+
+
+def parse_args(argv=None):
+    """Parse the CLI; everything after a bare `--` is kept in args.extra and appended to every run
+    (after the method's flags, so on a clash it wins: tyro keeps the last value)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env-ids", nargs="+", default=PAPER_ENV_IDS, help="env ids (default: the 12 paper tasks)")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds (default: 0 1 2 3 4)")
+    p.add_argument("--method", action="append", dest="methods", metavar="NAME=FLAGS",
+                   help='repeatable; NAME is the exp name, FLAGS extra fmq.py flags, e.g. '
+                        'mvp-bon="--online-target best-of-n" (default: fmq=)')
+    p.add_argument("--runs-dir", default="runs", help="where run folders live, passed to fmq.py (default: runs)")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local", help="where to run (default: local)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="local parallel runs (default: #GPUs, else max(1, cpu_count // 2))")
+    p.add_argument("--python", default=sys.executable, help="python interpreter for the runs (default: this one)")
+    p.add_argument("--script", default=str(Path(__file__).resolve().parents[1] / "fmq.py"), help="training script (default: fmq.py next to tools/)")
+    p.add_argument("--dry-run", action="store_true", help="print the commands and skipped runs; run nothing")
+    p.add_argument("--slurm-partition", default=None, help="SLURM partition (default: the cluster default)")
+    p.add_argument("--slurm-timeout-min", type=int, default=24 * 60, help="SLURM time limit per run in minutes (default: %(default)s)")
+    p.add_argument("--slurm-gpus", type=int, default=1, help="GPUs per SLURM job (default: %(default)s)")
+    p.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per SLURM job (default: %(default)s)")
+    p.add_argument("--slurm-mem-gb", type=int, default=64, help="memory per SLURM job in GB (default: %(default)s)")
+    args = p.parse_args(argv)
+    args.methods, args.extra = args.methods or ["fmq="], extra
+    return args
+
+
+def build_runs(args):
+    """[(run_name, cmd)] for every env x method x seed, in that order (finished runs included)."""
+    runs = []
+    for env_id in args.env_ids:
+        for method in args.methods:
+            name, _, flags = method.partition("=")
+            for seed in args.seeds:
+                cmd = [args.python, args.script, "--env-id", env_id, "--seed", str(seed), "--exp-name", name,
+                       "--runs-dir", str(args.runs_dir), *shlex.split(flags), *args.extra, "--resume", "auto"]
+                runs.append((f"{env_id}__{name}__{seed}", cmd))
+    return runs
+
+
+def run_local(todo, runs_dir, workers, gpus):
+    """Run each command as a subprocess, `workers` at a time, each pinned to one GPU if there are several."""
+    free = queue.Queue()  # one slot per worker, each slot holding the GPU it uses (None: leave env alone)
+    for i in range(workers):
+        free.put(gpus[i % len(gpus)] if len(gpus) > 1 else None)
+
+    def run_one(name, cmd):
+        gpu, t0 = free.get(), time.time()
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
+        (runs_dir / name).mkdir(parents=True, exist_ok=True)
+        try:
+            with open(runs_dir / name / "stdout.log", "a") as log:
+                return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode, time.time() - t0
+        finally:
+            free.put(gpu)
+
+    failed = 0
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(run_one, name, cmd): name for name, cmd in todo}
+        for fut in as_completed(futures):
+            rc, secs = fut.result()
+            failed += rc != 0
+            status = "ok" if rc == 0 else f"failed rc={rc} (see {runs_dir / futures[fut] / 'stdout.log'})"
+            print(f"[{status}] {futures[fut]} ({secs / 60:.1f} min)", flush=True)
+    print(f"{len(todo) - failed}/{len(todo)} runs ok")
+    return failed
+
+
+def run_slurm(todo, args):
+    """Submit one SLURM job per run (as a job array) with submitit; logs go to {runs_dir}/_slurm."""
+    import submitit
+    executor = submitit.AutoExecutor(folder=Path(args.runs_dir) / "_slurm")
+    if executor.cluster != "slurm":
+        print(f"warning: no SLURM found, submitit runs the jobs with its '{executor.cluster}' executor")
+    executor.update_parameters(name="fmq", timeout_min=args.slurm_timeout_min, gpus_per_node=args.slurm_gpus,
+                               cpus_per_task=args.slurm_cpus, mem_gb=args.slurm_mem_gb,
+                               **({"slurm_partition": args.slurm_partition} if args.slurm_partition else {}))
+    with executor.batch():
+        jobs = [executor.submit(submitit.helpers.CommandFunction(cmd, cwd=os.getcwd())) for _, cmd in todo]
+    for (name, _), job in zip(todo, jobs):
+        print(f"submitted {name}: job {job.job_id}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    runs_dir = Path(args.runs_dir)
+    runs = build_runs(args)
+    finished = [name for name, _ in runs if (runs_dir / name / "final.json").exists()]
+    todo = [(name, cmd) for name, cmd in runs if name not in finished]
+    for name in finished:
+        print(f"# skip (finished): {name}")
+    if args.dry_run:
+        for _, cmd in todo:
+            print(shlex.join(cmd))
+        print(f"# {len(todo)} to run, {len(finished)} finished")
+        return 0
+    if not todo:
+        print("all runs finished")
+        return 0
+    if args.launcher == "slurm":
+        run_slurm(todo, args)
+        return 0
+    gpus = visible_gpus()
+    workers = args.workers or (len(gpus) or max(1, (os.cpu_count() or 2) // 2))
+    print(f"running {len(todo)} runs locally, {workers} at a time" + (f" on GPUs {','.join(gpus)}" if gpus else ""))
+    return 1 if run_local(todo, runs_dir, workers, gpus) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
