@@ -32,113 +32,61 @@ Sampler = Literal["onestep", "best-of-n", "qgbs"]
 @dataclass
 class Args:
     # --- experiment ---
-    env_id: str = "scene-t5"
-    """a paper id from ENVS (e.g. scene-t5, cube-dbl-t3, can) or any OGBench singletask name"""
-    exp_name: str = "fmq"
-    """experiment name; the run folder is {runs_dir}/{env_id}__{exp_name}__{seed}"""
-    seed: int = 0
-    """seed of python, numpy, torch and the training env (evaluation uses seed + 10_000)"""
-    deterministic: bool = False
-    """torch.use_deterministic_algorithms: identical reruns on the same device"""
-    device: str = "auto"
-    """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'"""
-    compile: bool = False
-    """torch.compile the losses (opt-in; pays off on a GPU for long runs)"""
-    amp: bool = False
-    """bf16 autocast for network forward passes"""
-    dataset_dir: Optional[str] = None
-    """dataset folder; default ~/.ogbench/data (OGBench) or ~/.robomimic (RoboMimic, {task}/mh/low_dim_v15.hdf5)"""
+    env_id: str = "scene-t5"  # a paper id from ENVS (e.g. scene-t5, cube-dbl-t3, can) or any OGBench singletask name
+    exp_name: str = "fmq"  # experiment name; the run folder is {runs_dir}/{env_id}__{exp_name}__{seed}
+    seed: int = 0  # seed of python, numpy, torch and the training env (evaluation uses seed + 10_000)
+    deterministic: bool = False  # torch.use_deterministic_algorithms: identical reruns on the same device
+    device: str = "auto"  # 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'
+    compile: bool = False  # torch.compile the losses (opt-in; pays off on a GPU for long runs)
+    amp: bool = False  # bf16 autocast for network forward passes
+    dataset_dir: Optional[str] = None  # dataset folder; default ~/.ogbench/data or ~/.robomimic (see README)
     # --- logging & checkpoints ---
-    runs_dir: str = "runs"
-    """where run folders go (config.json, train.csv, eval.csv, TensorBoard events, checkpoints/)"""
-    track: bool = False
-    """also log to Weights & Biases (needs `pip install wandb`)"""
-    wandb_project: str = "fmq"
-    """W&B project name, with --track"""
-    log_interval: int = 5000
-    """steps between train.csv / TensorBoard rows (and NaN checks)"""
-    eval_interval: int = int(1e5)
-    """steps between evaluations (also at step 0 of each phase and at the end)"""
-    eval_episodes: int = 50
-    """evaluation episodes"""
-    eval_envs: int = 50
-    """parallel evaluation envs stepped in lockstep (episodes run in waves of this size)"""
-    save_interval: int = int(1e5)
-    """steps between checkpoints (also at each evaluation and at the phase switch)"""
-    keep_checkpoints: int = 3
-    """how many recent checkpoints to keep"""
-    resume: Optional[str] = None
-    """continue a killed run: its folder, or 'auto' (this run's folder if it holds a checkpoint)"""
-    load_checkpoint: Optional[str] = None
-    """start from this checkpoint's networks, e.g. an offline one with --offline-steps 0"""
+    runs_dir: str = "runs"  # where run folders go (config.json, train.csv, eval.csv, TensorBoard events, checkpoints/)
+    track: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
+    wandb_project: str = "fmq"  # W&B project name, with --track
+    log_interval: int = 5000  # steps between train.csv / TensorBoard rows (and NaN checks)
+    eval_interval: int = int(1e5)  # steps between evaluations (also at step 0 of each phase and at the end)
+    eval_episodes: int = 50  # evaluation episodes
+    eval_envs: int = 50  # parallel evaluation envs stepped in lockstep (episodes run in waves of this size)
+    save_interval: int = int(1e5)  # steps between checkpoints (also at each evaluation and at the phase switch)
+    keep_checkpoints: int = 3  # how many recent checkpoints to keep
+    resume: Optional[str] = None  # continue a run: its folder, or 'auto' (this run's folder, if it has a checkpoint)
+    load_checkpoint: Optional[str] = None  # start from this checkpoint's nets (e.g. offline, with --offline-steps 0)
     # --- algorithm ---
-    offline_steps: int = int(1e6)
-    """offline pretraining steps (flow map + critics on the dataset)"""
-    online_steps: int = int(1e6)
-    """online steps: one env step and one update each"""
-    batch_size: int = 256
-    """batch size"""
-    hidden_dim: int = 512
-    """MLP width (actor and critics)"""
-    num_layers: int = 4
-    """hidden layers (actor and critics)"""
-    time_dim: int = 64
-    """sinusoidal features for each of r and t"""
-    actor_layer_norm: bool = False
-    """LayerNorm in the actor"""
-    critic_layer_norm: bool = True
-    """LayerNorm in the critics"""
-    lr: float = 3e-4
-    """Adam learning rate (actor and critics)"""
-    discount: Optional[float] = None
-    """discount per env step; None takes the env table's (0.99; 0.995 for the giant/humanoid mazes)"""
-    tau: float = 0.005
-    """Polyak rate of the target critics"""
-    num_critics: int = 2
-    """critic ensemble size (twin critics)"""
-    offline_q_agg: Optional[Literal["mean", "min"]] = None
-    """critic aggregation in offline TD targets; None takes the env table's (mean; min for the mazes)"""
-    online_q_agg: Literal["mean", "min"] = "min"
-    """critic aggregation in online TD targets"""
-    horizon: int = 5
-    """action chunk length, executed open-loop"""
-    best_of_n: int = 32
-    """N of the best-of-N action: TD bootstrap action, and the best-of-n sampler"""
-    flow_map_loss: Literal["eulerian", "lagrangian", "progressive"] = "eulerian"
-    """off-diagonal self-distillation loss (Boffi et al., arXiv:2505.18825)"""
-    curriculum_start: int = 5000
-    """offline step where the largest jump t - r starts growing from 0 (diagonal loss only before)"""
-    curriculum_end: int = 50000
-    """offline step where the largest jump t - r reaches 1"""
-    online_target: Literal["fmq", "best-of-n"] = "fmq"
-    """online actor target: FMQ (Alg. 1), or the best-of-N action (generate-and-select baseline, as MVP)"""
-    eta: float = 1.0
-    """trust-region radius eta (Thm 3.2)"""
-    beta: float = 0.3
-    """critic-disagreement damping in eta_eff = eta / (1 + beta * delta_critic)"""
-    kappa1: float = 1e-8
-    """gradient-norm floor kappa1 in g = grad Q / (||grad Q|| + kappa1)"""
-    official_eta: bool = False
-    """official JAX variant: eta_eff = 1 / (1 + beta * delta_critic), eta dropped"""
-    guidance_critic: Literal["q1", "mean"] = "q1"
-    """critic whose action-gradient guides the actor: Q_phi1 (Alg. 1) or the ensemble mean"""
+    offline_steps: int = int(1e6)  # offline pretraining steps (flow map + critics on the dataset)
+    online_steps: int = int(1e6)  # online steps: one env step and one update each
+    batch_size: int = 256  # batch size
+    hidden_dim: int = 512  # MLP width (actor and critics)
+    num_layers: int = 4  # hidden layers (actor and critics)
+    time_dim: int = 64  # sinusoidal features for each of r and t
+    actor_layer_norm: bool = False  # LayerNorm in the actor
+    critic_layer_norm: bool = True  # LayerNorm in the critics
+    lr: float = 3e-4  # Adam learning rate (actor and critics)
+    discount: Optional[float] = None  # discount per env step; None: the env table's (0.99; 0.995 for the mazes)
+    tau: float = 0.005  # Polyak rate of the target critics
+    num_critics: int = 2  # critic ensemble size (twin critics)
+    offline_q_agg: Optional[Literal["mean", "min"]] = None  # offline TD target aggregation; None: the env table's
+    online_q_agg: Literal["mean", "min"] = "min"  # critic aggregation in online TD targets
+    horizon: int = 5  # action chunk length, executed open-loop
+    best_of_n: int = 32  # N of the best-of-N action: TD bootstrap action, and the best-of-n sampler
+    flow_map_loss: Literal["eulerian", "lagrangian", "progressive"] = "eulerian"  # self-distillation loss
+    curriculum_start: int = 5000  # offline step where the largest jump t - r starts growing from 0
+    curriculum_end: int = 50000  # offline step where the largest jump t - r reaches 1
+    online_target: Literal["fmq", "best-of-n"] = "fmq"  # FMQ (Alg. 1), or the best-of-N action (MVP-style baseline)
+    eta: float = 1.0  # trust-region radius eta (Thm 3.2)
+    beta: float = 0.3  # critic-disagreement damping in eta_eff = eta / (1 + beta * delta_critic)
+    kappa1: float = 1e-8  # gradient-norm floor kappa1 in g = grad Q / (||grad Q|| + kappa1)
+    official_eta: bool = False  # official JAX variant: eta_eff = 1 / (1 + beta * delta_critic), eta dropped
+    guidance_critic: Literal["q1", "mean"] = "q1"  # critic whose action-gradient guides: Q_phi1 (Alg. 1) or mean
     # --- acting & QGBS ---
-    sampler: Sampler = "best-of-n"
-    """evaluation sampler; best-of-n (N=32) is the paper's FMQ column, qgbs its FMQ + QGBS column"""
-    train_sampler: Sampler = "onestep"
-    """online acting sampler (Alg. 1, line 2: one-step)"""
-    qgbs_m: int = 4
-    """QGBS beam size M"""
-    qgbs_k: int = 1
-    """QGBS renoising rounds K"""
-    qgbs_b: int = 4
-    """QGBS branches B per beam member"""
-    qgbs_rho: float = 1.5
-    """QGBS signal-to-noise ratio rho: renoise to t' = rho / (1 + rho)"""
-    qgbs_eta: float = 0.3
-    """QGBS trust-region step eta"""
-    qgbs_completion: Literal["flow-map", "euler"] = "flow-map"
-    """QGBS completion: the flow map jump X_{t',1} (paper) or one diagonal Euler step (official code)"""
+    sampler: Sampler = "best-of-n"  # evaluation sampler: best-of-n is the paper's FMQ column, qgbs FMQ + QGBS
+    train_sampler: Sampler = "onestep"  # online acting sampler (Alg. 1, line 2: one-step)
+    qgbs_m: int = 4  # QGBS beam size M
+    qgbs_k: int = 1  # QGBS renoising rounds K
+    qgbs_b: int = 4  # QGBS branches B per beam member
+    qgbs_rho: float = 1.5  # QGBS signal-to-noise ratio rho: renoise to t' = rho / (1 + rho)
+    qgbs_eta: float = 0.3  # QGBS trust-region step eta
+    qgbs_completion: Literal["flow-map", "euler"] = "flow-map"  # jump X_{t',1} (paper) or an Euler step (official)
 
 
 class FMQError(Exception):
@@ -319,8 +267,9 @@ class ReplayBuffer:
 
 # ---------------------------------------------------------------- networks
 def time_features(t, dim):
-    """Sinusoidal features of a time in [0, 1], frequencies from 1 to 1000."""
-    freqs = torch.exp(torch.linspace(0.0, math.log(1000.0), dim // 2, device=t.device, dtype=t.dtype))
+    """Sinusoidal features of a time in [0, 1], frequencies from 1 to 10 rad. Higher ones make the JVP terms of the
+    self-distillation losses (d u / d r, d u / d t) blow up and training diverge."""
+    freqs = torch.exp(torch.linspace(0.0, math.log(10.0), dim // 2, device=t.device, dtype=t.dtype))
     return torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)], -1)
 
 
@@ -723,6 +672,7 @@ def main(args: Args):
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every new tensor is slow on CPU
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
 
     data, env_args = load_dataset(spec, args.dataset_dir)

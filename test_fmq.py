@@ -113,6 +113,48 @@ def test_flow_map_loss_curriculum_and_gradients():
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in actor.parameters())
 
 
+# ---------------------------------------------------------------- learning, on problems with a known answer
+@pytest.mark.parametrize("kind", ["eulerian", "lagrangian", "progressive"])
+def test_offline_self_distillation_learns_a_one_step_bimodal_policy(kind):
+    """Flow-map pretraining with no teacher: one network call maps noise onto both modes of a_data = +-0.5."""
+    torch.manual_seed(0)
+    actor = fmq.FlowMapActor(1, 1, fmq.Args(hidden_dim=64, num_layers=3, time_dim=16))
+    opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    for step in range(3000):
+        a = torch.where(torch.rand(256, 1) < 0.5, -0.5, 0.5) + 0.02 * torch.randn(256, 1)
+        loss, _ = fmq.flow_map_loss(actor, torch.zeros(256, 1), a, min(max((step - 300) / 1200, 0), 1), kind)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        x = fmq.one_step(actor, torch.zeros(4000, 1), torch.Generator().manual_seed(1))
+    assert (((x - 0.5).abs() < 0.15) | ((x + 0.5).abs() < 0.15)).float().mean() > 0.6  # on the modes
+    assert 0.35 < (x > 0).float().mean() < 0.65  # and on both of them
+
+
+def test_online_fmq_moves_actions_by_eta_along_the_q_gradient():
+    """Alg. 1 with a fixed critic: the one-step action of u_theta converges to a_off + eta * grad Q / ||grad Q||."""
+    torch.manual_seed(0)
+    args = dataclasses.replace(fmq.Args(hidden_dim=64, num_layers=3, time_dim=16, eta=0.2, beta=0.0), discount=0.99)
+    agent = fmq.make_agent(args, 3, 2, "cpu")
+    fmq.freeze_offline_copy(agent)
+    c = torch.tensor([0.8, -0.6])
+    agent.critic = lambda obs, a: torch.stack([-((a - c) ** 2).sum(-1), -1.1 * ((a - c) ** 2).sum(-1)])
+    opt = torch.optim.Adam(agent.actor.parameters(), lr=1e-3)
+    for _ in range(2000):
+        loss, _ = fmq.fmq_loss(agent, torch.randn(256, 3), 0.3 * torch.randn(256, 2), args)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        obs, a_0 = torch.randn(2000, 3), torch.randn(2000, 2)
+        a_off, a_theta = a_0 + agent.u_off(obs, a_0, 0.0, 1.0), a_0 + agent.actor(obs, a_0, 0.0, 1.0)
+        step = a_theta - a_off
+        assert step.norm(dim=1).mean() == pytest.approx(0.2, abs=0.02)
+        assert torch.nn.functional.cosine_similarity(step, c - a_off).mean() > 0.99
+        assert (agent.critic(obs, a_theta)[0] - agent.critic(obs, a_off)[0]).mean() > 0.4
+
+
 # ---------------------------------------------------------------- action chunks
 def test_chunk_return_hand_worked():
     rewards = torch.tensor([[-1.0, -1.0, 0.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0, -1.0], [0.0, -1.0, -1.0, -1.0, -1.0]])
