@@ -138,7 +138,8 @@ class RoboMimicEnv:
         kwargs = dict(env_args["env_kwargs"], has_renderer=False, has_offscreen_renderer=False,
                       use_camera_obs=False, ignore_done=True)
         import gymnasium
-        self.env, self.spec = robosuite.make(env_args["env_name"], **kwargs), SimpleNamespace(max_episode_steps=max_episode_steps)
+        self.env = robosuite.make(env_args["env_name"], **kwargs)
+        self.spec = SimpleNamespace(max_episode_steps=max_episode_steps)
         self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (self.env.action_dim,), np.float32)
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, self.reset(seed=0)[0].shape, np.float32)
 
@@ -381,7 +382,16 @@ def select_action(agent, obs, sampler, args, generator=None):
 
 
 def sampler_nfe(sampler, args):
-    return {"onestep": 1, "best-of-n": args.best_of_n}.get(sampler) or qgbs_lib.nfe(args.qgbs_m, args.qgbs_k, args.qgbs_b)
+    """Flow-map evaluations per action selection."""
+    return dict(onestep=1, qgbs=qgbs_lib.nfe(args.qgbs_m, args.qgbs_k, args.qgbs_b)).get(sampler, args.best_of_n)
+
+
+def act(agent, obs, sampler, args, generator=None):
+    """Action chunks [B, horizon, act_dim] (numpy) for states [B, obs_dim] (numpy), on the training device."""
+    device = next(agent.actor.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+        a = select_action(agent, torch.as_tensor(obs, dtype=torch.float32, device=device), sampler, args, generator)
+    return a.float().view(len(obs), args.horizon, -1).cpu().numpy()
 
 
 # ---------------------------------------------------------------- losses & updates
@@ -511,28 +521,26 @@ def update(agent, batch, step, args, losses):
 
 
 # ---------------------------------------------------------------- evaluate
-@torch.no_grad()
 def evaluate(agent, envs, args, sampler):
     """Success rate over args.eval_episodes seeded episodes, run in lockstep in `envs`, one batched policy
     call per chunk. Episode i resets with seed args.seed + 10_000 + i; the policy noise is seeded too."""
-    device = next(agent.actor.parameters()).device
-    gen = torch.Generator(device).manual_seed(args.seed + 10_000)
+    gen = torch.Generator(next(agent.actor.parameters()).device).manual_seed(args.seed + 10_000)
     success, returns, lengths = [], [], []
     for first in range(0, args.eval_episodes, len(envs)):
         wave = envs[:min(len(envs), args.eval_episodes - first)]
         obs = np.stack([e.reset(seed=args.seed + 10_000 + first + i)[0] for i, e in enumerate(wave)])
-        live, ret, length, succ = np.ones(len(wave), bool), np.zeros(len(wave)), np.zeros(len(wave)), np.zeros(len(wave))
+        live, ret, length, succ = np.ones(len(wave), bool), *np.zeros((3, len(wave)))
         while live.any():
             idx = np.flatnonzero(live)
-            chunk = select_action(agent, torch.as_tensor(obs[idx], dtype=torch.float32, device=device), sampler, args, gen)
-            chunk = chunk.float().view(len(idx), args.horizon, -1).cpu().numpy()
-            for k in range(args.horizon):
+            chunk = act(agent, obs[idx], sampler, args, gen)
+            for k in range(args.horizon):  # the chunk runs open-loop
                 for j, i in enumerate(idx):
                     if live[i]:
                         obs[i], r, term, trunc, info = wave[i].step(chunk[j, k])
-                        ret[i], length[i], succ[i], live[i] = ret[i] + r, length[i] + 1, info["success"], not (term or trunc)
+                        ret[i], length[i] = ret[i] + r, length[i] + 1
+                        succ[i], live[i] = info["success"], not (term or trunc)
         success, returns, lengths = success + list(succ), returns + list(ret), lengths + list(length)
-    return dict(success=float(np.mean(success)), **{"return": float(np.mean(returns)), "length": float(np.mean(lengths))})
+    return {"success": float(np.mean(success)), "return": float(np.mean(returns)), "length": float(np.mean(lengths))}
 
 
 # ---------------------------------------------------------------- checkpoints & logs
@@ -592,7 +600,7 @@ def set_rng_state(s):
 
 
 def csv_logger(path, fields, resume_step=None):
-    """Append-mode CSV writer; on resume, rows logged after the checkpoint are dropped (they will be redone)."""
+    """CSV writer, and the rows kept: on resume, rows logged after the checkpoint are dropped (they will be redone)."""
     rows = []
     if resume_step is not None and path.exists():
         with open(path) as f:
@@ -600,7 +608,7 @@ def csv_logger(path, fields, resume_step=None):
     f = open(path, "w", newline="")
     writer = csv.DictWriter(f, fields, restval="", extrasaction="ignore")
     writer.writeheader(), writer.writerows(rows), f.flush()
-    return lambda row: (writer.writerow(row), f.flush())
+    return (lambda row: (writer.writerow(row), f.flush())), rows
 
 
 class NonFiniteGuard:
@@ -627,7 +635,7 @@ class NonFiniteGuard:
 def validate(args, spec):
     problems = [msg for bad, msg in [
         (args.horizon < 1, "--horizon must be >= 1"),
-        (args.qgbs_m < 1 or args.qgbs_b < 1 or args.qgbs_k < 0, "QGBS needs --qgbs-m >= 1, --qgbs-b >= 1, --qgbs-k >= 0"),
+        (min(args.qgbs_m, args.qgbs_b, args.qgbs_k + 1) < 1, "QGBS needs --qgbs-m >= 1, --qgbs-b >= 1, --qgbs-k >= 0"),
         (args.qgbs_rho <= 0, "--qgbs-rho must be > 0"),
         (args.num_critics < 2, "--num-critics must be >= 2 (FMQ's delta_critic is the critics' spread)"),
         (args.best_of_n < 1 or args.batch_size < 1, "--best-of-n and --batch-size must be >= 1"),
@@ -707,8 +715,8 @@ def main(args: Args):
         wandb.init(project=args.wandb_project, name=run_dir.name, config=asdict(args), sync_tensorboard=True)
     writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume_from else None)
     resume_step = step if resume_from else None
-    log_train = csv_logger(run_dir / "train.csv", TRAIN_FIELDS, resume_step)
-    log_eval = csv_logger(run_dir / "eval.csv", EVAL_FIELDS, resume_step)
+    log_train, _ = csv_logger(run_dir / "train.csv", TRAIN_FIELDS, resume_step)
+    log_eval, evals = csv_logger(run_dir / "eval.csv", EVAL_FIELDS, resume_step)
 
     episode_seed = lambda i: args.seed * 1_000_003 + i  # the training env's episode i starts from this seed
     obs, _ = env.reset(seed=episode_seed(ep["index"]))
@@ -744,23 +752,18 @@ def main(args: Args):
 
     if step >= args.offline_steps and agent.u_off is None:  # online from a loaded (offline) checkpoint
         freeze_offline_copy(agent)
-    result = run_eval(step) if resume_from is None else {}
+    result = run_eval(step) if resume_from is None else {"success": float(evals[-1]["success"]) if evals else None}
     pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
     while step < total:
-        online = step >= args.offline_steps
-        if online:  # Alg. 1, lines 2-3: act (one-step by default), store the transition
-            if not queue:
-                with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-                    a = select_action(agent, torch.as_tensor(obs[None], dtype=torch.float32, device=device), args.train_sampler, args)
-                queue = list(a.float().view(args.horizon, act_dim).cpu().numpy())
+        if step >= args.offline_steps:  # Alg. 1, lines 2-3: act (one-step by default), store the transition
+            queue = queue or list(act(agent, obs[None], args.train_sampler, args)[0])
             action = queue.pop(0)
             next_obs, r, term, trunc, info = env.step(action)
             buffer.add(obs, action, float(REWARDS[spec["reward"]](r)), 1.0 - term, next_obs, term or trunc)
-            ep["ret"] += r
-            obs = next_obs
+            obs, ep["ret"] = next_obs, ep["ret"] + r
             if term or trunc:
-                writer.add_scalar("env/episode_return", ep["ret"], step), writer.add_scalar("env/episode_success", info["success"], step)
-                ep = dict(index=ep["index"] + 1, start=buffer.size, ret=0.0, last_return=ep["ret"], last_success=float(info["success"]))
+                last = {"env/episode_return": ep["ret"], "env/episode_success": float(info["success"])}
+                ep = dict(index=ep["index"] + 1, start=buffer.size, ret=0.0, last=last)
                 obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []
         info = update(agent, buffer.sample(args.batch_size, args.discount), step, args, losses)  # Alg. 1, line 4-9
         guard.track(info, step)
@@ -773,11 +776,11 @@ def main(args: Args):
             guard.check(last_ckpt)
             sps = (step - last_log[0]) / (time.time() - last_log[1])
             last_log = (step, time.time())
-            row = {k: float(v) for k, v in info.items()}
-            row.update({"env/episode_return": ep.get("last_return", ""), "env/episode_success": ep.get("last_success", "")})
-            log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0), sps=round(sps, 1)))
+            row = {**{k: float(v) for k, v in info.items()}, **ep.get("last", {})}
             for k, v in row.items():
-                writer.add_scalar(k, v, step) if v != "" else None
+                writer.add_scalar(k, v, step)
+            log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0),
+                           sps=round(sps, 1)))
             pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=result.get("success", "-"))
         evaluated = step % args.eval_interval == 0 or step == total or step == args.offline_steps
         if evaluated:
@@ -787,7 +790,7 @@ def main(args: Args):
             last_ckpt = checkpoint(step)
         if stop:
             pbar.close()
-            raise FMQError(f"stopped by signal at step {step}; checkpoint {last_ckpt}; continue with --resume {run_dir}")
+            raise FMQError(f"stopped by signal at step {step}; saved {last_ckpt}; continue with --resume {run_dir}")
     pbar.close()
     writer.close()
     final = dict(step=step, success=result.get("success"), sampler=args.sampler)

@@ -409,13 +409,18 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
 
 
 # ---------------------------------------------------------------- kill and resume
-@needs_data
-def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
-    flags = ["--dataset-dir", str(OGB), "--hidden-dim", "32", "--num-layers", "2", "--time-dim", "8",
+def resume_flags():
+    """A small deterministic CPU run with a checkpoint every 10 steps."""
+    return ["--dataset-dir", str(OGB), "--hidden-dim", "32", "--num-layers", "2", "--time-dim", "8",
              "--batch-size", "16", "--best-of-n", "4", "--offline-steps", "20", "--online-steps", "300",
              "--eval-episodes", "2", "--eval-interval", "1000", "--log-interval", "10", "--save-interval", "10",
              "--curriculum-start", "5", "--curriculum-end", "15", "--device", "cpu", "--deterministic",
              "--resume", "auto"]
+
+
+@needs_data
+def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
+    flags = resume_flags()
     code, err = run_cli(*flags, "--runs-dir", str(tmp_path / "a"))
     assert code == 0, err[-2000:]
     ckpts = tmp_path / "b" / "scene-t5__fmq__0" / "checkpoints"
@@ -781,3 +786,29 @@ def test_sweep_dry_run_commands_and_skip(tmp_path):
     assert len(names) == 8 and names[0] == "can__fmq__0" and names[-1] == "square__mvp-bon__1"
     default = sweep.parse_args([])
     assert default.env_ids == sweep.PAPER_ENV_IDS and default.seeds == [0, 1, 2, 3, 4] and default.methods == ["fmq="]
+
+
+@needs_data
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    run = tmp_path / "scene-t5__fmq__0"
+    proc = subprocess.Popen([sys.executable, str(ROOT / "fmq.py"), *resume_flags(), "--runs-dir", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (run / "checkpoints" / "step_000000030.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode != 0 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("fmq: error: stopped by signal at step ") and f"--resume {run}" in line
+    stopped_at = int(line.split("at step ")[1].split(";")[0])
+    assert (run / "checkpoints" / f"step_{stopped_at:09d}.pt").exists()
+    code, err = run_cli(*resume_flags(), "--runs-dir", str(tmp_path))
+    assert code == 0, err[-2000:]
+    assert json.loads((run / "final.json").read_text())["step"] == 320
+
+
+def test_buffer_that_does_not_fit_is_reported_before_training():
+    with pytest.raises(fmq.FMQError, match=r"the replay buffer needs .* GiB on cpu but only .* GiB is free"):
+        fmq.preallocation_check(10 ** 12, 87, torch.device("cpu"))
+    fmq.preallocation_check(1000, 87, torch.device("cpu"))
