@@ -47,7 +47,7 @@ class Args:
     log_interval: int = 5000  # steps between train.csv / TensorBoard rows (and NaN checks)
     eval_interval: int = int(1e5)  # steps between evaluations (also at step 0 of each phase and at the end)
     eval_episodes: int = 50  # evaluation episodes
-    eval_envs: int = 50  # parallel evaluation envs stepped in lockstep (episodes run in waves of this size)
+    eval_envs: int = 10  # parallel eval envs stepped in lockstep, in waves (an OGBench env holds ~160 MB)
     save_interval: int = int(1e5)  # steps between checkpoints (also at each evaluation and at the phase switch)
     keep_checkpoints: int = 3  # how many recent checkpoints to keep
     resume: Optional[str] = None  # continue a run: its folder, or 'auto' (this run's folder, if it has a checkpoint)
@@ -314,7 +314,7 @@ class EnsembleLayerNorm(nn.Module):
         self.weight, self.bias = nn.Parameter(torch.ones(n, 1, dim)), nn.Parameter(torch.zeros(n, 1, dim))
 
     def forward(self, x):
-        return F.layer_norm(x, x.shape[-1:]) * self.weight + self.bias
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
 
 
 class Critics(nn.Module):
@@ -342,8 +342,8 @@ def make_agent(args, obs_dim, act_dim, device):
     actor, critic = FlowMapActor(obs_dim, act_dim, args).to(device), Critics(obs_dim, act_dim, args).to(device)
     return SimpleNamespace(
         actor=actor, critic=critic, critic_target=copy.deepcopy(critic).requires_grad_(False), u_off=None,
-        actor_opt=torch.optim.Adam(actor.parameters(), lr=args.lr),
-        critic_opt=torch.optim.Adam(critic.parameters(), lr=args.lr))
+        actor_opt=torch.optim.Adam(actor.parameters(), lr=args.lr, fused=torch.device(device).type == "cuda"),
+        critic_opt=torch.optim.Adam(critic.parameters(), lr=args.lr, fused=torch.device(device).type == "cuda"))
 
 
 def freeze_offline_copy(agent):
@@ -495,9 +495,10 @@ def critic_loss(agent, batch, discount, horizon, agg, n):
 
 
 def optimize(opt, loss, params):
+    params = list(params)
     opt.zero_grad(set_to_none=True)
     loss.backward()
-    norm = nn.utils.clip_grad_norm_(params, float("inf"))  # only measures: fused, no host sync
+    norm = nn.utils.get_total_norm([p.grad for p in params])  # measured for logging; stays on the device
     opt.step()
     return norm
 
@@ -509,7 +510,8 @@ def update(agent, batch, step, args, losses):
         c_loss, info = losses["critic"](agent, batch, args.discount, args.horizon,
                                         args.online_q_agg if online else args.offline_q_agg, args.best_of_n)
     info["critic/grad_norm"] = optimize(agent.critic_opt, c_loss, agent.critic.parameters())
-    torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)
+    with torch.no_grad():  # Polyak averaging; outside autograd, or the targets would join the graph
+        torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)
     with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.amp):
         if online:
             a_loss, a_info = losses[args.online_target](agent, batch["obs"], batch["actions"], args)
@@ -682,6 +684,7 @@ def main(args: Args):
         torch.use_deterministic_algorithms(True)
         torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every new tensor is slow on CPU
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # JAX's default GPU precision
 
     data, env_args = load_dataset(spec, args.dataset_dir)
     env = make_env(spec, env_args)

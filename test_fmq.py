@@ -114,15 +114,18 @@ def test_flow_map_loss_curriculum_and_gradients():
 
 
 # ---------------------------------------------------------------- learning, on problems with a known answer
-@pytest.mark.parametrize("kind", ["eulerian", "lagrangian", "progressive"])
-def test_offline_self_distillation_learns_a_one_step_bimodal_policy(kind):
-    """Flow-map pretraining with no teacher: one network call maps noise onto both modes of a_data = +-0.5."""
+@pytest.mark.parametrize("kind,amp", [("eulerian", False), ("lagrangian", False), ("progressive", False),
+                                      ("eulerian", True)])
+def test_offline_self_distillation_learns_a_one_step_bimodal_policy(kind, amp):
+    """Flow-map pretraining with no teacher: one network call maps noise onto both modes of a_data = +-0.5
+    (also under --amp's bf16 autocast)."""
     torch.manual_seed(0)
     actor = fmq.FlowMapActor(1, 1, fmq.Args(hidden_dim=64, num_layers=3, time_dim=16))
     opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
     for step in range(3000):
         a = torch.where(torch.rand(256, 1) < 0.5, -0.5, 0.5) + 0.02 * torch.randn(256, 1)
-        loss, _ = fmq.flow_map_loss(actor, torch.zeros(256, 1), a, min(max((step - 300) / 1200, 0), 1), kind)
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            loss, _ = fmq.flow_map_loss(actor, torch.zeros(256, 1), a, min(max((step - 300) / 1200, 0), 1), kind)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -132,7 +135,8 @@ def test_offline_self_distillation_learns_a_one_step_bimodal_policy(kind):
     assert 0.35 < (x > 0).float().mean() < 0.65  # and on both of them
 
 
-def test_online_fmq_moves_actions_by_eta_along_the_q_gradient():
+@pytest.mark.parametrize("amp", [False, True])
+def test_online_fmq_moves_actions_by_eta_along_the_q_gradient(amp):
     """Alg. 1 with a fixed critic: the one-step action of u_theta converges to a_off + eta * grad Q / ||grad Q||."""
     torch.manual_seed(0)
     args = dataclasses.replace(fmq.Args(hidden_dim=64, num_layers=3, time_dim=16, eta=0.2, beta=0.0), discount=0.99)
@@ -142,7 +146,8 @@ def test_online_fmq_moves_actions_by_eta_along_the_q_gradient():
     agent.critic = lambda obs, a: torch.stack([-((a - c) ** 2).sum(-1), -1.1 * ((a - c) ** 2).sum(-1)])
     opt = torch.optim.Adam(agent.actor.parameters(), lr=1e-3)
     for _ in range(2000):
-        loss, _ = fmq.fmq_loss(agent, torch.randn(256, 3), 0.3 * torch.randn(256, 2), args)
+        with torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            loss, _ = fmq.fmq_loss(agent, torch.randn(256, 3), 0.3 * torch.randn(256, 2), args)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -251,6 +256,23 @@ def test_update_changes_parameters_and_polyak_moves_targets():
     assert all(torch.isfinite(v) for v in info.values())
     for p_t, p_b, p in zip(agent.critic_target.parameters(), before, agent.critic.parameters()):
         torch.testing.assert_close(p_t, p_b + args.tau * (p - p_b))
+    fmq.update(agent, batch, 1, args, losses)
+    assert all(not p.requires_grad and p.grad_fn is None for p in agent.critic_target.parameters())  # frozen, no graph
+
+
+@pytest.mark.skipif(not os.environ.get("FMQ_SLOW"), reason="slow (torch.compile): set FMQ_SLOW=1")
+def test_compiled_losses_match_eager(monkeypatch):
+    import torch._inductor.config
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # the same random draws as eager
+    args, agent, batch = small_agent()
+    for name, fn, inputs in [("critic", fmq.critic_loss, (agent, batch, 0.99, 5, "mean", 4)),
+                             ("flow_map", fmq.flow_map_loss, (agent.actor, batch["obs"], batch["actions"], 0.5)),
+                             ("fmq", fmq.fmq_loss, (agent, batch["obs"], batch["actions"], args))]:
+        torch.manual_seed(0)
+        eager = fn(*inputs)[0]
+        torch.manual_seed(0)
+        compiled = torch.compile(fn)(*inputs)[0]
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------- env ids and settings

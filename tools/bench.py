@@ -3,7 +3,8 @@
 On one device (CUDA when present, else CPU), with the real shapes of an env id and the paper's network sizes,
 it reports the median over many timed repeats (after one warm-up phase) of
   * the offline update: critic TD with the best-of-N target + flow-map loss (diagonal + self-distillation),
-  * the online update: critic TD + FMQ loss; the env's step time (random actions, a real env) and their sum,
+  * the online update: critic TD + FMQ loss; the env's step time (random actions, a real env) and their sum
+    (the one-step action, taken once per chunk of `horizon` env steps, is left out of that sum),
   * action selection for 1 and 50 states: one-step flow map, best-of-N, QGBS, and a 10-step Euler flow policy
     (the same FlowMapActor integrated on its diagonal u(a_t, t, t)) for comparison,
   * the offline update's achieved FLOP/s (FlopCounterMode, forward + backward) as a fraction of the device's
@@ -37,7 +38,8 @@ FOOTER = ("targets: CPU one-step action (1 state) < 1 ms; GPU offline update < 2
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env-id", default="scene-t5", help="env id from fmq.ENVS or an OGBench name (default: %(default)s)")
+    p.add_argument("--env-id", default="scene-t5",
+                   help="env id from fmq.ENVS or an OGBench singletask name (default: %(default)s)")
     p.add_argument("--device", default="auto", help="'auto' (CUDA if available), 'cpu' or 'cuda[:i]'")
     p.add_argument("--quick", action="store_true", help="5 warm-up + 10 timed updates (default: 20 + 100)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
@@ -45,8 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile the losses (Args.compile)")
     p.add_argument("--hidden-dim", type=int, default=fmq.Args.hidden_dim, help="MLP width (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=fmq.Args.batch_size, help="batch size (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=None,
-                   help="timed updates; action selection gets 5x as many, within a time budget (default: 10 with --quick, else 100)")
+    p.add_argument("--repeats", type=int, default=None, help="timed updates (default: 10 with --quick, else 100); "
+                   "action selection gets 5x as many, up to 2 s (--quick) or 10 s per row")
     return p.parse_args(argv)
 
 
@@ -120,6 +122,7 @@ def euler_flow(actor, obs, steps=10):
 
 def main(argv=None):
     cli = parse_args(argv)
+    load_start = os.getloadavg()[0]  # other processes on the machine make every timing slower
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if cli.device == "auto" else cli.device)
     warmup, repeats = (5, 10) if cli.quick else (20, 100)
     repeats = cli.repeats or repeats
@@ -150,7 +153,7 @@ def main(argv=None):
     print(f"fmq bench: {cli.env_id} (obs {obs_dim}, act {act_dim} x h{args.horizon}) on {device} "
           f"({device_name(device)}), {torch.get_num_threads()} threads, amp={args.amp}, compile={args.compile}, "
           f"{args.num_layers}x{args.hidden_dim}, batch {args.batch_size}, N={args.best_of_n}, "
-          f"{warmup} warm-up + {repeats} timed updates, load average {os.getloadavg()[0]:.2f}", flush=True)
+          f"{warmup} warm-up + {repeats} timed updates, load average {load_start:.2f}", flush=True)
     # the ceiling: a matmul of the update's dominant shape (the best-of-N target), timed right before the update
     dtype = torch.bfloat16 if args.amp else torch.float32
     m, h = args.batch_size * args.best_of_n, args.hidden_dim
@@ -192,7 +195,7 @@ def main(argv=None):
     print(f"({flops / 1e9:.2f} GFLOP per offline update; ceiling: {dtype} matmul [{m}, {h}] x [{h}, {h}], "
           f"{matmul:.3f} ms)\n{FOOTER}")
     result = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
-                  threads=torch.get_num_threads(), load_average=os.getloadavg(),
+                  threads=torch.get_num_threads(), load_average=dict(start=load_start, end=os.getloadavg()[0]),
                   float32_matmul_precision=torch.get_float32_matmul_precision(),
                   settings=dict(vars(cli), warmup=warmup, repeats=repeats, obs_dim=obs_dim, act_dim=act_dim,
                                 args=dataclasses.asdict(args)), rows=rows)
@@ -202,4 +205,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except fmq.FMQError as e:
+        sys.exit(f"bench: error: {e}")
