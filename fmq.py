@@ -403,11 +403,12 @@ def trust_region_velocity(u_ref, grad_q, eta, kappa1=0.0):
     return u_ref + eta * grad_q / (norm + kappa1)
 
 
-def eulerian_target(u, obs, a_r, r, t):
-    """Eulerian / MeanFlow self-distillation: X_{r,t}(a_r) is constant along the flow in r, so
-    u(a_r, r, t) = v(a_r, r) + (t - r) (d/dr) u(a_r, r, t), d/dr = partial_r + v . grad_a, v(a, r) = u(a, r, r).
-    The total derivative is one forward-mode JVP. Returns (u(a_r, r, t), target)."""
-    v = u(obs, a_r, r, r).detach()
+def eulerian_target(u, obs, a_r, r, t, v=None):
+    """Eulerian / MeanFlow: X_{r,t}(a_r) is constant along the flow in r, so
+    u(a_r, r, t) = v(a_r, r) + (t - r) (d/dr) u(a_r, r, t), with d/dr = partial_r + v . grad_a, one forward-mode JVP.
+    v: MeanFlow's conditional velocity a_1 - a_0 (unbiased for the marginal one; what training uses), or, if None,
+    the model's own u(a_r, r, r). Returns (u(a_r, r, t), target)."""
+    v = u(obs, a_r, r, r).detach() if v is None else v
     u_rt, du_dr = torch.func.jvp(lambda a, r_: u(obs, a, r_, t), (a_r, r), (v, torch.ones_like(r)))
     return u_rt, v + (t - r) * du_dr
 
@@ -442,15 +443,18 @@ def max_gap(step, args):
 def flow_map_loss(actor, obs, a_data, gap, flow_map_loss="eulerian"):
     """Offline pretraining of the two-time flow map by self-distillation, with no multi-step teacher: the
     diagonal (flow matching) loss ||u(a_t, t, t) - (a_1 - a_0)||^2, plus an off-diagonal loss ||u - sg(target)||^2
-    on pairs r <= t with t - r <= gap."""
+    on pairs r <= t with t - r <= gap (a tensor, so a compiled loss is not recompiled as the gap grows). At gap 0,
+    t = r: the Eulerian (MeanFlow) term is flow matching again, the LSD/PSD terms vanish."""
     B = len(a_data)
     a_0, t = torch.randn_like(a_data), torch.rand(B, 1, device=a_data.device)
     diag = F.mse_loss(actor(obs, (1 - t) * a_0 + t * a_data, t, t), a_data - a_0)
-    if gap <= 0.0:
-        return diag, {"actor/diag_loss": diag.detach()}
     r = torch.rand(B, 1, device=a_data.device)
     t = r + torch.rand(B, 1, device=a_data.device) * gap * (1 - r)
-    u_rt, target = FLOW_MAP_TARGETS[flow_map_loss](actor, obs, (1 - r) * a_0 + r * a_data, r, t)
+    a_r = (1 - r) * a_0 + r * a_data
+    if flow_map_loss == "eulerian":
+        u_rt, target = eulerian_target(actor, obs, a_r, r, t, v=a_data - a_0)
+    else:
+        u_rt, target = FLOW_MAP_TARGETS[flow_map_loss](actor, obs, a_r, r, t)
     distill = F.mse_loss(u_rt, target.detach())
     return diag + distill, {"actor/diag_loss": diag.detach(), "actor/distill_loss": distill.detach()}
 
@@ -517,7 +521,8 @@ def update(agent, batch, step, args, losses):
             a_loss, a_info = losses[args.online_target](agent, batch["obs"], batch["actions"], args)
         else:
             a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], batch["actions"],
-                                                max_gap(step, args), args.flow_map_loss)
+                                                torch.full((), max_gap(step, args), device=batch["obs"].device),
+                                                args.flow_map_loss)
     info.update(a_info, **{"actor/grad_norm": optimize(agent.actor_opt, a_loss, agent.actor.parameters())})
     return info
 

@@ -69,12 +69,12 @@ def test_trust_region_velocity_is_the_maximiser_on_the_boundary():
 MU, SIGMA = torch.tensor([0.7, -1.2, 0.3], dtype=torch.float64), torch.tensor([0.5, 1.5, 0.2], dtype=torch.float64)
 
 
-def gaussian_flow_map(wrong=1.0):
+def gaussian_flow_map(wrong=1.0, sigma=SIGMA):
     """Average velocity of the exact flow map from N(0, I) (time 0) to N(MU, SIGMA^2) (time 1) along
     a_t = (1 - t) a_0 + t a_1: X_{r,t}(x) = m_t + (s_t / s_r)(x - m_r), m_t = t MU, s_t^2 = (1-t)^2 + t^2 SIGMA^2.
     `wrong` != 1 scales the map's contraction term: a flow map that is not the exact one."""
-    s = lambda t: torch.sqrt((1 - t) ** 2 + t ** 2 * SIGMA ** 2)
-    ds = lambda t: (-(1 - t) + t * SIGMA ** 2) / s(t)
+    s = lambda t: torch.sqrt((1 - t) ** 2 + t ** 2 * sigma ** 2)
+    ds = lambda t: (-(1 - t) + t * sigma ** 2) / s(t)
 
     def u(obs, x, r, t):
         r, t = (torch.as_tensor(z, dtype=x.dtype).reshape(-1, 1).expand(len(x), 1) for z in (r, t))
@@ -97,16 +97,31 @@ def test_flow_map_losses_vanish_only_for_the_exact_flow_map(kind):
     assert ((u_rt - target) ** 2).mean() > 1e-3
 
 
+def test_meanflow_conditional_velocity_target_on_point_mass_data():
+    """With a_1 = MU always, the conditional velocity a_1 - a_0 is the marginal one: the MeanFlow target that
+    training uses is then exact for the exact flow map, and not for a wrong one."""
+    torch.manual_seed(0)
+    a_0, r = torch.randn(256, 3, dtype=torch.float64), torch.rand(256, 1, dtype=torch.float64) * 0.8
+    t = r + 0.05 + torch.rand(256, 1, dtype=torch.float64) * (0.95 - r)
+    a_r, obs = (1 - r) * a_0 + r * MU, torch.zeros(256, 1, dtype=torch.float64)
+    point_mass = torch.zeros(3, dtype=torch.float64)
+    u_rt, target = fmq.eulerian_target(gaussian_flow_map(sigma=point_mass), obs, a_r, r, t, v=MU - a_0)
+    assert (u_rt - target).abs().max() < 1e-8
+    u_rt, target = fmq.eulerian_target(gaussian_flow_map(1.3, sigma=point_mass), obs, a_r, r, t, v=MU - a_0)
+    assert ((u_rt - target) ** 2).mean() > 1e-3
+
+
 def test_flow_map_loss_curriculum_and_gradients():
     args = fmq.Args(hidden_dim=16, num_layers=2, time_dim=8)
     actor = fmq.FlowMapActor(4, 3, args)
     obs, a = torch.randn(8, 4), torch.randn(8, 3)
     assert fmq.max_gap(0, args) == 0.0 and fmq.max_gap(args.curriculum_end, args) == 1.0
     assert 0 < fmq.max_gap((args.curriculum_start + args.curriculum_end) // 2, args) < 1
-    loss, info = fmq.flow_map_loss(actor, obs, a, 0.0)
-    assert set(info) == {"actor/diag_loss"}
+    for kind in ["lagrangian", "progressive"]:  # no jump yet: the self-distillation term vanishes
+        loss, info = fmq.flow_map_loss(actor, obs, a, torch.tensor(0.0), kind)
+        assert info["actor/distill_loss"] < 1e-12 and (loss - info["actor/diag_loss"]).abs() < 1e-12
     for kind in fmq.FLOW_MAP_TARGETS:
-        loss, info = fmq.flow_map_loss(actor, obs, a, 1.0, kind)
+        loss, info = fmq.flow_map_loss(actor, obs, a, torch.tensor(1.0), kind)
         actor.zero_grad()
         loss.backward()
         assert torch.isfinite(loss) and "actor/distill_loss" in info
@@ -125,7 +140,7 @@ def test_offline_self_distillation_learns_a_one_step_bimodal_policy(kind, amp):
     for step in range(3000):
         a = torch.where(torch.rand(256, 1) < 0.5, -0.5, 0.5) + 0.02 * torch.randn(256, 1)
         with torch.autocast("cpu", torch.bfloat16, enabled=amp):
-            loss, _ = fmq.flow_map_loss(actor, torch.zeros(256, 1), a, min(max((step - 300) / 1200, 0), 1), kind)
+            loss, _ = fmq.flow_map_loss(actor, torch.zeros(256, 1), a, torch.tensor(min(max((step - 300) / 1200, 0), 1)), kind)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -266,7 +281,7 @@ def test_compiled_losses_match_eager(monkeypatch):
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # the same random draws as eager
     args, agent, batch = small_agent()
     for name, fn, inputs in [("critic", fmq.critic_loss, (agent, batch, 0.99, 5, "mean", 4)),
-                             ("flow_map", fmq.flow_map_loss, (agent.actor, batch["obs"], batch["actions"], 0.5)),
+                             ("flow_map", fmq.flow_map_loss, (agent.actor, batch["obs"], batch["actions"], torch.tensor(0.5))),
                              ("fmq", fmq.fmq_loss, (agent, batch["obs"], batch["actions"], args))]:
         torch.manual_seed(0)
         eager = fn(*inputs)[0]

@@ -147,7 +147,7 @@ def plot_learning_curves(df, methods, path):
     tasks, curves = task_order(df), mean_curves(df)
     ncols = min(4, len(tasks))
     nrows = -(-len(tasks) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(max(4 * ncols, 6), 3 * nrows + 0.5), squeeze=False)
     for ax, task in zip(axes.flat, tasks):
         for i, m in enumerate(methods):
             c = curves[(curves.env_id == task) & (curves.method == m)]
