@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import tyro
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 import qgbs as qgbs_lib  # Algorithm 2 (Q-Guided Beam Search), a separate file that others copy alone
@@ -639,7 +640,7 @@ class NonFiniteGuard:
                            f"Last good checkpoint: {last_good or 'none yet'}")
 
 
-def validate(args, spec):
+def validate(args):
     problems = [msg for bad, msg in [
         (args.horizon < 1, "--horizon must be >= 1"),
         (min(args.qgbs_m, args.qgbs_b, args.qgbs_k + 1) < 1, "QGBS needs --qgbs-m >= 1, --qgbs-b >= 1, --qgbs-k >= 0"),
@@ -672,7 +673,7 @@ def main(args: Args):
     spec = env_spec(args.env_id)
     args = dataclasses.replace(args, discount=spec["discount"] if args.discount is None else args.discount,
                                offline_q_agg=args.offline_q_agg or spec["offline_q_agg"])
-    validate(args, spec)
+    validate(args)
     run_dir = Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
     if args.resume not in (None, "auto"):
         run_dir = Path(args.resume)
@@ -717,9 +718,11 @@ def main(args: Args):
     elif args.load_checkpoint:
         load_checkpoint(args.load_checkpoint, args, agent)
     (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
-    from torch.utils.tensorboard import SummaryWriter
     if args.track:
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise FMQError("--track logs to Weights & Biases: `pip install wandb` first") from None
         wandb.init(project=args.wandb_project, name=run_dir.name, config=asdict(args), sync_tensorboard=True)
     writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume_from else None)
     resume_step = step if resume_from else None
