@@ -528,6 +528,12 @@ def update(agent, batch, step, args, losses):
     return info
 
 
+def make_losses(compile=False):
+    """The losses `update` calls, by role (looked up at call time, so tests can patch one); --compile compiles them."""
+    losses = dict(critic=critic_loss, flow_map=flow_map_loss, fmq=fmq_loss, **{"best-of-n": best_of_n_loss})
+    return {k: torch.compile(v) for k, v in losses.items()} if compile else losses
+
+
 # ---------------------------------------------------------------- evaluate
 def evaluate(agent, envs, args, sampler):
     """Success rate over args.eval_episodes seeded episodes, run in lockstep in `envs`, one batched policy
@@ -706,9 +712,7 @@ def main(args: Args):
     del data
 
     agent = make_agent(args, obs_dim, act_dim * args.horizon, device)
-    losses = dict(critic=critic_loss, flow_map=flow_map_loss, fmq=fmq_loss, **{"best-of-n": best_of_n_loss})
-    if args.compile:
-        losses = {k: torch.compile(v) for k, v in losses.items()}
+    losses = make_losses(args.compile)
     total, step, ep = args.offline_steps + args.online_steps, 0, dict(index=0, start=buffer.size, ret=0.0)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, args, agent)

@@ -266,7 +266,7 @@ def test_best_of_n_equals_qgbs_with_k0_on_the_same_noise():
 def test_update_changes_parameters_and_polyak_moves_targets():
     args, agent, batch = small_agent()
     before = [p.clone() for p in agent.critic_target.parameters()]
-    losses = dict(critic=fmq.critic_loss, flow_map=fmq.flow_map_loss, fmq=fmq.fmq_loss, **{"best-of-n": fmq.best_of_n_loss})
+    losses = fmq.make_losses()
     info = fmq.update(agent, batch, 0, args, losses)
     assert all(torch.isfinite(v) for v in info.values())
     for p_t, p_b, p in zip(agent.critic_target.parameters(), before, agent.critic.parameters()):

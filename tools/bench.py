@@ -139,9 +139,7 @@ def main(argv=None):
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     buffer = synthetic_buffer(obs_dim, act_dim, args.horizon, device)
     agent = fmq.make_agent(args, obs_dim, act_dim * args.horizon, device)
-    eager = dict(critic=fmq.critic_loss, flow_map=fmq.flow_map_loss, fmq=fmq.fmq_loss,
-                 **{"best-of-n": fmq.best_of_n_loss})
-    losses = {k: torch.compile(v) for k, v in eager.items()} if args.compile else eager
+    losses = fmq.make_losses(args.compile)
     step = args.curriculum_end + 1  # past the curriculum: the full self-distillation loss
     update = lambda ls=losses: fmq.update(agent, buffer.sample(args.batch_size, args.discount), step, args, ls)
     rows = []
@@ -162,7 +160,7 @@ def main(argv=None):
     offline = median_ms(update, device, warmup, repeats)
     row("offline update", offline)
     with FlopCounterMode(display=False) as counter:  # eager losses: the same math, counted op by op
-        update(eager)
+        update(fmq.make_losses())
     flops = counter.get_total_flops()
     fmq.freeze_offline_copy(agent)  # agent.u_off set: fmq.update now does the online update
     online = median_ms(update, device, warmup, repeats)
