@@ -3,7 +3,6 @@
 # Read top to bottom: Args -> envs & datasets -> networks -> losses & updates -> evaluate -> main.
 import copy
 import csv
-import dataclasses
 import difflib
 import json
 import math
@@ -59,35 +58,37 @@ class Args:
     batch_size: int = 256  # batch size
     hidden_dim: int = 512  # MLP width (actor and critics)
     num_layers: int = 4  # hidden layers (actor and critics)
-    time_dim: int = 64  # sinusoidal features for each of r and t
+    time_dim: int = 64  # Fourier features for each of r and t (official fourier_feature_dim)
     actor_layer_norm: bool = False  # LayerNorm in the actor
     critic_layer_norm: bool = True  # LayerNorm in the critics
     lr: float = 3e-4  # Adam learning rate (actor and critics)
-    discount: Optional[float] = None  # discount per env step; None: the env table's (0.99; 0.995 for the mazes)
+    discount: float = 0.99  # discount per env step (official --discount, every task)
     tau: float = 0.005  # Polyak rate of the target critics
     num_critics: int = 2  # critic ensemble size (twin critics)
-    offline_q_agg: Optional[Literal["mean", "min"]] = None  # offline TD target aggregation; None: the env table's
-    online_q_agg: Literal["mean", "min"] = "min"  # critic aggregation in online TD targets
+    offline_q_agg: Literal["mean", "min"] = "mean"  # offline critic aggregation: TD target, best-of-N (config q_agg)
+    online_q_agg: Literal["mean", "min"] = "min"  # online critic aggregation: TD target, best-of-N, QGBS (official)
     horizon: int = 5  # action chunk length, executed open-loop
     best_of_n: int = 32  # N of the best-of-N action: TD bootstrap action, and the best-of-n sampler
     flow_map_loss: Literal["eulerian", "lagrangian", "progressive"] = "eulerian"  # self-distillation loss
-    curriculum_start: int = 5000  # offline step where the largest jump t - r starts growing from 0
-    curriculum_end: int = 50000  # offline step where the largest jump t - r reaches 1
+    curriculum_start: int = 5000  # offline step where self-distillation starts and [r, t] starts growing from r = t
+    curriculum_end: int = 50000  # offline step where the (r, t) curriculum is complete (see sample_r_t)
+    start_training: int = 5000  # online updates start at online env step start_training (official main.py)
     online_target: Literal["fmq", "best-of-n"] = "fmq"  # FMQ (Alg. 1), or the best-of-N action (MVP-style baseline)
     eta: float = 1.0  # trust-region radius eta (Thm 3.2)
     beta: float = 0.3  # critic-disagreement damping in eta_eff = eta / (1 + beta * delta_critic)
     kappa1: float = 1e-8  # gradient-norm floor kappa1 in g = grad Q / (||grad Q|| + kappa1)
-    official_eta: bool = False  # official JAX variant: eta_eff = 1 / (1 + beta * delta_critic), eta dropped
+    official_eta: bool = False  # official config: eta_eff = 1 / (1 + beta * delta_critic), eta dropped (same at eta 1)
     guidance_critic: Literal["q1", "mean"] = "q1"  # critic whose action-gradient guides: Q_phi1 (Alg. 1) or mean
     # --- acting & QGBS ---
     sampler: Sampler = "best-of-n"  # evaluation sampler: best-of-n is the paper's FMQ column, qgbs FMQ + QGBS
-    train_sampler: Sampler = "onestep"  # online acting sampler (Alg. 1, line 2: one-step)
+    train_sampler: Sampler = "best-of-n"  # online acting sampler: official best-of-N; Alg. 1, line 2 is onestep
     qgbs_m: int = 4  # QGBS beam size M
     qgbs_k: int = 1  # QGBS renoising rounds K
     qgbs_b: int = 4  # QGBS branches B per beam member
     qgbs_rho: float = 1.5  # QGBS signal-to-noise ratio rho: renoise to t' = rho / (1 + rho)
     qgbs_eta: float = 0.3  # QGBS trust-region step eta
-    qgbs_completion: Literal["flow-map", "euler"] = "flow-map"  # jump X_{t',1} (paper) or an Euler step (official)
+    qgbs_completion: Literal["flow-map", "euler"] = "euler"  # official one Euler step, or Alg. 2's jump X_{t',1}
+    qgbs_k0_step: bool = True  # official: with K = 0, still one eta step (Alg. 2 with K = 0 is best-of-M)
 
 
 class FMQError(Exception):
@@ -99,9 +100,9 @@ def _ogb(name, **settings):
     return dict(suite="ogbench", name=name, **settings)
 
 
-# Every per-env setting lives here. reward: 'sparse' -> -1 until success, 0 at success (Q-chunking's scene
-# setting); 'minus_one' -> r - 1 (Q-chunking's robomimic setting). discount / q_agg of the mazes follow FQL.
-ENV_DEFAULTS = dict(discount=0.99, offline_q_agg="mean", reward=None)
+# Every per-env setting lives here. reward (official main.py and README table): 'sparse' -> (r != 0) * -1 (a no-op on
+# the navigate tasks: already -1 / 0); 'minus_one' -> r - 1; None: the env's.
+ENV_DEFAULTS = dict(reward=None)
 ENVS = {
     "can": dict(suite="robomimic", name="can", max_episode_steps=300, reward="minus_one"),
     "square": dict(suite="robomimic", name="square", max_episode_steps=400, reward="minus_one"),
@@ -111,10 +112,10 @@ ENVS = {
     "cube-trl-t4": _ogb("cube-triple-play-singletask-task4-v0"),
     "scene-t4": _ogb("scene-play-singletask-task4-v0", reward="sparse"),
     "scene-t5": _ogb("scene-play-singletask-task5-v0", reward="sparse"),
-    "hmaze-med-t3": _ogb("humanoidmaze-medium-navigate-singletask-task3-v0", discount=0.995, offline_q_agg="min"),
-    "hmaze-med-t4": _ogb("humanoidmaze-medium-navigate-singletask-task4-v0", discount=0.995, offline_q_agg="min"),
-    "amaze-gnt-t4": _ogb("antmaze-giant-navigate-singletask-task4-v0", discount=0.995, offline_q_agg="min"),
-    "amaze-gnt-t5": _ogb("antmaze-giant-navigate-singletask-task5-v0", discount=0.995, offline_q_agg="min"),
+    "hmaze-med-t3": _ogb("humanoidmaze-medium-navigate-singletask-task3-v0", reward="sparse"),
+    "hmaze-med-t4": _ogb("humanoidmaze-medium-navigate-singletask-task4-v0", reward="sparse"),
+    "amaze-gnt-t4": _ogb("antmaze-giant-navigate-singletask-task4-v0", reward="sparse"),
+    "amaze-gnt-t5": _ogb("antmaze-giant-navigate-singletask-task5-v0", reward="sparse"),
 }
 REWARDS = {None: lambda r: r, "sparse": lambda r: np.where(r != 0, -1.0, 0.0), "minus_one": lambda r: r - 1.0}
 RM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")  # robomimic low-dim keys
@@ -210,11 +211,11 @@ def load_robomimic(spec, dataset_dir):
 
 
 def chunk_return(rewards, masks, discount):
-    """Action-chunk reward and mask (Q-chunking): sum_k discount^k r_k over the steps up to and including the
-    first terminal one (mask 0, OGBench semantics); the chunk's mask is 0 if any of its steps is terminal."""
-    alive = torch.cumprod(F.pad(masks[:, :-1], (1, 0), value=1.0), 1)
+    """Action-chunk reward and mask of a chunk inside one trajectory (Q-chunking's `sample_sequence`): the reward is
+    sum_k discount^k r_k over all h steps, also after a mask-0 step (which only offline OGBench data has mid-chunk:
+    online episodes end at success); the mask is 0 if any step has mask 0."""
     powers = discount ** torch.arange(rewards.shape[1], device=rewards.device, dtype=rewards.dtype)
-    return (alive * powers * rewards).sum(1), masks.prod(1)
+    return (powers * rewards).sum(1), masks.prod(1)
 
 
 class ReplayBuffer:
@@ -269,17 +270,24 @@ class ReplayBuffer:
 
 # ---------------------------------------------------------------- networks
 def time_features(t, dim):
-    """Sinusoidal features of a time in [0, 1], frequencies from 1 to 10 rad. Higher ones make the JVP terms of the
-    self-distillation losses (d u / d r, d u / d t) blow up and training diverge."""
-    freqs = torch.exp(torch.linspace(0.0, math.log(10.0), dim // 2, device=t.device, dtype=t.dtype))
-    return torch.cat([torch.sin(t * freqs), torch.cos(t * freqs)], -1)
+    """Fourier features of a time in [0, 1] (official `FourierFeatures`): [cos, sin] of t times dim / 2 log-spaced
+    frequencies 10000^(-k / (dim / 2 - 1)), from 1 down to 1e-4 rad per unit time."""
+    freqs = 1e4 ** -(torch.arange(dim // 2, device=t.device, dtype=t.dtype) / max(dim // 2 - 1, 1))
+    return torch.cat([torch.cos(t * freqs), torch.sin(t * freqs)], -1)
 
 
 def mlp(in_dim, hidden, out_dim, layers, layer_norm):
+    """Official `MLP`: Dense -> GELU (flax's tanh form) -> LayerNorm (eps 1e-6) per hidden layer, then Dense; Dense
+    kernels Xavier-uniform (variance_scaling 1, fan_avg), biases 0."""
     mods = []
     for k in range(layers):
-        mods += [nn.Linear(in_dim if k == 0 else hidden, hidden)] + [nn.LayerNorm(hidden)] * layer_norm + [nn.GELU()]
-    return nn.Sequential(*mods, nn.Linear(hidden, out_dim))
+        mods += [nn.Linear(in_dim if k == 0 else hidden, hidden), nn.GELU("tanh")]
+        mods += [nn.LayerNorm(hidden, 1e-6)] * layer_norm
+    net = nn.Sequential(*mods, nn.Linear(hidden, out_dim))
+    for m in net:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+    return net
 
 
 class FlowMapActor(nn.Module):
@@ -301,9 +309,9 @@ class FlowMapActor(nn.Module):
 class EnsembleLinear(nn.Module):
     def __init__(self, n, in_dim, out_dim):
         super().__init__()
-        k = 1.0 / math.sqrt(in_dim)  # nn.Linear's default init range, per member
+        k = math.sqrt(6.0 / (in_dim + out_dim))  # Xavier-uniform per member, zero bias (as `mlp`)
         self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-k, k))
-        self.bias = nn.Parameter(torch.empty(n, 1, out_dim).uniform_(-k, k))
+        self.bias = nn.Parameter(torch.zeros(n, 1, out_dim))
 
     def forward(self, x):  # [n, B, in] -> [n, B, out]
         return torch.baddbmm(self.bias, x, self.weight)
@@ -315,7 +323,7 @@ class EnsembleLayerNorm(nn.Module):
         self.weight, self.bias = nn.Parameter(torch.ones(n, 1, dim)), nn.Parameter(torch.zeros(n, 1, dim))
 
     def forward(self, x):
-        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:]), self.weight)
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:], eps=1e-6), self.weight)
 
 
 class Critics(nn.Module):
@@ -326,8 +334,8 @@ class Critics(nn.Module):
         n, h = args.num_critics, args.hidden_dim
         mods = []
         for k in range(args.num_layers):
-            mods += [EnsembleLinear(n, obs_dim + act_dim if k == 0 else h, h)]
-            mods += [EnsembleLayerNorm(n, h)] * args.critic_layer_norm + [nn.GELU()]
+            mods += [EnsembleLinear(n, obs_dim + act_dim if k == 0 else h, h), nn.GELU("tanh")]
+            mods += [EnsembleLayerNorm(n, h)] * args.critic_layer_norm  # after the GELU, as the official `MLP`
         self.net, self.n = nn.Sequential(*mods, EnsembleLinear(n, h, 1)), n
 
     def forward(self, obs, a):
@@ -363,14 +371,15 @@ def best_of_n(actor, q_fn, obs, n, generator=None):
     """The best of n one-step samples under q_fn: (actions [B, d], their Q [B])."""
     obs_n = obs.repeat_interleave(n, 0)
     a = one_step(actor, obs_n, generator)
-    q = q_fn(obs_n, a).view(len(obs), n)
-    q_best, i = q.max(1)
+    q_best, i = q_fn(obs_n, a).view(len(obs), n).max(1)
     return a.view(len(obs), n, -1)[torch.arange(len(obs), device=obs.device), i], q_best
 
 
 def select_action(agent, obs, sampler, args, generator=None):
-    """Action chunks [B, act_dim] for states [B, obs_dim] with the chosen sampler (no gradient to the nets)."""
-    actor, q_fn = agent.actor, q_agg(agent.critic, "mean")
+    """Action chunks [B, act_dim] for states [B, obs_dim] with the chosen sampler (no gradient to the nets). Critics
+    aggregate as the official agents': offline_q_agg offline, online_q_agg (min) online and in QGBS."""
+    online = agent.u_off is not None or sampler == "qgbs"
+    actor, q_fn = agent.actor, q_agg(agent.critic, args.online_q_agg if online else args.offline_q_agg)
     if sampler == "onestep":
         return one_step(actor, obs, generator)
     if sampler == "best-of-n":
@@ -378,7 +387,7 @@ def select_action(agent, obs, sampler, args, generator=None):
     jump = lambda a_r, r, s: a_r + (1.0 - r) * actor(s, a_r, r, 1.0)  # X_{r,1}(a_r | s)
     euler = lambda a_r, r, s: a_r + (1.0 - r) * actor(s, a_r, r, r)  # official code: one diagonal Euler step
     return qgbs_lib.qgbs(jump, q_fn, obs, action_dim=actor.act_dim, M=args.qgbs_m, K=args.qgbs_k, B=args.qgbs_b,
-                         rho=args.qgbs_rho, eta=args.qgbs_eta, generator=generator,
+                         rho=args.qgbs_rho, eta=args.qgbs_eta, generator=generator, k0_step=args.qgbs_k0_step,
                          complete=euler if args.qgbs_completion == "euler" else None)[0]
 
 
@@ -405,10 +414,9 @@ def trust_region_velocity(u_ref, grad_q, eta, kappa1=0.0):
 
 
 def eulerian_target(u, obs, a_r, r, t, v=None):
-    """Eulerian / MeanFlow: X_{r,t}(a_r) is constant along the flow in r, so
-    u(a_r, r, t) = v(a_r, r) + (t - r) (d/dr) u(a_r, r, t), with d/dr = partial_r + v . grad_a, one forward-mode JVP.
-    v: MeanFlow's conditional velocity a_1 - a_0 (unbiased for the marginal one; what training uses), or, if None,
-    the model's own u(a_r, r, r). Returns (u(a_r, r, t), target)."""
+    """Eulerian / MeanFlow: X_{r,t}(a_r) is constant along the flow in r, so u(a_r, r, t) = v(a_r, r) + (t - r)
+    (d/dr) u(a_r, r, t), d/dr = partial_r + v . grad_a (one JVP). v: MeanFlow's conditional velocity a_1 - a_0
+    (unbiased for the marginal one; what training uses), or, if None, the model's own u(a_r, r, r)."""
     v = u(obs, a_r, r, r).detach() if v is None else v
     u_rt, du_dr = torch.func.jvp(lambda a, r_: u(obs, a, r_, t), (a_r, r), (v, torch.ones_like(r)))
     return u_rt, v + (t - r) * du_dr
@@ -436,43 +444,47 @@ def progressive_target(u, obs, a_r, r, t):
 FLOW_MAP_TARGETS = dict(eulerian=eulerian_target, lagrangian=lagrangian_target, progressive=progressive_target)
 
 
-def max_gap(step, args):
-    """Curriculum on the largest jump t - r: 0 until curriculum_start, then linear up to 1 at curriculum_end."""
-    return min(max((step - args.curriculum_start) / max(args.curriculum_end - args.curriculum_start, 1), 0.0), 1.0)
+def sample_r_t(n, step, args):
+    """(r, t), each [n, 1], 0 <= r <= t <= 1 (official `flow_utils.sample_r_t`): two sorted uniforms, their interval
+    shrunk about its midpoint by a factor 0 up to `curriculum_start`, rising linearly to 1 at `curriculum_end`."""
+    step = torch.as_tensor(step, dtype=torch.float32)
+    lo, hi = torch.rand(2, n, 1, device=step.device).sort(0).values
+    scale = ((step - args.curriculum_start) / max(args.curriculum_end - args.curriculum_start, 1)).clamp(0.0, 1.0)
+    mid, half = (lo + hi) / 2, scale * (hi - lo) / 2
+    return mid - half, mid + half
 
 
-def flow_map_loss(actor, obs, a_data, gap, flow_map_loss="eulerian"):
-    """Offline pretraining of the two-time flow map by self-distillation, with no multi-step teacher: the
-    diagonal (flow matching) loss ||u(a_t, t, t) - (a_1 - a_0)||^2, plus an off-diagonal loss ||u - sg(target)||^2
-    on pairs r <= t with t - r <= gap (a tensor, so a compiled loss is not recompiled as the gap grows). At gap 0,
-    t = r: the Eulerian (MeanFlow) term is flow matching again, the LSD/PSD terms vanish."""
-    B = len(a_data)
+def flow_map_loss(actor, obs, a_data, step, args):
+    """Offline pretraining with no multi-step teacher (official `FlowMapPolicy.actor_loss`): the diagonal (flow
+    matching) loss ||u(a_t, t, t) - (a_1 - a_0)||^2, plus, after `curriculum_start` steps, a self-distillation loss
+    ||u(a_r, r, t) - sg(target)||^2 on its own noise. `step` may be a tensor (a compiled loss is not recompiled)."""
+    B, step = len(a_data), torch.as_tensor(step, device=a_data.device)
     a_0, t = torch.randn_like(a_data), torch.rand(B, 1, device=a_data.device)
     diag = F.mse_loss(actor(obs, (1 - t) * a_0 + t * a_data, t, t), a_data - a_0)
-    r = torch.rand(B, 1, device=a_data.device)
-    t = r + torch.rand(B, 1, device=a_data.device) * gap * (1 - r)
+    (r, t), a_0 = sample_r_t(B, step, args), torch.randn_like(a_data)  # the distillation term's own noise
     a_r = (1 - r) * a_0 + r * a_data
-    if flow_map_loss == "eulerian":
+    if args.flow_map_loss == "eulerian":
         u_rt, target = eulerian_target(actor, obs, a_r, r, t, v=a_data - a_0)
     else:
-        u_rt, target = FLOW_MAP_TARGETS[flow_map_loss](actor, obs, a_r, r, t)
+        u_rt, target = FLOW_MAP_TARGETS[args.flow_map_loss](actor, obs, a_r, r, t)
     distill = F.mse_loss(u_rt, target.detach())
-    return diag + distill, {"actor/diag_loss": diag.detach(), "actor/distill_loss": distill.detach()}
+    loss = diag + (step > args.curriculum_start) * distill  # weight 0 up to curriculum_start, as the official code
+    return loss, {"actor/diag_loss": diag.detach(), "actor/distill_loss": distill.detach()}
 
 
 def fmq_loss(agent, obs, a_data, args):
-    """Alg. 1, lines 5-9: regress u_theta(a_r, r, 1) onto sg(u_off(a_r, r, 1) + eta_eff g)."""
+    """Alg. 1, lines 5-9 (official `FMQAgent._fmq_loss`): regress u_theta(a_r, r, 1) onto sg(u_off + eta_eff g)."""
     B = len(a_data)
     r, a_0 = torch.rand(B, 1, device=a_data.device), torch.randn_like(a_data)
     a_r = (1 - r) * a_0 + r * a_data  # line 5
     with torch.no_grad():
         u_off = agent.u_off(obs, a_r, r, 1.0)
-    a_1 = (a_r + (1 - r) * u_off).requires_grad_(True)  # line 6
+    a_1 = (a_r + (1 - r) * u_off).clamp(-1.0, 1.0).requires_grad_(True)  # line 6, clipped as in the official code
     qs = agent.critic(obs, a_1)
     q_guide = qs[0] if args.guidance_critic == "q1" else qs.mean(0)
     grad_q = torch.autograd.grad(q_guide.sum(), a_1)[0]  # d Q / d a only: no gradient reaches the critic
-    spread = qs.detach().std(0)
-    delta = spread / spread.mean().clamp_min(1e-8)  # delta_critic: per-sample twin spread / its batch mean
+    spread = qs.detach().std(0, correction=0)
+    delta = spread / (spread.mean() + 1e-8)  # delta_critic: per-sample critic spread / its batch mean
     eta_eff = (1.0 if args.official_eta else args.eta) / (1 + args.beta * delta)  # line 8
     target = trust_region_velocity(u_off, grad_q, eta_eff, args.kappa1).detach()  # line 7 and sg(.) of line 9
     loss = F.mse_loss(agent.actor(obs, a_r, r, 1.0), target)  # line 9
@@ -483,49 +495,47 @@ def fmq_loss(agent, obs, a_data, args):
 def best_of_n_loss(agent, obs, a_data, args):
     """Baseline (generate and select, as MVP): flow-match u_theta(a_r, r, 1) toward the best-of-N action."""
     with torch.no_grad():
-        a_best, _ = best_of_n(agent.actor, q_agg(agent.critic, "mean"), obs, args.best_of_n)
+        a_best, _ = best_of_n(agent.actor, q_agg(agent.critic, args.online_q_agg), obs, args.best_of_n)
     r, a_0 = torch.rand(len(obs), 1, device=obs.device), torch.randn_like(a_best)
     loss = F.mse_loss(agent.actor(obs, (1 - r) * a_0 + r * a_best, r, 1.0), a_best - a_0)
     return loss, {"actor/bon_loss": loss.detach()}
 
 
+def td_target(agent, batch, discount, horizon, agg, n):
+    """Chunked TD target R + discount^h mask Q_target(s', a') (official `critic_loss`): a' is the best of n one-step
+    samples under the current critics (official `sample_actions`), valued by the target critics; both use `agg`."""
+    a_next, _ = best_of_n(agent.actor, q_agg(agent.critic, agg), batch["next_obs"], n)
+    return batch["R"] + discount ** horizon * batch["mask"] * q_agg(agent.critic_target, agg)(batch["next_obs"], a_next)
+
+
 def critic_loss(agent, batch, discount, horizon, agg, n):
-    """Chunked TD: Q(s, a_{t:t+h}) -> R + discount^h mask max_{n} Q_target(s', a'_n), a'_n one-step samples."""
     with torch.no_grad():
-        _, next_q = best_of_n(agent.actor, q_agg(agent.critic_target, agg), batch["next_obs"], n)
-        target = batch["R"] + discount ** horizon * batch["mask"] * next_q
+        target = td_target(agent, batch, discount, horizon, agg, n)
     qs = agent.critic(batch["obs"], batch["actions"])
     loss = F.mse_loss(qs, target.expand_as(qs))
     return loss, {"critic/loss": loss.detach(), "critic/q": qs.mean().detach(), "critic/target": target.mean()}
 
 
-def optimize(opt, loss, params):
-    params = list(params)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    norm = nn.utils.get_total_norm([p.grad for p in params])  # measured for logging; stays on the device
-    opt.step()
-    return norm
-
-
 def update(agent, batch, step, args, losses):
-    """One critic and one actor update; returns the logged values as device tensors (no host sync)."""
-    online = agent.u_off is not None
-    with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.amp):
+    """One update (official `total_loss`): both losses at the pre-update parameters, one step on their sum, Polyak
+    toward the pre-update critic (official `target_update`). Returns logged values as device tensors (no sync)."""
+    online, device = agent.u_off is not None, batch["obs"].device
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
         c_loss, info = losses["critic"](agent, batch, args.discount, args.horizon,
                                         args.online_q_agg if online else args.offline_q_agg, args.best_of_n)
-    info["critic/grad_norm"] = optimize(agent.critic_opt, c_loss, agent.critic.parameters())
-    with torch.no_grad():  # Polyak averaging; outside autograd, or the targets would join the graph
-        torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)
-    with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=args.amp):
         if online:
             a_loss, a_info = losses[args.online_target](agent, batch["obs"], batch["actions"], args)
         else:
             a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], batch["actions"],
-                                                torch.full((), max_gap(step, args), device=batch["obs"].device),
-                                                args.flow_map_loss)
-    info.update(a_info, **{"actor/grad_norm": optimize(agent.actor_opt, a_loss, agent.actor.parameters())})
-    return info
+                                                torch.full((), step, device=device), args)
+    agent.critic_opt.zero_grad(set_to_none=True), agent.actor_opt.zero_grad(set_to_none=True)
+    (c_loss + a_loss).backward()
+    for k in ("critic", "actor"):  # measured for logging; stays on the device
+        info[f"{k}/grad_norm"] = nn.utils.get_total_norm([p.grad for p in getattr(agent, k).parameters()])
+    with torch.no_grad():  # outside autograd, or the targets would join the graph
+        torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)
+    agent.critic_opt.step(), agent.actor_opt.step()
+    return dict(info, **a_info)
 
 
 def make_losses(compile=False):
@@ -655,7 +665,7 @@ def validate(args):
         (args.best_of_n < 1 or args.batch_size < 1, "--best-of-n and --batch-size must be >= 1"),
         (min(args.eval_episodes, args.eval_envs, args.log_interval, args.eval_interval, args.save_interval,
              args.keep_checkpoints) < 1, "eval/log/save intervals and counts must be >= 1"),
-        (args.offline_steps < 0 or args.online_steps < 0, "step counts must be >= 0"),
+        (min(args.offline_steps, args.online_steps, args.start_training) < 0, "step counts must be >= 0"),
         (args.offline_steps == 0 and not (args.load_checkpoint or args.resume),
          "--offline-steps 0 needs --load-checkpoint (a pretrained flow map for u_off) or --resume"),
     ] if bad]
@@ -677,8 +687,6 @@ def preallocation_check(n_rows, row_floats, device):
 # ---------------------------------------------------------------- main
 def main(args: Args):
     spec = env_spec(args.env_id)
-    args = dataclasses.replace(args, discount=spec["discount"] if args.discount is None else args.discount,
-                               offline_q_agg=args.offline_q_agg or spec["offline_q_agg"])
     validate(args)
     run_dir = Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
     if args.resume not in (None, "auto"):
@@ -770,7 +778,7 @@ def main(args: Args):
     result = run_eval(step) if resume_from is None else {"success": float(evals[-1]["success"]) if evals else None}
     pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
     while step < total:
-        if step >= args.offline_steps:  # Alg. 1, lines 2-3: act (one-step by default), store the transition
+        if step >= args.offline_steps:  # Alg. 1, lines 2-3: act (best-of-N, as the official code), store the transition
             queue = queue or list(act(agent, obs[None], args.train_sampler, args)[0])
             action = queue.pop(0)
             next_obs, r, term, trunc, info = env.step(action)
@@ -780,8 +788,10 @@ def main(args: Args):
                 last = {"env/episode_return": ep["ret"], "env/episode_success": float(info["success"])}
                 ep = dict(index=ep["index"] + 1, start=buffer.size, ret=0.0, last=last)
                 obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []
-        info = update(agent, buffer.sample(args.batch_size, args.discount), step, args, losses)  # Alg. 1, line 4-9
-        guard.track(info, step)
+        info = {}  # online warm-up: the first start_training - 1 online steps only collect data (official main.py)
+        if step < args.offline_steps or step - args.offline_steps + 1 >= args.start_training:
+            info = update(agent, buffer.sample(args.batch_size, args.discount), step, args, losses)  # Alg. 1, l. 4-9
+            guard.track(info, step)
         step += 1
         pbar.update(1)
         if step == args.offline_steps and args.online_steps > 0:  # phase switch: freeze u_off (Alg. 1 input)

@@ -15,9 +15,12 @@ Cost: NFE = M (1 + K B) flow-map evaluations per state (critic calls are not cou
 M = N is exactly best-of-N. Defaults K=1, B=4, M=4 are the paper's best setting (20 NFE, 37.5% fewer
 than best-of-32); rho=1.5 and eta=0.3 follow the official evaluation config.
 
-Completion: the paper completes a re-noised action with the flow-map jump X_{t',1} (default,
-`complete=jump`). The official JAX code instead takes one diagonal Euler step
-a_t' + (1 - t') v(a_t', t'); pass that as `complete` to reproduce it (still one NFE per candidate).
+The defaults follow Alg. 2 as written. Two switches give the official JAX code (agents/qgbs.py):
+- completion: Alg. 2 completes a re-noised action with the flow-map jump X_{t',1} (`complete=jump`);
+  the official code takes one diagonal Euler step a_t' + (1 - t') v(a_t', t'). Pass that as
+  `complete` (still one NFE per candidate).
+- `k0_step=True`: with K = 0 the official code still moves the M samples by one eta step (line 9)
+  before the argmax; Alg. 2 with K = 0 returns the best of the M samples.
 
 Noise layout (state-major, so each state's result depends only on its own rows): a_0 is one
 `randn(batch, M, action_dim)` draw, then per round eps is one `randn(batch, M, B, action_dim)` draw.
@@ -49,6 +52,7 @@ def qgbs(
     eta: float = 0.3,
     generator: Optional[torch.Generator] = None,
     complete: Optional[Callable] = None,
+    k0_step: bool = False,
     action_range: Tuple[float, float] = (-1.0, 1.0),
 ) -> Tuple[torch.Tensor, dict]:
     """Q-Guided Beam Search over a batch of states.
@@ -56,6 +60,7 @@ def qgbs(
     jump(a_r, r, obs) -> X_{r,1}(a_r | obs): a_r [n, action_dim], r a float, obs [n, ...] row-aligned.
     q_value(obs, a) -> Q [n], differentiable in `a`; rows must be independent (no batch statistics).
     obs: [batch, ...]. action_dim: required. complete(a_t', t', obs): defaults to `jump`.
+    k0_step: with K = 0, still take the eta step (official code); K >= 1 is unaffected.
     Call under torch.no_grad() if you like (the Q-gradient is taken inside enable_grad), but not under
     torch.inference_mode(). Critic parameters receive no .grad.
 
@@ -83,6 +88,13 @@ def qgbs(
     a_0 = torch.randn(batch, M, d, generator=generator, device=obs.device, dtype=dtype)
     a_1 = jump(a_0.reshape(batch * M, d), 0.0, obs_M).clamp(lo, hi).reshape(batch, M, d)
 
+    def eta_step(a_1):  # Alg. 2, line 9 / Thm 3.2: a_1 += eta * grad_a Q / ||grad_a Q||_2
+        with torch.enable_grad():
+            a = a_1.detach().reshape(batch * M, d).requires_grad_(True)
+            (g,) = torch.autograd.grad(q_value(obs_M, a).sum(), a)
+        g = g.reshape(batch, M, d)
+        return (a_1 + eta * g / (g.norm(dim=-1, keepdim=True) + 1e-8)).clamp(lo, hi)
+
     for _ in range(K):  # Alg. 2, line 3
         # Alg. 2, lines 4-6: re-noise each beam B times to t' and complete back to t = 1
         eps = torch.randn(batch, M, B, d, generator=generator, device=obs.device, dtype=a_1.dtype)
@@ -91,13 +103,9 @@ def qgbs(
         a_hat = a_hat.reshape(batch, M * B, d)
         # Alg. 2, line 8: keep the top-M of the M*B candidates per state
         top = score(obs_MB, a_hat, M * B).topk(M, dim=1).indices
-        a_1 = torch.take_along_dim(a_hat, top[:, :, None], dim=1)
-        # Alg. 2, line 9 / Thm 3.2: a_1 += eta * grad_a Q / ||grad_a Q||_2
-        with torch.enable_grad():
-            a = a_1.detach().reshape(batch * M, d).requires_grad_(True)
-            (g,) = torch.autograd.grad(q_value(obs_M, a).sum(), a)
-        g = g.reshape(batch, M, d)
-        a_1 = (a_1 + eta * g / (g.norm(dim=-1, keepdim=True) + 1e-8)).clamp(lo, hi)
+        a_1 = eta_step(torch.take_along_dim(a_hat, top[:, :, None], dim=1))
+    if K == 0 and k0_step:  # official code only: one eta step even without renoising
+        a_1 = eta_step(a_1)
 
     # Alg. 2, line 11: return the highest-Q action of the final beam
     beam_q = score(obs_M, a_1, M)

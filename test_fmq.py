@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -32,7 +33,8 @@ def tiny_args(tmp_path, **kw):
     base = dict(env_id="scene-t5", dataset_dir=str(OGB), runs_dir=str(tmp_path / "runs"), hidden_dim=32, num_layers=2,
                 time_dim=8, batch_size=16, best_of_n=4, offline_steps=20, online_steps=20, eval_interval=20,
                 eval_episodes=2, eval_envs=2, log_interval=10, save_interval=10, curriculum_start=5, curriculum_end=15,
-                device="cpu", deterministic=True)
+                device="cpu", deterministic=True,
+                start_training=1)
     return fmq.Args(**{**base, **kw})
 
 
@@ -115,13 +117,15 @@ def test_flow_map_loss_curriculum_and_gradients():
     args = fmq.Args(hidden_dim=16, num_layers=2, time_dim=8)
     actor = fmq.FlowMapActor(4, 3, args)
     obs, a = torch.randn(8, 4), torch.randn(8, 3)
-    assert fmq.max_gap(0, args) == 0.0 and fmq.max_gap(args.curriculum_end, args) == 1.0
-    assert 0 < fmq.max_gap((args.curriculum_start + args.curriculum_end) // 2, args) < 1
-    for kind in ["lagrangian", "progressive"]:  # no jump yet: the self-distillation term vanishes
-        loss, info = fmq.flow_map_loss(actor, obs, a, torch.tensor(0.0), kind)
-        assert info["actor/distill_loss"] < 1e-12 and (loss - info["actor/diag_loss"]).abs() < 1e-12
+    with_loss = lambda kind: dataclasses.replace(args, flow_map_loss=kind)  # noqa: E731
+    for kind in fmq.FLOW_MAP_TARGETS:  # up to curriculum_start the self-distillation term has weight 0
+        loss, info = fmq.flow_map_loss(actor, obs, a, args.curriculum_start, with_loss(kind))
+        assert loss == info["actor/diag_loss"]
+    for kind in ["lagrangian", "progressive"]:  # r = t: these self-distillation terms vanish
+        loss, info = fmq.flow_map_loss(actor, obs, a, 0, with_loss(kind))
+        assert info["actor/distill_loss"] < 1e-12
     for kind in fmq.FLOW_MAP_TARGETS:
-        loss, info = fmq.flow_map_loss(actor, obs, a, torch.tensor(1.0), kind)
+        loss, info = fmq.flow_map_loss(actor, obs, a, args.curriculum_end, with_loss(kind))
         actor.zero_grad()
         loss.backward()
         assert torch.isfinite(loss) and "actor/distill_loss" in info
@@ -135,12 +139,14 @@ def test_offline_self_distillation_learns_a_one_step_bimodal_policy(kind, amp):
     """Flow-map pretraining with no teacher: one network call maps noise onto both modes of a_data = +-0.5
     (also under --amp's bf16 autocast)."""
     torch.manual_seed(0)
-    actor = fmq.FlowMapActor(1, 1, fmq.Args(hidden_dim=64, num_layers=3, time_dim=16))
+    args = fmq.Args(hidden_dim=64, num_layers=3, time_dim=16, curriculum_start=300, curriculum_end=1500,
+                    flow_map_loss=kind)
+    actor = fmq.FlowMapActor(1, 1, args)
     opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
     for step in range(3000):
         a = torch.where(torch.rand(256, 1) < 0.5, -0.5, 0.5) + 0.02 * torch.randn(256, 1)
         with torch.autocast("cpu", torch.bfloat16, enabled=amp):
-            loss, _ = fmq.flow_map_loss(actor, torch.zeros(256, 1), a, torch.tensor(min(max((step - 300) / 1200, 0), 1)), kind)
+            loss, _ = fmq.flow_map_loss(actor, torch.zeros(256, 1), a, step, args)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -171,17 +177,21 @@ def test_online_fmq_moves_actions_by_eta_along_the_q_gradient(amp):
         a_off, a_theta = a_0 + agent.u_off(obs, a_0, 0.0, 1.0), a_0 + agent.actor(obs, a_0, 0.0, 1.0)
         step = a_theta - a_off
         assert step.norm(dim=1).mean() == pytest.approx(0.2, abs=0.02)
-        assert torch.nn.functional.cosine_similarity(step, c - a_off).mean() > 0.99
+        # the Q-gradient is taken at a_1 clipped to [-1, 1] (official code)
+        assert torch.nn.functional.cosine_similarity(step, c - a_off.clamp(-1, 1)).mean() > 0.99
         assert (agent.critic(obs, a_theta)[0] - agent.critic(obs, a_off)[0]).mean() > 0.4
 
 
 # ---------------------------------------------------------------- action chunks
 def test_chunk_return_hand_worked():
-    rewards = torch.tensor([[-1.0, -1.0, 0.0, -1.0, -1.0], [-1.0, -1.0, -1.0, -1.0, -1.0], [0.0, -1.0, -1.0, -1.0, -1.0]])
+    """Q-chunking's sample_sequence inside one trajectory: every step's reward counts, terminal (mask 0) steps' own
+    nonzero rewards and the steps after them included; the chunk's mask is the product."""
+    rewards = torch.tensor([[-1.0, -1.0, -0.5, -1.0, -2.0], [-1.0, -1.0, -1.0, -1.0, -1.0],
+                            [2.0, -1.0, -1.0, -1.0, -1.0]])
     masks = torch.tensor([[1.0, 1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0, 1.0]])
     R, mask = fmq.chunk_return(rewards, masks, 0.9)
-    # row 0: -1 - 0.9 + 0 (terminal at step 2; nothing after it counts); row 1: -(1 + .9 + .81 + .729 + .6561)
-    torch.testing.assert_close(R, torch.tensor([-1.9, -4.0951, 0.0]))
+    # row 0: -1 - .9 - .5 * .81 - .729 - 2 * .6561; row 1: -(1 + .9 + .81 + .729 + .6561); row 2: 2 - (.9 + ... + .6561)
+    torch.testing.assert_close(R, torch.tensor([-4.3462, -4.0951, -1.0951]))
     torch.testing.assert_close(mask, torch.tensor([0.0, 1.0, 0.0]))
 
 
@@ -235,7 +245,7 @@ def test_fmq_target_is_the_trust_region_displacement_of_u_off():
     fmq.fmq_loss(agent, batch["obs"], batch["actions"], args)
     a_r, r = captured["a_r"], captured["r"]
     u_off = agent.u_off(batch["obs"], a_r, r, 1.0)
-    a_1 = (a_r + (1 - r) * u_off).requires_grad_(True)
+    a_1 = (a_r + (1 - r) * u_off).clamp(-1, 1).requires_grad_(True)
     g = torch.autograd.grad(agent.critic(batch["obs"], a_1)[0].sum(), a_1)[0]
     expected = u_off + 0.7 * g / g.norm(dim=1, keepdim=True)
     agent.actor = lambda obs, a_r, r, t: expected  # a perfect actor: zero loss
@@ -264,13 +274,16 @@ def test_best_of_n_equals_qgbs_with_k0_on_the_same_noise():
 
 
 def test_update_changes_parameters_and_polyak_moves_targets():
+    """Polyak toward the pre-update critic (official target_update reads the pre-update network)."""
     args, agent, batch = small_agent()
     before = [p.clone() for p in agent.critic_target.parameters()]
+    critic_before = [p.clone() for p in agent.critic.parameters()]
     losses = fmq.make_losses()
     info = fmq.update(agent, batch, 0, args, losses)
     assert all(torch.isfinite(v) for v in info.values())
-    for p_t, p_b, p in zip(agent.critic_target.parameters(), before, agent.critic.parameters()):
+    for p_t, p_b, p, p_new in zip(agent.critic_target.parameters(), before, critic_before, agent.critic.parameters()):
         torch.testing.assert_close(p_t, p_b + args.tau * (p - p_b))
+        assert not torch.equal(p, p_new)  # the critic moved
     fmq.update(agent, batch, 1, args, losses)
     assert all(not p.requires_grad and p.grad_fn is None for p in agent.critic_target.parameters())  # frozen, no graph
 
@@ -281,7 +294,8 @@ def test_compiled_losses_match_eager(monkeypatch):
     monkeypatch.setattr(torch._inductor.config, "fallback_random", True)  # the same random draws as eager
     args, agent, batch = small_agent()
     for name, fn, inputs in [("critic", fmq.critic_loss, (agent, batch, 0.99, 5, "mean", 4)),
-                             ("flow_map", fmq.flow_map_loss, (agent.actor, batch["obs"], batch["actions"], torch.tensor(0.5))),
+                             ("flow_map", fmq.flow_map_loss, (agent.actor, batch["obs"], batch["actions"],
+                                                              torch.tensor(20000), args)),
                              ("fmq", fmq.fmq_loss, (agent, batch["obs"], batch["actions"], args))]:
         torch.manual_seed(0)
         eager = fn(*inputs)[0]
@@ -290,13 +304,229 @@ def test_compiled_losses_match_eager(monkeypatch):
         torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5)
 
 
+# ---------------------------------------------------------------- known answers: what the official code computes
+# Critics and actors are replaced by stand-ins whose values are known, so a wrong constant, aggregation or network
+# role changes the number. Actions are one-hot rows e_k, so a linear critic a @ w reads the value w[k] of candidate k.
+E4 = torch.eye(4)
+
+
+def candidate_actor(B, n=4, regress_to=None):
+    """Stand-in actor: one-step samples a_0 + u(a_0, 0, 1) are e_0..e_{n-1} for each of B states; called with a
+    tensor r (a regression loss) it returns (regress_to - a_r) / (1 - r), the velocity that lands on regress_to."""
+    def actor(obs, a, r, t):
+        return E4[:n].repeat(B, 1) - a if isinstance(r, float) else (regress_to - a) / (1 - r)
+    actor.act_dim = 4
+    return actor
+
+
+def table_critics(*tables):
+    """Stand-in ensemble: member i gives Q_i(s, a) = a @ tables[i] -> [members, batch]."""
+    return lambda obs, a: torch.stack([a @ torch.tensor(w) for w in tables])
+
+
+# current critics: mean picks e_0 (1.5), min picks e_1 (1); target critics: their own argmax is e_2 both ways
+CURRENT = table_critics([4.0, 1.0, 0.0, 0.0], [-1.0, 1.0, 0.0, 0.0])
+TARGET = table_critics([1.0, 2.0, 5.0, 0.0], [3.0, -2.0, 5.0, 0.0])
+
+
+def td_batch():
+    return dict(R=torch.tensor([-1.0, 0.5, -2.0]), mask=torch.tensor([1.0, 0.0, 1.0]), next_obs=torch.zeros(3, 6))
+
+
+def test_td_target_with_constant_target_critics():
+    """R + gamma^h * mask * c, c the mean (-3.5) or min (-5) of constant target critics -2 and -5; row 1 has mask 0."""
+    agent = SimpleNamespace(actor=candidate_actor(3), critic=CURRENT,
+                            critic_target=lambda obs, a: torch.tensor([[-2.0], [-5.0]]).expand(2, len(a)))
+    for agg, c in [("mean", -3.5), ("min", -5.0)]:
+        target = fmq.td_target(agent, td_batch(), 0.9, 3, agg, 4)
+        torch.testing.assert_close(target, torch.tensor([-1.0 + 0.729 * c, 0.5, -2.0 + 0.729 * c]))
+
+
+@pytest.mark.parametrize("agg,next_q", [("mean", 2.0), ("min", -2.0)])
+def test_td_target_current_critic_selects_target_critic_values(agg, next_q):
+    """Official critic_loss: the current critics pick a' among the samples (mean: e_0, min: e_1), the target critics
+    value it (mean at e_0: 2, min at e_1: -2). Selecting with the target (5), valuing with the current critics
+    (1.5 / 1) or mixing the aggregations (1 / 0) gives other numbers."""
+    agent = SimpleNamespace(actor=candidate_actor(3), critic=CURRENT, critic_target=TARGET)
+    target = fmq.td_target(agent, td_batch(), 0.9, 3, agg, 4)
+    torch.testing.assert_close(target, torch.tensor([-1.0 + 0.729 * next_q, 0.5, -2.0 + 0.729 * next_q]))
+
+
+@pytest.mark.parametrize("online,expected", [(False, 0), (True, 1)])
+def test_acting_selects_by_mean_offline_and_by_min_online(online, expected):
+    """Official agents: the offline agent's best-of-N uses q_agg (mean: e_0), the FMQ agent's the min (e_1)."""
+    args = fmq.Args(best_of_n=4)
+    agent = SimpleNamespace(actor=candidate_actor(2), critic=CURRENT, u_off=object() if online else None)
+    torch.testing.assert_close(fmq.select_action(agent, torch.zeros(2, 6), "best-of-n", args), E4[[expected] * 2])
+
+
+def test_best_of_n_loss_regresses_onto_the_min_selected_sample():
+    """The best-of-N online target flow-matches toward the sample the min-aggregated critics pick (e_1): an actor
+    whose velocity lands on e_1 has loss 0; landing on the mean's pick e_0 costs at least 2 (||e_0 - e_1||^2 / 4
+    times 1 / (1 - r)^2 >= 1, over 4 dims, times 4 dims)."""
+    args = fmq.Args(best_of_n=4)
+    for land_on, lo, hi in [(1, 0.0, 1e-10), (0, 0.5, float("inf"))]:
+        actor = candidate_actor(8, regress_to=E4[land_on].expand(8, 4))
+        loss, _ = fmq.best_of_n_loss(SimpleNamespace(actor=actor, critic=CURRENT), torch.zeros(8, 6), None, args)
+        assert lo <= loss.item() <= hi
+
+
+def fmq_stand_ins(critic, u_off=0.0, actor=None, **kw):
+    """An agent for fmq_loss with stand-in critics, a constant u_off, and an actor returning `actor` (or 0)."""
+    args = fmq.Args(**kw)
+    agent = SimpleNamespace(critic=critic, u_off=lambda obs, a, r, t: torch.full_like(a, u_off),
+                            actor=lambda obs, a, r, t: torch.zeros_like(a) if actor is None else actor.expand_as(a))
+    return agent, args
+
+
+@pytest.mark.parametrize("official,expected", [(False, 0.150504), (True, 0.235162)])
+def test_eta_eff_damps_with_the_per_sample_critic_spread(official, expected):
+    """Q1 = g.a, Q2 = g.a + s_0 with s_0 = 1, 2, 3: spreads 1:2:3 over mean 2, delta = .5, 1, 1.5. With beta .5,
+    eta .8: eta_eff = .8 / (1.25, 1.5, 1.75); the official form drops eta: 1 / (...). With u_off = 0, a zero actor
+    and ||g / ||g|||| = 1 the loss is mean(eta_eff^2) / 2 (2 action dims)."""
+    g = torch.tensor([3.0, 4.0])
+    critic = lambda obs, a: torch.stack([a @ g, a @ g + obs[:, 0]])  # noqa: E731
+    agent, args = fmq_stand_ins(critic, eta=0.8, beta=0.5, official_eta=official)
+    loss, info = fmq.fmq_loss(agent, torch.tensor([[1.0], [2.0], [3.0]]), torch.zeros(3, 2), args)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+    eta_eff = (1.0 if official else 0.8) / torch.tensor([1.25, 1.5, 1.75])
+    assert info["actor/eta_eff"].item() == pytest.approx(eta_eff.mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("guidance,expected", [("q1", 0.0), ("mean", 0.2)])
+def test_guidance_critic_q1_or_mean(guidance, expected):
+    """Alg. 1 guides with grad Q1 = (3, 4) -> (.6, .8); 'mean' with (grad Q1 + grad Q2) / 2 = (0, 4) -> (0, 1). An
+    actor returning (.6, .8) (eta 1, beta 0, u_off 0) has loss 0 for q1 and ((.6)^2 + (.2)^2) / 2 = .2 for mean."""
+    critic = lambda obs, a: torch.stack([a @ torch.tensor([3.0, 4.0]), a @ torch.tensor([-3.0, 4.0])])  # noqa: E731
+    agent, args = fmq_stand_ins(critic, actor=torch.tensor([0.6, 0.8]), eta=1.0, beta=0.0, guidance_critic=guidance)
+    loss, _ = fmq.fmq_loss(agent, torch.zeros(16, 1), torch.zeros(16, 2), args)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_fmq_loss_takes_the_q_gradient_at_a_1_clipped_to_the_action_box():
+    """Official _fmq_loss clips a_1 to [-1, 1]. With u_off = 1000 and a_data = 1, a_1 > 1 unclipped; Q = -||relu(a -
+    1)||^2 has zero gradient at the clipped a_1 = 1, so the target is u_off and an actor returning it has loss 0
+    (unclipped the target moves by eta = 1 along the gradient: loss eta^2 / 2 = 0.5)."""
+    critic = lambda obs, a: -((a - 1).clamp_min(0) ** 2).sum(-1).expand(2, -1)  # noqa: E731
+    agent, args = fmq_stand_ins(critic, u_off=1000.0, actor=torch.tensor([1000.0, 1000.0]), eta=1.0, beta=0.3)
+    loss, _ = fmq.fmq_loss(agent, torch.zeros(64, 1), torch.ones(64, 2), args)
+    assert loss.item() < 1e-10
+
+
+@pytest.mark.parametrize("kind", ["eulerian", "lagrangian", "progressive"])
+def test_self_distillation_target_is_stop_gradient(kind, monkeypatch):
+    """sg(target): the loss has no gradient path through the target tensor (deterministic, unlike a learning test)."""
+    seen = {}
+
+    def recording(real):
+        def target_fn(*a, **k):
+            seen["u_rt"], seen["target"] = real(*a, **k)
+            return seen["u_rt"], seen["target"]
+        return target_fn
+    monkeypatch.setattr(fmq, "eulerian_target", recording(fmq.eulerian_target))
+    monkeypatch.setitem(fmq.FLOW_MAP_TARGETS, kind, recording(fmq.FLOW_MAP_TARGETS[kind]))
+    args = fmq.Args(hidden_dim=16, num_layers=2, time_dim=8, flow_map_loss=kind)
+    loss, _ = fmq.flow_map_loss(fmq.FlowMapActor(4, 3, args), torch.randn(8, 4), torch.randn(8, 3), 10 ** 6, args)
+    if seen["target"].requires_grad:  # PSD builds its target under no_grad; the others must detach it
+        assert torch.autograd.grad(loss, seen["target"], allow_unused=True, retain_graph=True) == (None,)
+    assert torch.autograd.grad(loss, seen["u_rt"])[0].abs().sum() > 0  # while the student gets a gradient
+
+
+def test_sample_r_t_curriculum():
+    """Official sample_r_t: r == t up to curriculum_start; at full curriculum r = min of two uniforms (mean 1/3) and
+    E[t - r] = 1/3; halfway the interval is halved about its midpoint: E[t - r] = 1/6."""
+    torch.manual_seed(0)
+    args, n = fmq.Args(curriculum_start=100, curriculum_end=300), 200_000
+    r, t = fmq.sample_r_t(n, 100, args)
+    assert r.shape == t.shape == (n, 1) and torch.equal(r, t)
+    for step, gap, mean_r in [(300, 1 / 3, 1 / 3), (10 ** 6, 1 / 3, 1 / 3), (200, 1 / 6, 5 / 12)]:
+        r, t = fmq.sample_r_t(n, torch.tensor(step), args)
+        assert 0 <= r.min() and (t >= r).all() and t.max() <= 1
+        assert (t - r).mean().item() == pytest.approx(gap, abs=3e-3)
+        assert r.mean().item() == pytest.approx(mean_r, abs=3e-3)
+
+
+def test_time_features_are_low_frequency():
+    """Official FourierFeatures(64): [cos, sin] of 32 frequencies 10000^(-k/31), 1 down to 1e-4 rad per unit time:
+    d/dt of the features at t = 0 is (0,..,0, 1, .., 1e-4), so no feature moves faster than 1 rad per unit time."""
+    t = torch.zeros(1, 1, dtype=torch.float64)
+    feats, speed = torch.func.jvp(lambda x: fmq.time_features(x, 64), (t,), (torch.ones_like(t),))
+    torch.testing.assert_close(feats[0], torch.cat([torch.ones(32), torch.zeros(32)]).double())
+    torch.testing.assert_close(speed[0, 32:], 1e4 ** -(torch.arange(32, dtype=torch.float64) / 31))
+    assert speed.abs().max().item() == pytest.approx(1.0) and speed[0, 63].item() == pytest.approx(1e-4)
+
+
+def test_mlp_blocks_and_init_follow_the_official_networks():
+    """Dense -> GELU (tanh) -> LayerNorm (eps 1e-6) per hidden layer; Xavier-uniform kernels, zero biases."""
+    args = fmq.Args(hidden_dim=256, num_layers=2)
+    critics, actor = fmq.Critics(40, 25, args), fmq.FlowMapActor(40, 25, args)
+    kinds = [type(m).__name__ for m in critics.net]
+    assert kinds == ["EnsembleLinear", "GELU", "EnsembleLayerNorm"] * 2 + ["EnsembleLinear"]
+    assert [type(m).__name__ for m in actor.net] == ["Linear", "GELU"] * 2 + ["Linear"]  # no LayerNorm in the actor
+    assert actor.net[1].approximate == "tanh"
+    w, bound = critics.net[3].weight, (6 / (256 + 256)) ** 0.5
+    assert w.abs().max() <= bound and w.var().item() == pytest.approx(bound ** 2 / 3, rel=0.05)
+    assert all((m.bias == 0).all() for m in list(actor.net) + list(critics.net) if hasattr(m, "bias"))
+
+
+def test_one_update_steps_on_the_summed_loss_at_pre_update_parameters(monkeypatch):
+    """Official total_loss: the actor loss sees the pre-update critic, and both nets take one Adam step from the
+    gradients at the pre-update parameters (Adam's first step moves every parameter by lr * sign(grad))."""
+    args, agent, batch = small_agent()
+    critic_before = [p.detach().clone() for p in agent.critic.parameters()]
+    actor_before = [p.detach().clone() for p in agent.actor.parameters()]
+    seen = []
+
+    def fmq_recording(agent, *a):
+        seen.append([p.detach().clone() for p in agent.critic.parameters()])
+        return fmq.fmq_loss(agent, *a)
+    losses = dict(fmq.make_losses(), fmq=fmq_recording)
+    fmq.update(agent, batch, 0, args, losses)
+    assert all(torch.equal(p, q) for p, q in zip(seen[0], critic_before))
+    for before, net in [(critic_before, agent.critic), (actor_before, agent.actor)]:
+        steps = torch.cat([(p - b).flatten() for p, b in zip(net.parameters(), before)]).abs()
+        assert steps.max().item() == pytest.approx(args.lr, rel=1e-3)
+
+
+@needs_data
+def test_no_online_update_before_start_training(tmp_path, monkeypatch):
+    """Official main.py updates at online step i (1-based) when i >= start_training: with 5 offline and 10 online
+    steps and start_training 4, 5 + 7 = 12 updates."""
+    real, calls = fmq.update, []
+
+    def counting(agent, batch, step, *a):
+        calls.append(step)
+        return real(agent, batch, step, *a)
+    monkeypatch.setattr(fmq, "update", counting)
+    fmq.main(tiny_args(tmp_path, offline_steps=5, online_steps=10, start_training=4, eval_interval=100, log_interval=5))
+    assert calls == [0, 1, 2, 3, 4] + list(range(8, 15))
+
+
+def test_qgbs_k0_step_is_one_eta_step_after_best_of_m():
+    """Official qgbs with K = 0 moves the best-of-M samples by eta * g / ||g|| before the argmax; Alg. 2 does not."""
+    obs, eta = make_obs(batch=4), 0.05
+    A = torch.tensor([1.0, 3.0, 0.5], dtype=obs.dtype)
+    a_star, c = lambda o: 0.9 * torch.cos(o[:, :D]), lambda o: torch.sin(o[:, 1:D + 1])  # noqa: E731
+    quad_q = lambda o, a: -(A * (a - c(o)) ** 2).sum(-1)  # noqa: E731
+    fixed_jump = lambda a_r, r, o: a_star(o)  # every sample of a state is a*(s)  # noqa: E731
+    plain, _ = qgbs.qgbs(fixed_jump, quad_q, obs, action_dim=D, M=3, K=0, eta=eta, generator=gen(0))
+    moved, _ = qgbs.qgbs(fixed_jump, quad_q, obs, action_dim=D, M=3, K=0, eta=eta, generator=gen(0), k0_step=True)
+    g = -2 * A * (a_star(obs) - c(obs))
+    torch.testing.assert_close(plain, a_star(obs))
+    torch.testing.assert_close(moved, (a_star(obs) + eta * g / g.norm(dim=-1, keepdim=True)).clamp(-1, 1))
+
+
 # ---------------------------------------------------------------- env ids and settings
 def test_env_table_and_unknown_id():
     assert fmq.env_spec("scene-t5")["name"] == "scene-play-singletask-task5-v0"
     assert fmq.env_spec("hmaze-med-t3")["name"] == "humanoidmaze-medium-navigate-singletask-task3-v0"
+    # official README table: the mazes are sparse; main.py / config.yaml: discount 0.99 and mean offline for every task
     assert fmq.env_spec("amaze-gnt-t4") == dict(suite="ogbench", name="antmaze-giant-navigate-singletask-task4-v0",
-                                                discount=0.995, offline_q_agg="min", reward=None)
-    assert fmq.env_spec("puzzle-3x3-play-singletask-task1-v0")["discount"] == 0.99
+                                                reward="sparse")
+    assert (fmq.Args().discount, fmq.Args().offline_q_agg, fmq.Args().online_q_agg) == (0.99, "mean", "min")
+    # sparse = (r != 0) * -1: scene's dense -3..0 becomes -1 / 0; the navigate tasks' -1 / 0 is left as it is
+    np.testing.assert_array_equal(fmq.REWARDS["sparse"](np.array([-3.0, -1.0, 0.0])), [-1.0, -1.0, 0.0])
+    assert fmq.env_spec("puzzle-3x3-play-singletask-task1-v0")["reward"] is None
     assert len(fmq.ENVS) == 12
     with pytest.raises(fmq.FMQError, match="did you mean 'scene-t5'.*valid ids: can, square"):
         fmq.env_spec("scene-t55")

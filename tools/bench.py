@@ -129,8 +129,7 @@ def main(argv=None):
     budget = 2.0 if cli.quick else 10.0  # seconds per action-selection row
     spec = fmq.env_spec(cli.env_id)
     args = dataclasses.replace(fmq.Args(), env_id=cli.env_id, amp=cli.amp, compile=cli.compile,
-                               hidden_dim=cli.hidden_dim, batch_size=cli.batch_size,
-                               discount=spec["discount"], offline_q_agg=spec["offline_q_agg"])
+                               hidden_dim=cli.hidden_dim, batch_size=cli.batch_size)
     torch.manual_seed(0)
     env = None if spec["suite"] == "robomimic" else fmq.make_env(spec)
     if env is None:
