@@ -33,7 +33,8 @@ import fmq  # noqa: E402
 
 ROBOMIMIC_SHAPES = dict(can=(23, 7), square=(23, 7))  # obs_dim, act_dim (the env needs the dataset file)
 FOOTER = ("targets: CPU one-step action (1 state) < 1 ms; GPU offline update < 2 ms, online step < 5 ms.\n"
-          "same-CPU JAX baselines, median per offline update: Q-chunking best-of-32 ~570 ms, FQL ~60 ms.")
+          "official FMQ JAX code, side by side (2-core Xeon, fp32, scene-t5 defaults): offline update 263 ms vs 264 "
+          "ms here, online 272 vs 259 ms; compare only runs on one machine, in one window, at one precision.")
 
 
 def parse_args(argv=None):
