@@ -39,6 +39,7 @@ class Args:
     device: str = "auto"  # 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'
     compile: bool = False  # torch.compile the losses (opt-in; pays off on a GPU for long runs)
     amp: bool = False  # bf16 autocast for network forward passes
+    cudagraphs: bool = False  # CUDA: capture each phase's whole update as one CUDA graph and replay it (LeanRL-style)
     dataset_dir: Optional[str] = None  # dataset folder; default ~/.ogbench/data or ~/.robomimic (see README)
     # --- logging & checkpoints ---
     runs_dir: str = "runs"  # where run folders go (config.json, train.csv, eval.csv, TensorBoard events, checkpoints/)
@@ -238,6 +239,7 @@ class ReplayBuffer:
         self.starts = torch.zeros(cap, dtype=torch.long, device=device)
         self.starts[:len(ok)] = torch.as_tensor(ok)
         self.n_off, self.size, self.n_off_starts, self.n_starts, self.ep_len = n_off, n_off, len(ok), len(ok), 0
+        self.n_starts_t = torch.tensor(len(ok), device=device)  # sampling reads this copy: no host value in a graph
 
     def add(self, obs, action, reward, mask, next_obs, end):
         for k, v in zip(self.FIELDS, (obs, action, reward, mask, next_obs)):
@@ -246,11 +248,12 @@ class ReplayBuffer:
         if self.ep_len >= self.h:  # a chunk ending at this step now lies inside the episode
             self.starts[self.n_starts] = self.size - self.h
             self.n_starts += 1
+            self.n_starts_t.fill_(self.n_starts)
         if end:
             self.ep_len = 0
 
     def sample(self, batch_size, discount):
-        idx = self.starts[torch.randint(self.n_starts, (batch_size,), device=self.device)]
+        idx = self.starts[torch.randint(2**62, (batch_size,), device=self.device) % self.n_starts_t]
         seq = idx[:, None] + torch.arange(self.h, device=self.device)
         R, mask = chunk_return(self.data["rewards"][seq], self.data["masks"][seq], discount)
         return dict(obs=self.data["observations"][idx], actions=self.data["actions"][seq].flatten(1),
@@ -266,6 +269,7 @@ class ReplayBuffer:
             self.data[k][self.n_off:self.n_off + n] = v.to(self.device)
         self.starts[self.n_off_starts:self.n_off_starts + s] = state["starts"].to(self.device)
         self.size, self.n_starts, self.ep_len = self.n_off + n, self.n_off_starts + s, state["ep_len"]
+        self.n_starts_t.fill_(self.n_starts)
 
 
 # ---------------------------------------------------------------- networks
@@ -301,8 +305,8 @@ class FlowMapActor(nn.Module):
                        args.actor_layer_norm)
 
     def forward(self, obs, a_r, r, t):
-        r, t = (torch.as_tensor(x, dtype=a_r.dtype, device=a_r.device).reshape(-1, 1).expand(len(a_r), 1)
-                for x in (r, t))
+        r, t = (x.to(a_r.dtype).reshape(-1, 1).expand(len(a_r), 1) if torch.is_tensor(x)
+                else a_r.new_full((len(a_r), 1), x) for x in (r, t))
         return self.net(torch.cat([obs, a_r, time_features(r, self.time_dim), time_features(t, self.time_dim)], -1))
 
 
@@ -349,10 +353,10 @@ def q_agg(critic, how):
 
 def make_agent(args, obs_dim, act_dim, device):
     actor, critic = FlowMapActor(obs_dim, act_dim, args).to(device), Critics(obs_dim, act_dim, args).to(device)
-    return SimpleNamespace(
-        actor=actor, critic=critic, critic_target=copy.deepcopy(critic).requires_grad_(False), u_off=None,
-        actor_opt=torch.optim.Adam(actor.parameters(), lr=args.lr, fused=torch.device(device).type == "cuda"),
-        critic_opt=torch.optim.Adam(critic.parameters(), lr=args.lr, fused=torch.device(device).type == "cuda"))
+    adam = lambda net: torch.optim.Adam(net.parameters(), lr=args.lr, fused=torch.device(device).type == "cuda",
+                                        capturable=args.cudagraphs)  # capturable: its step count stays on the device
+    return SimpleNamespace(actor=actor, critic=critic, critic_target=copy.deepcopy(critic).requires_grad_(False),
+                           u_off=None, actor_opt=adam(actor), critic_opt=adam(critic))
 
 
 def freeze_offline_copy(agent):
@@ -518,16 +522,16 @@ def critic_loss(agent, batch, discount, horizon, agg, n):
 
 def update(agent, batch, step, args, losses):
     """One update (official `total_loss`): both losses at the pre-update parameters, one step on their sum, Polyak
-    toward the pre-update critic (official `target_update`). Returns logged values as device tensors (no sync)."""
+    toward the pre-update critic (official `target_update`). Returns logged values as device tensors (no sync).
+    No autocast cache: a CUDA graph must not capture it."""
     online, device = agent.u_off is not None, batch["obs"].device
-    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp, cache_enabled=not args.cudagraphs):
         c_loss, info = losses["critic"](agent, batch, args.discount, args.horizon,
                                         args.online_q_agg if online else args.offline_q_agg, args.best_of_n)
         if online:
             a_loss, a_info = losses[args.online_target](agent, batch["obs"], batch["actions"], args)
         else:
-            a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], batch["actions"],
-                                                torch.full((), step, device=device), args)
+            a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], batch["actions"], step, args)
     agent.critic_opt.zero_grad(set_to_none=True), agent.actor_opt.zero_grad(set_to_none=True)
     (c_loss + a_loss).backward()
     for k in ("critic", "actor"):  # measured for logging; stays on the device
@@ -536,6 +540,37 @@ def update(agent, batch, step, args, losses):
         torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)
     agent.critic_opt.step(), agent.actor_opt.step()
     return dict(info, **a_info)
+
+
+def make_update(agent, buffer, args, losses):
+    """step -> logged values of one update on a fresh batch. The step reaches the update as a device tensor. With
+    --cudagraphs each phase's whole update (batch sampling, losses, backward, Adam, Polyak) is captured once as a
+    CUDA graph, after 3 eager warm-up updates on a side stream, and replayed: one launch instead of hundreds."""
+    step_t = torch.zeros((), device=buffer.device)
+    run = lambda: update(agent, buffer.sample(args.batch_size, args.discount), step_t, args, losses)
+    graphs = {}  # phase (online?) -> dict(warm=eager updates so far, graph=, out=static outputs)
+
+    def step_fn(step):
+        step_t.fill_(step)
+        if not args.cudagraphs:
+            return run()
+        g = graphs.setdefault(agent.u_off is not None, dict(warm=0))
+        if g["warm"] < 3:
+            side = torch.cuda.Stream(buffer.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                info = run()
+            torch.cuda.current_stream().wait_stream(side)
+            g["warm"] += 1
+            return info
+        if "graph" not in g:
+            graphs.pop(agent.u_off is None, None)  # the other phase's graph is done with
+            g["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g["graph"]):
+                g["out"] = run()
+        g["graph"].replay()
+        return g["out"]
+    return step_fn
 
 
 def make_losses(compile=False):
@@ -666,6 +701,7 @@ def validate(args):
         (min(args.eval_episodes, args.eval_envs, args.log_interval, args.eval_interval, args.save_interval,
              args.keep_checkpoints) < 1, "eval/log/save intervals and counts must be >= 1"),
         (min(args.offline_steps, args.online_steps, args.start_training) < 0, "step counts must be >= 0"),
+        (args.cudagraphs and not (torch.cuda.is_available() and "cpu" not in args.device), "--cudagraphs needs CUDA"),
         (args.offline_steps == 0 and not (args.load_checkpoint or args.resume),
          "--offline-steps 0 needs --load-checkpoint (a pretrained flow map for u_off) or --resume"),
     ] if bad]
@@ -729,6 +765,7 @@ def main(args: Args):
         set_rng_state(ckpt["rng"])
     elif args.load_checkpoint:
         load_checkpoint(args.load_checkpoint, args, agent)
+    update_fn = make_update(agent, buffer, args, losses)
     (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
     if args.track:
         try:
@@ -790,7 +827,7 @@ def main(args: Args):
                 obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []
         info = {}  # online warm-up: the first start_training - 1 online steps only collect data (official main.py)
         if step < args.offline_steps or step - args.offline_steps + 1 >= args.start_training:
-            info = update(agent, buffer.sample(args.batch_size, args.discount), step, args, losses)  # Alg. 1, l. 4-9
+            info = update_fn(step)  # Alg. 1, lines 4-9, on a fresh batch
             guard.track(info, step)
         step += 1
         pbar.update(1)
