@@ -957,7 +957,7 @@ def test_robomimic_guard_separates_v15_files_from_robosuite_14_ones_and_other_co
             fmq.load_dataset(fmq.env_spec("can"), str(shared141))
 
 
-def test_robomimic_rewards_that_disagree_with_the_env_stop_the_run(rm_data, tmp_path):
+def test_robomimic_rewards_or_an_env_that_cannot_be_built_stop_the_run(rm_data, tmp_path):
     import h5py
     import shutil
     path = rm_file(tmp_path, "can")
@@ -967,6 +967,13 @@ def test_robomimic_rewards_that_disagree_with_the_env_stop_the_run(rm_data, tmp_
         assert f["data/demo_0/rewards"][-1] == 1.0  # demo 0 ends solved: the env's reward() says 1 there
         f["data/demo_0/rewards"][:] = 0.0
     with pytest.raises(fmq.FMQError, match=r"does not reproduce it: .* rewards by 1 \(tolerances"):
+        fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
+    with h5py.File(path, "a") as f:
+        env_args = json.loads(f["data"].attrs["env_args"])
+        env_args["env_kwargs"]["controller_configs"]["body_parts"]["right"]["type"] = "OSC_WARP"
+        f["data"].attrs["env_args"] = json.dumps(env_args)
+    unbuildable = r"made with robosuite 1\.5\.\d+; the installed 1\.5\.\d+ cannot rebuild its env \(\w+Error: "
+    with pytest.raises(fmq.FMQError, match=unbuildable + r".*\); use robomimic's v1\.5 file"):
         fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
 
 
