@@ -182,7 +182,7 @@ def robomimic_mismatch(f, env):
     robosuite 1.4's `object` order gives ~1. replay: the gripper's miss against states[k+1] after stepping actions[k]
     from states[k] (8 rows per demo, each after a warm-up step that leaves the sim's hidden state as when recording),
     over how far it moved: other controller types, scalings, control_freq, kp or damping off by a third or more, not
-    what one step hides (lite_physics). reward: env.reward() at states[k+1] vs rewards[k], last and first rewarded rows."""
+    what one step hides (lite_physics). reward: env.reward() at states[k+1] vs rewards[k], last, first rewarded row."""
     import mujoco
     sim, model = env.env.sim, env.env.sim.model._model
     aside, site = mujoco.MjData(model), env.env.robots[0].eef_site_id["right"]
