@@ -5,6 +5,7 @@ import copy
 import csv
 import difflib
 import json
+import logging
 import math
 import os
 import random
@@ -120,6 +121,11 @@ ENVS = {
 }
 REWARDS = {None: lambda r: r, "sparse": lambda r: np.where(r != 0, -1.0, 0.0), "minus_one": lambda r: r - 1.0}
 RM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")  # robomimic low-dim keys
+RM_TOL = dict(obs=0.01, replay=0.1, reward=1e-6)  # env guard tolerances, see robomimic_mismatch
+RM_HINT = ("use robomimic's v1.5 file, made with robosuite 1.5 (pip install huggingface_hub; python -c \"import "
+           "huggingface_hub; huggingface_hub.hf_hub_download('robomimic/robomimic_datasets', 'v1.5/{name}/mh/"
+           "low_dim_v15.hdf5', repo_type='dataset', local_dir='{root}')\")")
+logging.getLogger("robosuite_logs").addFilter(lambda r: r.levelno >= logging.ERROR)  # robosuite's import chatter
 
 
 def env_spec(env_id):
@@ -133,33 +139,83 @@ def env_spec(env_id):
 
 
 class RoboMimicEnv:
-    """robosuite env built from the dataset file's env metadata (as robomimic does), with robomimic's low-dim
-    observation keys and gymnasium's step API. robomimic's own wrapper is not used: it imports mujoco_py."""
+    """robosuite 1.5 env built from a robomimic file's env_args as robomimic >= 0.4's EnvRobosuite does, with its
+    low-dim keys and gymnasium's step API (robomimic itself is not used: PyPI has only 0.3, of robosuite 1.4)."""
 
     def __init__(self, env_args, max_episode_steps):
-        import robosuite
-        kwargs = dict(env_args["env_kwargs"], has_renderer=False, has_offscreen_renderer=False,
-                      use_camera_obs=False, ignore_done=True)
         import gymnasium
+        import robosuite
+        from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
+        kwargs = dict(env_args["env_kwargs"], has_renderer=False, has_offscreen_renderer=False, ignore_done=True,
+                      use_object_obs=True, use_camera_obs=False, camera_depths=False)
+        cc = dict(kwargs.get("controller_configs") or {})
+        if "body_parts_controller_configs" in cc:  # robosuite 1.5.0's name for body_parts (arms nested)
+            parts = dict(cc.pop("body_parts_controller_configs"))
+            cc["body_parts"] = {**parts.pop("arms", {}), **parts}
+        if cc:  # robosuite's own converter turns a <= 1.4 arm config into 1.5's composite one
+            kwargs["controller_configs"] = refactor_composite_controller_config(
+                cc, np.atleast_1d(kwargs["robots"])[0], ["right"])
         self.env = robosuite.make(env_args["env_name"], **kwargs)
         self.spec = SimpleNamespace(max_episode_steps=max_episode_steps)
         self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (self.env.action_dim,), np.float32)
         self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, self.reset(seed=0)[0].shape, np.float32)
 
-    def _obs(self, ob):
+    def observe(self, ob=None):
+        ob = self.env._get_observations(force_update=True) if ob is None else ob
         return np.concatenate([ob["object-state" if k == "object" else k] for k in RM_KEYS]).astype(np.float32)
 
     def reset(self, seed=None):
-        if seed is not None:
-            np.random.seed(seed)  # robosuite 1.4 draws object placements from numpy's global RNG
+        if seed is not None:  # placements, arm noise: numpy's global RNG in robosuite 1.5.1, env.rng from 1.5.2
+            np.random.seed(seed)
+            self.env.rng = np.random.default_rng(seed)
         self.t = 0
-        return self._obs(self.env.reset()), {}
+        return self.observe(self.env.reset()), {}
 
     def step(self, action):
-        ob, reward, _, _ = self.env.step(action)
+        ob, reward, _, _ = self.env.step(action)  # reward(): what the file's rewards hold (the guard checks)
         self.t += 1
         success = bool(self.env._check_success())
-        return self._obs(ob), float(success), success, self.t >= self.spec.max_episode_steps, {"success": success}
+        return self.observe(ob), float(reward), success, self.t >= self.spec.max_episode_steps, {"success": success}
+
+
+def robomimic_mismatch(f, env):
+    """How far `env` is from the one that recorded robomimic file f (3 demos), next to RM_TOL. obs: restored states[k]
+    vs obs[k] (states[k-1] first: robosuite 1.5 fills object-eef poses from its cache, as robomimic's extraction did);
+    robosuite 1.4's `object` order gives ~1. replay: the gripper's miss against states[k+1] after stepping actions[k]
+    from states[k] (8 rows per demo, each after a warm-up step that leaves the sim's hidden state as when recording),
+    over how far it moved: other controller types, scalings, control_freq, kp or damping off by a third or more, not
+    what one step hides (lite_physics). reward: env.reward() at states[k+1] vs rewards[k], last, first rewarded row."""
+    import mujoco
+    sim, model = env.env.sim, env.env.sim.model._model
+    aside, site = mujoco.MjData(model), env.env.robots[0].eef_site_id["right"]
+
+    def gripper(qpos):  # kinematics aside: the sim's derived data stays as the last step left it
+        aside.qpos[:] = qpos
+        mujoco.mj_kinematics(model, aside)
+        return aside.site_xpos[site].copy()
+
+    def restore(state, forward=True):
+        sim.set_state_from_flattened(state)
+        return (sim.forward(), env.observe())[1] if forward else None
+
+    obs_err, missed, moved, reward_err = [], 0.0, 0.0, 0.0
+    demos = [f["data"][name] for name in sorted(f["data"], key=lambda d: int(d.split("_")[-1]))]
+    for d in [d for d in demos if len(d["actions"]) >= 16][:3]:
+        states, actions, rewards, n = d["states"][:], d["actions"][:], d["rewards"][:], len(d["actions"])
+        obs, qpos = np.concatenate([d["obs"][k][:] for k in RM_KEYS], -1), states[:, 1:1 + model.nq]
+        for k in (n // 4, n // 2, 3 * n // 4):
+            restore(states[k - 1])
+            obs_err.append(np.abs(restore(states[k]) - obs[k]).max())
+        restore(states[n // 2 - 1]), env.env.step(actions[n // 2 - 1])
+        for k in range(n // 2, min(n // 2 + 8, n - 1)):
+            restore(states[k], forward=False), env.env.step(actions[k])
+            missed += np.linalg.norm(gripper(sim.data.qpos) - gripper(qpos[k + 1]))
+            moved += np.linalg.norm(gripper(qpos[k + 1]) - gripper(qpos[k]))
+        for k in {n - 2, *np.flatnonzero(rewards[:-1])[:1]}:
+            restore(states[k + 1])
+            reward_err = max(reward_err, abs(env.env.reward() - rewards[k]))
+    return dict(obs=float(np.median(obs_err)) if obs_err else np.inf,  # no demo of 16 steps: no verdict, no run
+                replay=missed / max(moved, 0.01), reward=reward_err)  # 1 cm: an arm at rest tells no gains apart
 
 
 def make_env(spec, env_args=None):
@@ -189,11 +245,12 @@ def load_dataset(spec, dataset_dir):
 
 def load_robomimic(spec, dataset_dir):
     import h5py
-    path = Path(dataset_dir or "~/.robomimic").expanduser() / spec["name"] / "mh" / "low_dim_v15.hdf5"
-    if not path.exists():
-        raise FMQError(f"RoboMimic dataset not found at {path}; download the multi-human low-dim file with robomimic's "
-                       f"scripts/download_datasets.py --tasks {spec['name']} --dataset_types mh --hdf5_types low_dim "
-                       f"and put it there, or pass --dataset-dir (a folder holding {spec['name']}/mh/low_dim_v15.hdf5)")
+    import robosuite
+    root, rel = Path(dataset_dir or "~/.robomimic").expanduser(), Path(spec["name"]) / "mh" / "low_dim_v15.hdf5"
+    path = next((p for p in (root / rel, root / "v1.5" / rel) if p.exists()), None)  # v1.5/: hf_hub_download's
+    hint = RM_HINT.format(name=spec["name"], root=root)
+    if path is None:
+        raise FMQError(f"RoboMimic dataset not found at {root / rel}; {hint}, or pass --dataset-dir")
     with h5py.File(path, "r") as f:
         demos = sorted(f["data"], key=lambda d: int(d.split("_")[-1]))
         missing = [k for k in RM_KEYS if k not in f[f"data/{demos[0]}/obs"]]
@@ -204,6 +261,15 @@ def load_robomimic(spec, dataset_dir):
         parts = [(cat(d, "obs"), d["actions"][:], d["rewards"][:], d["dones"][:], cat(d, "next_obs"))
                  for d in (f[f"data/{name}"] for name in demos)]
         env_args = json.loads(f["data"].attrs["env_args"])
+        why = f"{path} was made with robosuite {env_args.get('env_version')}; the installed {robosuite.__version__}"
+        try:  # the env guard: never train on data whose env the installed robosuite does not reproduce
+            err = robomimic_mismatch(f, RoboMimicEnv(env_args, spec["max_episode_steps"]))
+        except Exception as e:
+            raise FMQError(f"{why} cannot rebuild its env ({type(e).__name__}: {str(e).strip()[:200]!r}); {hint}")
+    if any(err[k] > RM_TOL[k] for k in RM_TOL):
+        raise FMQError(f"{why} does not reproduce it: observations of its states are off by {err['obs']:.2g}, its "
+                       f"actions replayed miss by {err['replay']:.2g} of the motion, rewards by {err['reward']:.2g} "
+                       f"(tolerances {RM_TOL}); {hint}")
     obs, actions, rewards, dones, next_obs = (np.concatenate(x).astype(np.float32) for x in zip(*parts))
     ends = np.zeros(len(obs), np.float32)
     ends[np.cumsum([len(p[0]) for p in parts]) - 1] = 1.0

@@ -24,7 +24,7 @@ import report  # noqa: E402
 import sweep  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-OGB, RM = DATA / "ogbench", DATA / "robomimic"
+OGB = DATA / "ogbench"
 needs_data = pytest.mark.skipif(not (OGB / "scene-play-v0.npz").exists(), reason="needs ../shared/data")
 
 
@@ -572,16 +572,6 @@ def test_online_from_offline_checkpoint_with_qgbs_and_best_of_n_target(tmp_path)
         fmq.main(bad)
 
 
-@pytest.mark.skipif(not (RM / "can" / "mh" / "low_dim_v15.hdf5").exists(), reason="needs ../shared/data")
-def test_robomimic_can_end_to_end(tmp_path):
-    final = fmq.main(tiny_args(tmp_path, env_id="can", dataset_dir=str(RM), offline_steps=10, online_steps=10,
-                               eval_interval=10))
-    assert final["step"] == 20 and 0.0 <= final["success"] <= 1.0
-    env = fmq.make_env(fmq.env_spec("can"), fmq.load_dataset(fmq.env_spec("can"), str(RM))[1])
-    assert env.reset(seed=1)[0].shape == (23,) and env.action_space.shape == (7,)
-    np.testing.assert_array_equal(env.reset(seed=1)[0], env.reset(seed=1)[0])
-
-
 @needs_data
 def test_cli_smoke_cube_double(tmp_path):
     cmd = [sys.executable, str(ROOT / "fmq.py"), "--env-id", "cube-dbl-t3", "--dataset-dir", str(OGB), "--runs-dir",
@@ -628,25 +618,6 @@ def test_missing_ogbench_dataset_names_the_path(tmp_path, monkeypatch):
     monkeypatch.setattr(ogbench.utils, "download_datasets", no_network)
     with pytest.raises(fmq.FMQError, match=f"{tmp_path}/cube-triple-play-v0.npz is missing.*download_datasets"):
         fmq.load_dataset(fmq.env_spec("cube-trl-t3"), str(tmp_path))
-
-
-def test_missing_robomimic_dataset_names_the_path(tmp_path):
-    with pytest.raises(fmq.FMQError, match=f"not found at {tmp_path}/square/mh/low_dim_v15.hdf5"):
-        fmq.load_dataset(fmq.env_spec("square"), str(tmp_path))
-
-
-@pytest.mark.skipif(not (RM / "can" / "mh" / "low_dim_v15.hdf5").exists(), reason="needs ../shared/data")
-def test_robomimic_wrong_observation_keys(tmp_path):
-    import h5py
-    import shutil
-    (tmp_path / "can" / "mh").mkdir(parents=True)
-    path = tmp_path / "can" / "mh" / "low_dim_v15.hdf5"
-    shutil.copy(RM / "can" / "mh" / "low_dim_v15.hdf5", path)
-    with h5py.File(path, "a") as f:
-        for demo in f["data"]:
-            del f[f"data/{demo}/obs/object"]
-    with pytest.raises(fmq.FMQError, match=r"lacks observation keys \['object'\]"):
-        fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
 
 
 @needs_data
@@ -1106,3 +1077,221 @@ def test_buffer_that_does_not_fit_is_reported_before_training():
     with pytest.raises(fmq.FMQError, match=r"the replay buffer needs .* GiB on cpu but only .* GiB is free"):
         fmq.preallocation_check(10 ** 12, 87, torch.device("cpu"))
     fmq.preallocation_check(1000, 87, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- RoboMimic v1.5: files the tests record, the env guard
+RM_TASKS = {"can": ("PickPlaceCan", "Can"), "square": ("NutAssemblySquare", "SquareNut")}
+# robosuite 1.4.1's OSC_POSE config, as robomimic 0.3's (v141) files carry it: no body_parts
+OSC_POSE_141 = dict(type="OSC_POSE", input_max=1, input_min=-1, output_max=[0.05, 0.05, 0.05, 0.5, 0.5, 0.5],
+                    output_min=[-0.05, -0.05, -0.05, -0.5, -0.5, -0.5], kp=150, damping=1, impedance_mode="fixed",
+                    kp_limits=[0, 300], damping_limits=[0, 10], position_limits=None, orientation_limits=None,
+                    uncouple_pos_ori=True, control_delta=True, interpolation=None, ramp_ratio=0.2)
+
+
+def rm_observe(ob, obj):
+    """robomimic's EnvRobosuite.get_observation (low-dim keys), plus `object` as robosuite 1.4.1 ordered it: 1.4.1
+    registered the object sensors as pos, quat, to-eef pos, to-eef quat; 1.5 moved the to-eef pair first."""
+    o = {k: np.array(v) for k, v in ob.items() if k.startswith("robot0_") and not k.endswith("proprio-state")}
+    o["object"] = np.array(ob["object-state"])
+    o["object141"] = np.concatenate([ob[f"{obj}_{k}"] for k in ("pos", "quat", "to_robot0_eef_pos",
+                                                                  "to_robot0_eef_quat")])
+    return o
+
+
+def rm_demo(env, task, obj, rng, solved, steps):
+    """States and actions of one demo: smoothed random actions; a solved demo gets its object set into the goal
+    (in the sim) 8 steps before the end and lifts the gripper away, so the file has rewarded rows."""
+    states, actions, a = [], [], np.zeros(7)
+    for t in range(steps):
+        if solved and t == steps - 8:
+            adr = env.sim.model.get_joint_qpos_addr(f"{obj}_joint0")[0]
+            goal = (env.target_bin_placements[env.object_to_id["can"]] + [0, 0, 0.05] if task == "can"
+                    else [*env.sim.data.body_xpos[env.peg1_body_id][:2], 0.84])  # in the bin / round the peg
+            env.sim.data.qpos[adr:adr + 3] = goal
+            env.sim.data.qvel[:] = 0
+            env.sim.forward()
+        a = 0.7 * a + 0.3 * rng.uniform(-1, 1, 7)
+        if solved and t >= steps - 8:
+            a[:3] = [0, 0, 1]
+        states.append(env.sim.get_state().flatten())
+        actions.append(a.copy())
+        env.step(a)
+    return np.array(states), np.array(actions)
+
+
+def rm_extract(env, obj, states, actions):
+    """robomimic's dataset_states_to_obs: obs of each restored state in turn, the last next_obs from a step; the reward
+    and success after each step (done_mode 2: done at success or at the end)."""
+    env.sim.set_state_from_flattened(states[0])
+    env.sim.forward()
+    seq, rewards, dones = [rm_observe(env._get_observations(force_update=True), obj)], [], []
+    for t in range(1, len(states) + 1):
+        if t < len(states):
+            env.sim.set_state_from_flattened(states[t])
+            env.sim.forward()
+            seq.append(rm_observe(env._get_observations(force_update=True), obj))
+        else:
+            seq.append(rm_observe(env.step(actions[-1])[0], obj))
+        rewards.append(env.reward())
+        dones.append(int(bool(env._check_success()) or t == len(states)))
+    return dict(states=states, actions=actions, rewards=np.array(rewards), dones=np.array(dones),
+                obs={k: np.array([o[k] for o in seq]) for k in seq[0]})
+
+
+def rm_write(path, env_args, demos, object_key):
+    """robomimic's hdf5 schema: data attrs total, env_args; data/demo_i/{actions, rewards, dones, states, obs/<key>,
+    next_obs/<key>}; mask/train, mask/valid."""
+    import h5py
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs.update(total=sum(len(d["actions"]) for d in demos), env_args=json.dumps(env_args))
+        for i, demo in enumerate(demos):
+            g = data.create_group(f"demo_{i}")
+            g.attrs["num_samples"] = len(demo["actions"])
+            for k in ("actions", "rewards", "dones", "states"):
+                g[k] = demo[k]
+            for k, v in demo["obs"].items():
+                if k not in ("object", "object141") or k == object_key:
+                    key = "object" if k == object_key else k
+                    g[f"obs/{key}"], g[f"next_obs/{key}"] = v[:-1], v[1:]
+        f["mask/train"] = [f"demo_{i}".encode() for i in range(len(demos) - 1)]
+        f["mask/valid"] = [f"demo_{len(demos) - 1}".encode()]
+
+
+@pytest.fixture(scope="session")
+def rm_data(tmp_path_factory):
+    """RoboMimic v1.5 files recorded here with the pinned robosuite, as robomimic records them (4 demos x 48 steps per
+    task, demo 0 ends solved): root v15/{can,square}/mh/low_dim_v15.hdf5; v141/ holds the same demos as robosuite
+    1.4.1 stored them (its `object` order and controller config), which robosuite 1.5 must refuse."""
+    import robosuite
+    root = tmp_path_factory.mktemp("robomimic")
+    kwargs = dict(has_renderer=False, has_offscreen_renderer=False, ignore_done=True, use_object_obs=True,
+                  use_camera_obs=False, camera_depths=False, control_freq=20, reward_shaping=False, robots=["Panda"],
+                  controller_configs=robosuite.load_composite_controller_config(robot="Panda"))
+    for task, (env_name, obj) in RM_TASKS.items():
+        env, rng, demos = robosuite.make(env_name, **kwargs), np.random.default_rng(0), []
+        for i in range(4):
+            np.random.seed(i)  # robosuite 1.5.1 places objects with numpy's global RNG
+            env.reset()
+            demos.append(rm_extract(env, obj, *rm_demo(env, task, obj, rng, solved=i == 0, steps=48)))
+        for version, cc, key in ((robosuite.__version__, kwargs["controller_configs"], "object"),
+                                 ("1.4.1", OSC_POSE_141, "object141")):
+            env_args = dict(env_name=env_name, env_version=version, type=1,
+                            env_kwargs=dict(kwargs, controller_configs=cc))
+            rm_write(root / ("v15" if key == "object" else "v141") / task / "mh" / "low_dim_v15.hdf5", env_args,
+                     demos, key)
+    return root / "v15", root / "v141"
+
+
+def rm_file(root, task):
+    return root / task / "mh" / "low_dim_v15.hdf5"
+
+
+def test_robomimic_guard_separates_v15_files_from_robosuite_14_ones_and_other_controllers(rm_data):
+    import h5py
+    v15, v141 = rm_data
+    for task, (env_name, _) in RM_TASKS.items():
+        with h5py.File(rm_file(v15, task)) as f:
+            env_args = json.loads(f["data"].attrs["env_args"])
+            ok = fmq.robomimic_mismatch(f, fmq.RoboMimicEnv(env_args, 50))
+            slack = json.loads(f["data"].attrs["env_args"])
+            slack["env_kwargs"]["controller_configs"]["body_parts"]["right"]["kp"] = 75  # robomimic #230: same obs,
+            slack = fmq.robomimic_mismatch(f, fmq.RoboMimicEnv(slack, 50))                # other actions
+        with h5py.File(rm_file(v141, task)) as f:
+            old = fmq.robomimic_mismatch(f, fmq.RoboMimicEnv(json.loads(f["data"].attrs["env_args"]), 50))
+        print(f"{task}: v1.5 file {ok}; robosuite 1.4.1 file {old}; kp 150 -> 75 {slack}")
+        # obs: extracted from these very states by this robosuite, so equal up to rounding; the 1.4.1 order puts
+        # positions (0.1 - 1 m) where 1.5 has poses relative to the gripper. Each side 30x from the tolerance.
+        assert ok["obs"] < fmq.RM_TOL["obs"] / 30 and old["obs"] > 30 * fmq.RM_TOL["obs"]
+        # replay: the same controller replays its own actions to well under 1% of the motion; 1.4.1's OSC config,
+        # converted, means the same actions; half the gain moves the gripper ~25% otherwise (measured 0.245 on can).
+        assert ok["replay"] < 0.01 and old["replay"] < 0.01 and slack["replay"] > 2 * fmq.RM_TOL["replay"]
+        assert ok["reward"] == old["reward"] == slack["reward"] == 0.0 and slack["obs"] == ok["obs"]
+    shared141 = DATA / "robomimic"  # robosuite-1.4.1 files of this project's machines, when they are there
+    if (shared141 / "can" / "mh" / "low_dim_v15.hdf5").exists():
+        with pytest.raises(fmq.FMQError, match=r"made with robosuite 1\.4\.1; the installed 1\.5\.\d+ does not repr"):
+            fmq.load_dataset(fmq.env_spec("can"), str(shared141))
+
+
+def test_robomimic_rewards_or_an_env_that_cannot_be_built_stop_the_run(rm_data, tmp_path):
+    import h5py
+    import shutil
+    path = rm_file(tmp_path, "can")
+    path.parent.mkdir(parents=True)
+    shutil.copy(rm_file(rm_data[0], "can"), path)
+    with h5py.File(path, "a") as f:
+        assert f["data/demo_0/rewards"][-1] == 1.0  # demo 0 ends solved: the env's reward() says 1 there
+        f["data/demo_0/rewards"][:] = 0.0
+    with pytest.raises(fmq.FMQError, match=r"does not reproduce it: .* rewards by 1 \(tolerances"):
+        fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
+    with h5py.File(path, "a") as f:
+        env_args = json.loads(f["data"].attrs["env_args"])
+        env_args["env_kwargs"]["controller_configs"]["body_parts"]["right"]["type"] = "OSC_WARP"
+        f["data"].attrs["env_args"] = json.dumps(env_args)
+    unbuildable = r"made with robosuite 1\.5\.\d+; the installed 1\.5\.\d+ cannot rebuild its env \(\w+Error: "
+    with pytest.raises(fmq.FMQError, match=unbuildable + r".*\); use robomimic's v1\.5 file"):
+        fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
+
+
+def test_robomimic_env_built_from_the_file(rm_data):
+    import h5py
+    spec = fmq.env_spec("can")
+    data, env_args = fmq.load_dataset(spec, str(rm_data[0]))
+    assert data["observations"].shape == (4 * 48, 23) and data["actions"].shape == (4 * 48, 7)
+    env = fmq.make_env(spec, env_args)
+    assert env.reset(seed=1)[0].shape == (23,) and env.action_space.shape == (7,)
+    np.testing.assert_array_equal(env.reset(seed=1)[0], env.reset(seed=1)[0])  # robosuite places the can by the seed
+    assert np.abs(env.reset(seed=1)[0] - env.reset(seed=2)[0]).max() > 1e-3
+    assert env.step(np.zeros(7))[1:3] == (0.0, False)  # a fresh can is not in its bin
+    with h5py.File(rm_file(rm_data[0], "can")) as f:  # the last state of demo 0 has the can in its bin
+        env.env.sim.set_state_from_flattened(f["data/demo_0/states"][-1])
+    env.env.sim.forward()
+    _, r, terminated, _, info = env.step(np.r_[0, 0, 1, 0, 0, 0, 0])
+    assert (r, terminated, info["success"]) == (1.0, True, True)
+
+
+@pytest.mark.parametrize("task", ["can", "square"])
+def test_robomimic_end_to_end(rm_data, task, tmp_path, monkeypatch):
+    monkeypatch.setitem(fmq.ENVS, task, {**fmq.ENVS[task], "max_episode_steps": 40})  # short episodes, same code
+    data_dir = rm_data[0]
+    if task == "square":  # the layout hf_hub_download(..., local_dir=DIR) leaves: DIR/v1.5/square/mh/...
+        data_dir = tmp_path / "hf"
+        data_dir.mkdir()
+        os.symlink(rm_data[0], data_dir / "v1.5")
+    final = fmq.main(tiny_args(tmp_path, env_id=task, dataset_dir=str(data_dir), offline_steps=10, online_steps=10,
+                               eval_interval=10))
+    run = tmp_path / "runs" / f"{task}__fmq__0"
+    evals = read_csv(run / "eval.csv")
+    assert final["step"] == 20 and [(int(r["step"]), r["phase"]) for r in evals] == [
+        (0, "offline"), (10, "online"), (20, "online")]
+    assert all(0.0 <= float(r["success"]) <= 1.0 and np.isfinite(float(r["return"])) for r in evals)
+    assert all(np.isfinite(float(r["critic/loss"])) for r in read_csv(run / "train.csv"))
+
+
+def test_robomimic_file_of_another_robosuite_stops_before_training(rm_data, tmp_path):
+    code, err = run_cli("--env-id", "can", "--dataset-dir", str(rm_data[1]), "--runs-dir", str(tmp_path))
+    assert code != 0 and "Traceback" not in err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("fmq: error: ") and "made with robosuite 1.4.1; the installed 1.5" in line
+    assert "does not reproduce it: observations of its states are off by" in line and "hf_hub_download" in line
+    assert not list(tmp_path.rglob("train.csv")) and not list(tmp_path.rglob("*.pt"))  # no update ran
+
+
+def test_robomimic_wrong_observation_keys(rm_data, tmp_path):
+    import h5py
+    import shutil
+    path = rm_file(tmp_path, "can")
+    path.parent.mkdir(parents=True)
+    shutil.copy(rm_file(rm_data[0], "can"), path)
+    with h5py.File(path, "a") as f:
+        for demo in f["data"]:
+            del f[f"data/{demo}/obs/object"]
+    with pytest.raises(fmq.FMQError, match=r"lacks observation keys \['object'\]"):
+        fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
+
+
+def test_missing_robomimic_dataset_names_the_path_and_the_v15_download(tmp_path):
+    with pytest.raises(fmq.FMQError, match=rf"not found at {tmp_path}/square/mh/low_dim_v15.hdf5; use robomimic's "
+                       r"v1.5 file.*hf_hub_download\('robomimic/robomimic_datasets', 'v1.5/square/mh/low_dim_v15"):
+        fmq.load_dataset(fmq.env_spec("square"), str(tmp_path))
