@@ -239,7 +239,10 @@ def load_dataset(spec, dataset_dir):
     except OSError as e:  # a failed download (no network) is an URLError, an OSError
         raise FMQError(f"OGBench dataset {root / (name + '.npz')} is missing and could not be downloaded ({e}); "
                        f"on a machine with internet run `python -c \"import ogbench; ogbench.download_datasets"
-                       f"(['{name}'], '{root}')\"` and copy the files there, or pass --dataset-dir") from None
+                       f"(['{name}'], '{root}')\"` or take {name}.npz and {name}-val.npz from the Hugging Face "
+                       f"mirror zhouzypaul/ogbench_datasets, and copy them there; or make them offline with "
+                       f"`python tools/make_dataset.py --env {name} --out {root}` (manipulation datasets only); "
+                       f"or pass --dataset-dir") from None
     return dict(data, ends=data["terminals"]), None
 
 

@@ -19,22 +19,21 @@ TOOLS = ROOT / "tools"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(TOOLS))
 import fmq  # noqa: E402
+import make_dataset  # noqa: E402
 import qgbs  # noqa: E402
 import report  # noqa: E402
 import sweep  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
-OGB = DATA / "ogbench"
-needs_data = pytest.mark.skipif(not (OGB / "scene-play-v0.npz").exists(), reason="needs ../shared/data")
+# OGBench data: the fixtures `ogb` and `ogbench_data` (section "OGBench test data", at the end) make it.
 
 
-def tiny_args(tmp_path, **kw):
+def tiny_args(tmp_path, dataset_dir, **kw):
     """A run small enough for CPU tests: narrow nets, few steps, 2 eval episodes."""
-    base = dict(env_id="scene-t5", dataset_dir=str(OGB), runs_dir=str(tmp_path / "runs"), hidden_dim=32, num_layers=2,
-                time_dim=8, batch_size=16, best_of_n=4, offline_steps=20, online_steps=20, eval_interval=20,
-                eval_episodes=2, eval_envs=2, log_interval=10, save_interval=10, curriculum_start=5, curriculum_end=15,
-                device="cpu", deterministic=True,
-                start_training=1)
+    base = dict(env_id="scene-t5", dataset_dir=str(dataset_dir), runs_dir=str(tmp_path / "runs"), hidden_dim=32,
+                num_layers=2, time_dim=8, batch_size=16, best_of_n=4, offline_steps=20, online_steps=20,
+                eval_interval=20, eval_episodes=2, eval_envs=2, log_interval=10, save_interval=10, curriculum_start=5,
+                curriculum_end=15, device="cpu", deterministic=True, start_training=1)
     return fmq.Args(**{**base, **kw})
 
 
@@ -488,8 +487,7 @@ def test_one_update_steps_on_the_summed_loss_at_pre_update_parameters(monkeypatc
         assert steps.max().item() == pytest.approx(args.lr, rel=1e-3)
 
 
-@needs_data
-def test_no_online_update_before_start_training(tmp_path, monkeypatch):
+def test_no_online_update_before_start_training(tmp_path, monkeypatch, ogb):
     """Official main.py updates at online step i (1-based) when i >= start_training: with 5 offline and 10 online
     steps and start_training 4, 5 + 7 = 12 updates."""
     real, calls = fmq.update, []
@@ -498,7 +496,8 @@ def test_no_online_update_before_start_training(tmp_path, monkeypatch):
         calls.append(int(step))  # the step arrives as a device tensor
         return real(agent, batch, step, *a)
     monkeypatch.setattr(fmq, "update", counting)
-    fmq.main(tiny_args(tmp_path, offline_steps=5, online_steps=10, start_training=4, eval_interval=100, log_interval=5))
+    fmq.main(tiny_args(tmp_path, ogb, offline_steps=5, online_steps=10, start_training=4, eval_interval=100,
+                       log_interval=5))
     assert calls == [0, 1, 2, 3, 4] + list(range(8, 15))
 
 
@@ -540,9 +539,8 @@ def strip_timing(rows):
     return [{k: v for k, v in r.items() if k not in ("sps", "time")} for r in rows]
 
 
-@needs_data
-def test_tiny_run_end_to_end_and_deterministic(tmp_path):
-    final = fmq.main(tiny_args(tmp_path / "a"))
+def test_tiny_run_end_to_end_and_deterministic(tmp_path, ogb):
+    final = fmq.main(tiny_args(tmp_path / "a", ogb))
     run = tmp_path / "a" / "runs" / "scene-t5__fmq__0"
     train, evals = read_csv(run / "train.csv"), read_csv(run / "eval.csv")
     assert [int(r["step"]) for r in train] == [10, 20, 30, 40]
@@ -552,17 +550,16 @@ def test_tiny_run_end_to_end_and_deterministic(tmp_path):
     assert json.loads((run / "final.json").read_text())["step"] == 40 == final["step"]
     assert json.loads((run / "config.json").read_text())["discount"] == 0.99
     assert sorted(p.name for p in (run / "checkpoints").glob("*.pt"))[-1] == "step_000000040.pt"
-    fmq.main(tiny_args(tmp_path / "b"))  # same seed, same device: identical numbers
+    fmq.main(tiny_args(tmp_path / "b", ogb))  # same seed, same device: identical numbers
     run_b = tmp_path / "b" / "runs" / "scene-t5__fmq__0"
     assert strip_timing(read_csv(run_b / "train.csv")) == strip_timing(train)
     assert strip_timing(read_csv(run_b / "eval.csv")) == strip_timing(evals)
 
 
-@needs_data
-def test_online_from_offline_checkpoint_with_qgbs_and_best_of_n_target(tmp_path):
-    fmq.main(tiny_args(tmp_path, online_steps=0, offline_steps=10, eval_interval=10))
+def test_online_from_offline_checkpoint_with_qgbs_and_best_of_n_target(tmp_path, ogb):
+    fmq.main(tiny_args(tmp_path, ogb, online_steps=0, offline_steps=10, eval_interval=10))
     ckpt = tmp_path / "runs" / "scene-t5__fmq__0" / "checkpoints" / "step_000000010.pt"
-    args = tiny_args(tmp_path, exp_name="online", offline_steps=0, online_steps=10, eval_interval=10,
+    args = tiny_args(tmp_path, ogb, exp_name="online", offline_steps=0, online_steps=10, eval_interval=10,
                      load_checkpoint=str(ckpt), sampler="qgbs", online_target="best-of-n")
     fmq.main(args)
     evals = read_csv(tmp_path / "runs" / "scene-t5__online__0" / "eval.csv")
@@ -572,9 +569,9 @@ def test_online_from_offline_checkpoint_with_qgbs_and_best_of_n_target(tmp_path)
         fmq.main(bad)
 
 
-@needs_data
-def test_cli_smoke_cube_double(tmp_path):
-    cmd = [sys.executable, str(ROOT / "fmq.py"), "--env-id", "cube-dbl-t3", "--dataset-dir", str(OGB), "--runs-dir",
+def test_cli_smoke_cube_double(tmp_path, ogbench_data):
+    cmd = [sys.executable, str(ROOT / "fmq.py"), "--env-id", "cube-dbl-t3", "--dataset-dir",
+           ogbench_data("cube-double-play-v0"), "--runs-dir",
            str(tmp_path), "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--best-of-n", "4",
            "--offline-steps", "10", "--online-steps", "10", "--eval-episodes", "2", "--eval-interval", "10",
            "--log-interval", "5", "--device", "cpu"]
@@ -603,9 +600,8 @@ def test_bad_flags_give_one_clear_line(flags, message):
     assert err.strip().splitlines()[-1].startswith("fmq: error: ") and message in err
 
 
-@needs_data
-def test_horizon_longer_than_episode(tmp_path):
-    code, err = run_cli("--dataset-dir", str(OGB), "--horizon", "800", "--runs-dir", str(tmp_path))
+def test_horizon_longer_than_episode(tmp_path, ogb):
+    code, err = run_cli("--dataset-dir", ogb, "--horizon", "800", "--runs-dir", str(tmp_path))
     assert code != 0 and "Traceback" not in err and "--horizon 800 must be shorter than the episode (750 steps)" in err
 
 
@@ -616,20 +612,20 @@ def test_missing_ogbench_dataset_names_the_path(tmp_path, monkeypatch):
     def no_network(*a, **k):
         raise urllib.error.URLError("no network")
     monkeypatch.setattr(ogbench.utils, "download_datasets", no_network)
-    with pytest.raises(fmq.FMQError, match=f"{tmp_path}/cube-triple-play-v0.npz is missing.*download_datasets"):
+    with pytest.raises(fmq.FMQError, match=f"{tmp_path}/cube-triple-play-v0.npz is missing.*download_datasets.*"
+                       f"mirror zhouzypaul/ogbench_datasets.*tools/make_dataset.py --env cube-triple-play-v0 "
+                       f"--out {tmp_path}"):
         fmq.load_dataset(fmq.env_spec("cube-trl-t3"), str(tmp_path))
 
 
-@needs_data
-def test_dataset_that_does_not_match_the_env(tmp_path):
-    os.symlink(OGB / "scene-play-v0.npz", tmp_path / "cube-double-play-v0.npz")
-    os.symlink(OGB / "scene-play-v0-val.npz", tmp_path / "cube-double-play-v0-val.npz")
+def test_dataset_that_does_not_match_the_env(tmp_path, ogb):
+    os.symlink(Path(ogb) / "scene-play-v0.npz", tmp_path / "cube-double-play-v0.npz")
+    os.symlink(Path(ogb) / "scene-play-v0-val.npz", tmp_path / "cube-double-play-v0-val.npz")
     with pytest.raises(fmq.FMQError, match=r"dataset shapes \(obs \(40,\).*do not match env"):
-        fmq.main(tiny_args(tmp_path, env_id="cube-dbl-t3", dataset_dir=str(tmp_path)))
+        fmq.main(tiny_args(tmp_path, tmp_path, env_id="cube-dbl-t3"))
 
 
-@needs_data
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, ogb):
     real = fmq.critic_loss
 
     def poisoned(agent, batch, *a):
@@ -640,25 +636,24 @@ def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypa
     monkeypatch.setattr(fmq, "critic_loss", poisoned)
     run = tmp_path / "runs" / "scene-t5__fmq__0"
     with pytest.raises(fmq.FMQError, match=f"non-finite critic/loss.* at step 25; .*{run}/checkpoints/step_000000020.pt"):
-        fmq.main(tiny_args(tmp_path))
+        fmq.main(tiny_args(tmp_path, ogb))
     ckpt = torch.load(run / "checkpoints" / "step_000000020.pt", weights_only=False)
     assert ckpt["step"] == 20 and all(torch.isfinite(p).all() for p in ckpt["actor"].values())
     assert not (run / "checkpoints" / "step_000000030.pt").exists()
 
 
 # ---------------------------------------------------------------- kill and resume
-def resume_flags():
+def resume_flags(dataset_dir):
     """A small deterministic CPU run with a checkpoint every 10 steps."""
-    return ["--dataset-dir", str(OGB), "--hidden-dim", "32", "--num-layers", "2", "--time-dim", "8",
+    return ["--dataset-dir", str(dataset_dir), "--hidden-dim", "32", "--num-layers", "2", "--time-dim", "8",
              "--batch-size", "16", "--best-of-n", "4", "--offline-steps", "20", "--online-steps", "300",
              "--eval-episodes", "2", "--eval-interval", "1000", "--log-interval", "10", "--save-interval", "10",
              "--curriculum-start", "5", "--curriculum-end", "15", "--device", "cpu", "--deterministic",
              "--resume", "auto"]
 
 
-@needs_data
-def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path):
-    flags = resume_flags()
+def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, ogb):
+    flags = resume_flags(ogb)
     code, err = run_cli(*flags, "--runs-dir", str(tmp_path / "a"))
     assert code == 0, err[-2000:]
     ckpts = tmp_path / "b" / "scene-t5__fmq__0" / "checkpoints"
@@ -1053,10 +1048,9 @@ def test_sweep_dry_run_commands_and_skip(tmp_path):
     assert default.env_ids == sweep.PAPER_ENV_IDS and default.seeds == [0, 1, 2, 3, 4] and default.methods == ["fmq="]
 
 
-@needs_data
-def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, ogb):
     run = tmp_path / "scene-t5__fmq__0"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "fmq.py"), *resume_flags(), "--runs-dir", str(tmp_path)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "fmq.py"), *resume_flags(ogb), "--runs-dir", str(tmp_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while not (run / "checkpoints" / "step_000000030.pt").exists() and proc.poll() is None and time.time() < deadline:
@@ -1068,7 +1062,7 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     assert line.startswith("fmq: error: stopped by signal at step ") and f"--resume {run}" in line
     stopped_at = int(line.split("at step ")[1].split(";")[0])
     assert (run / "checkpoints" / f"step_{stopped_at:09d}.pt").exists()
-    code, err = run_cli(*resume_flags(), "--runs-dir", str(tmp_path))
+    code, err = run_cli(*resume_flags(ogb), "--runs-dir", str(tmp_path))
     assert code == 0, err[-2000:]
     assert json.loads((run / "final.json").read_text())["step"] == 320
 
@@ -1259,7 +1253,7 @@ def test_robomimic_end_to_end(rm_data, task, tmp_path, monkeypatch):
         data_dir = tmp_path / "hf"
         data_dir.mkdir()
         os.symlink(rm_data[0], data_dir / "v1.5")
-    final = fmq.main(tiny_args(tmp_path, env_id=task, dataset_dir=str(data_dir), offline_steps=10, online_steps=10,
+    final = fmq.main(tiny_args(tmp_path, data_dir, env_id=task, offline_steps=10, online_steps=10,
                                eval_interval=10))
     run = tmp_path / "runs" / f"{task}__fmq__0"
     evals = read_csv(run / "eval.csv")
@@ -1295,3 +1289,151 @@ def test_missing_robomimic_dataset_names_the_path_and_the_v15_download(tmp_path)
     with pytest.raises(fmq.FMQError, match=rf"not found at {tmp_path}/square/mh/low_dim_v15.hdf5; use robomimic's "
                        r"v1.5 file.*hf_hub_download\('robomimic/robomimic_datasets', 'v1.5/square/mh/low_dim_v15"):
         fmq.load_dataset(fmq.env_spec("square"), str(tmp_path))
+
+
+# ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py
+# The OGBench tests use no downloaded files: these fixtures make a few short episodes through the real envs, write them
+# in OGBench's format (<dataset>.npz, <dataset>-val.npz) and fmq loads them through ogbench's own loader, exactly as it
+# would load downloaded files. Manipulation data come from tools/make_dataset.py's oracles (so subtasks get solved);
+# maze data from random actions, with the qpos/qvel the loader relabels singletask rewards from.
+MADE = {"scene-play-v0": 40, "cube-double-play-v0": 37, "cube-triple-play-v0": 46,  # dataset: observation size
+        "antmaze-giant-navigate-v0": 29, "humanoidmaze-medium-navigate-v0": 69}
+EPISODES, EPISODE_STEPS = 3, 200  # training episodes (+ 1 validation episode) of 200 steps
+
+
+def random_episodes(name, episodes, steps, seed=0):
+    """Random-action episodes in the env ogbench builds for `name`, as make_dataset's episode dicts."""
+    import ogbench
+    env = ogbench.make_env_and_datasets(name, env_only=True)
+    env.action_space.seed(seed)
+    np.random.seed(seed)  # the maze env draws its task from numpy's global RNG
+    out = []
+    for i in range(episodes):
+        ob, _ = env.reset(seed=seed + i)
+        rows = []
+        for t in range(steps):
+            action = env.action_space.sample()
+            next_ob, _, terminated, truncated, info = env.step(action)
+            done = terminated or truncated or t == steps - 1
+            rows.append(dict(observations=ob, actions=action, terminals=done, qpos=info["prev_qpos"],
+                             qvel=info["prev_qvel"]))
+            ob = next_ob
+            if done:
+                break
+        out.append(make_dataset.cast({k: np.stack([r[k] for r in rows]) for k in rows[0]}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ogbench_data(tmp_path_factory):
+    """make(*datasets) writes each dataset once per session into one folder and returns the folder (--dataset-dir)."""
+    root = tmp_path_factory.mktemp("ogbench")
+
+    def make(*names):
+        for name in names:
+            if (root / f"{name}.npz").exists():
+                continue
+            if "maze" in name:
+                episodes = random_episodes(name, EPISODES + 1, EPISODE_STEPS)
+                make_dataset.save(root / f"{name}.npz", episodes[:EPISODES])
+                make_dataset.save(root / f"{name}-val.npz", episodes[EPISODES:])
+            else:
+                make_dataset.make_dataset(name, root, EPISODES, EPISODE_STEPS, progress=False)
+        return str(root)
+    return make
+
+
+@pytest.fixture
+def ogb(ogbench_data):
+    """The folder holding scene-play-v0, the dataset of the default env id scene-t5."""
+    return ogbench_data("scene-play-v0")
+
+
+@pytest.mark.parametrize("name", list(MADE))
+def test_made_ogbench_data_loads_with_qpos_aligned_to_observations(ogbench_data, name):
+    root = Path(ogbench_data(name))
+    f = np.load(root / f"{name}.npz")
+    # The cube's / the agent's position is both in the observation and in qpos, which the loader relabels from:
+    # manipulation obs[19:22] = 10 (block xyz - (0.425, 0, 0)) with the block at qpos[14:17]; mazes obs[:2] = qpos[:2].
+    pos = f["observations"][:, 19:22] / 10 + [0.425, 0, 0] if "maze" not in name else f["observations"][:, :2]
+    np.testing.assert_allclose(pos, f["qpos"][:, 14:17] if "maze" not in name else f["qpos"][:, :2], atol=1e-5)
+    env_id = next(k for k, v in fmq.ENVS.items() if v["name"].startswith(name.replace("-v0", "-singletask")))
+    data, _ = fmq.load_dataset(fmq.env_spec(env_id), str(root))
+    # non-compact OGBench data: each episode of 200 rows gives 199 transitions, the last one ending the episode
+    assert data["observations"].shape == (EPISODES * (EPISODE_STEPS - 1), MADE[name])
+    assert np.flatnonzero(data["ends"]).tolist() == [199 * i - 1 for i in range(1, EPISODES + 1)]
+    np.testing.assert_array_equal(data["next_observations"][:198], data["observations"][1:199])
+    # singletask relabelling from qpos (and button states): reward = -(parts of the task not solved), mask 0 where
+    # all are; scene tasks have 5 parts (cube, 2 buttons, drawer, window), cube tasks one per cube, mazes one
+    parts = {"scene-play-v0": 5, "cube-double-play-v0": 2, "cube-triple-play-v0": 3}.get(name, 1)
+    assert set(np.unique(data["rewards"])) <= set(range(-parts, 1))
+    assert ((data["rewards"] == 0) == (data["masks"] == 0)).all()
+    if name == "scene-play-v0":  # the oracles change the scene: the number of solved parts varies along the data
+        assert len(np.unique(data["rewards"])) > 1
+
+
+@pytest.mark.parametrize("env_id", ["scene-t4", "cube-dbl-t4", "cube-trl-t3", "hmaze-med-t3", "amaze-gnt-t4"])
+def test_tiny_run_on_each_ogbench_suite(tmp_path, ogbench_data, monkeypatch, env_id):
+    """Every OGBench suite of the paper's table, end to end on made data; episodes cut to 40 steps with gymnasium's
+    own time limit (the real env, only shorter), so that evaluation takes seconds."""
+    import ogbench
+    spec = fmq.env_spec(env_id)
+    dataset = "-".join(p for p in spec["name"].split("-") if p != "singletask" and not p.startswith("task"))
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None: ogbench.make_env_and_datasets(
+        spec["name"], env_only=True, max_episode_steps=40))
+    final = fmq.main(tiny_args(tmp_path, ogbench_data(dataset), env_id=env_id, offline_steps=10, online_steps=10,
+                               eval_interval=1000, eval_episodes=1, eval_envs=1))
+    run = tmp_path / "runs" / f"{env_id}__fmq__0"
+    evals = read_csv(run / "eval.csv")
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "online"), (20, "online")]
+    assert [float(r["length"]) for r in evals] == [40.0] * 3  # untrained policies do not solve a task in 40 steps
+    assert final["step"] == 20 and final["success"] == 0.0
+    assert json.loads((run / "config.json").read_text())["discount"] == (0.995 if "maze" in env_id else 0.99)
+
+
+# What OGBench's generator writes (data_gen_scripts/generate_manipspace.py): keys, dtypes and per-row shapes.
+CUBE_DOUBLE_FORMAT = {"observations": ("float32", (37,)), "actions": ("float32", (5,)), "terminals": ("bool", ()),
+                      "qpos": ("float32", (28,)), "qvel": ("float32", (26,))}
+
+
+def run_make_dataset(*flags):
+    out = subprocess.run([sys.executable, str(TOOLS / "make_dataset.py"), *flags], capture_output=True, text=True,
+                         timeout=600)
+    return out.returncode, out.stderr
+
+
+def test_make_dataset_writes_ogbench_play_files(tmp_path):
+    code, err = run_make_dataset("--env", "cube-double-play-v0", "--episodes", "2", "--max-episode-steps", "60",
+                                 "--workers", "2", "--out", str(tmp_path / "a"))
+    assert code == 0, err[-2000:]
+    for split, episodes in (("", 2), ("-val", 1)):  # validation: a tenth of the episodes, at least one
+        f = np.load(tmp_path / "a" / f"cube-double-play-v0{split}.npz")
+        assert {k: (str(f[k].dtype), f[k].shape[1:]) for k in f.files} == CUBE_DOUBLE_FORMAT
+        assert len(f["actions"]) == 60 * episodes and np.abs(f["actions"]).max() <= 1.0
+        assert np.flatnonzero(f["terminals"]).tolist() == [60 * i - 1 for i in range(1, episodes + 1)]
+    # each episode has its own seed: one worker in this process writes the same files as two worker processes
+    make_dataset.make_dataset("cube-double-play-v0", tmp_path / "b", 2, 60, workers=1, progress=False)
+    for split in ("", "-val"):
+        a, b = (np.load(tmp_path / d / f"cube-double-play-v0{split}.npz") for d in "ab")
+        assert all(np.array_equal(a[k], b[k]) for k in CUBE_DOUBLE_FORMAT)
+    import ogbench
+    _, train, val = ogbench.make_env_and_datasets("cube-double-play-singletask-task2-v0",
+                                                  dataset_dir=str(tmp_path / "a"))
+    assert train["observations"].shape == (2 * 59, 37) and val["rewards"].shape == (59,)
+    with pytest.raises(make_dataset.DatasetError, match="already exists"):
+        make_dataset.make_dataset("cube-double-play-v0", tmp_path / "a", 2, 60)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--env", "antmaze-giant-navigate-v0"], "antmaze-giant-navigate-v0 is a locomotion dataset: OGBench made it "
+                                             "with trained expert policies"),
+    (["--env", "humanoidmaze-medium-navigate-v0"], "is a locomotion dataset"),
+    (["--env", "scene-noisy-v0"], "cannot make 'scene-noisy-v0'; this tool makes the manipulation play datasets"),
+    (["--env", "scene-play-v0", "--episodes", "0"], "need --episodes >= 1"),
+    (["--env", "scene-play-v0", "--episodes", "two"], "argument --episodes: invalid int value: 'two'"),
+])
+def test_make_dataset_bad_input_one_line(tmp_path, flags, message):
+    code, err = run_make_dataset(*flags, "--out", str(tmp_path))
+    assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert err.startswith("make_dataset: error: ") and message in err
+    assert not list(tmp_path.iterdir())
