@@ -6,6 +6,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -570,23 +571,91 @@ def test_online_from_offline_checkpoint_with_qgbs_and_best_of_n_target(tmp_path,
 
 
 def test_cli_smoke_cube_double(tmp_path, ogbench_data):
-    cmd = [sys.executable, str(ROOT / "fmq.py"), "--env-id", "cube-dbl-t3", "--dataset-dir",
-           ogbench_data("cube-double-play-v0"), "--runs-dir",
-           str(tmp_path), "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--best-of-n", "4",
-           "--offline-steps", "10", "--online-steps", "10", "--eval-episodes", "2", "--eval-interval", "10",
-           "--log-interval", "5", "--device", "cpu"]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-2000:]
+    code, err = run_cli("--env-id", "cube-dbl-t3", "--dataset-dir", ogbench_data("cube-double-play-v0"), "--runs-dir",
+                        str(tmp_path), "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--best-of-n",
+                        "4", "--offline-steps", "10", "--online-steps", "10", "--eval-episodes", "2", "--eval-interval",
+                        "10", "--log-interval", "5", "--device", "cpu")
+    assert code == 0, err[-2000:]
     evals = read_csv(tmp_path / "cube-dbl-t3__fmq__0" / "eval.csv")
     assert len(evals) == 3 and all(np.isfinite(float(r["return"])) for r in evals)
 
 
+# ---------------------------------------------------------------- fmq.py subprocesses: wait on progress, not a clock
+STALL_S = float(os.environ.get("FMQ_TEST_STALL_S", 600))  # a child with no progress for this long is stuck
+
+
+class Child:
+    """`python fmq.py *flags` in a subprocess, waited on by progress, not by a fixed deadline: a loaded machine only
+    slows it down. Progress is any change of its stderr (tqdm, messages) or of the files under `watch` (its runs
+    dir: csv rows, checkpoints). A child that shows none for STALL_S seconds is killed and the test fails, naming
+    what it waited for. Use as a context manager: the child never outlives the test."""
+
+    def __init__(self, *flags, watch=None):
+        self.err, self.watch = tempfile.TemporaryFile("w+"), Path(watch) if watch else None
+        self.proc = subprocess.Popen([sys.executable, str(ROOT / "fmq.py"), *flags], stdout=subprocess.DEVNULL,
+                                     stderr=self.err, text=True)
+        self.seen, self.since, self.checked = None, time.monotonic(), 0.0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.err.close()
+
+    def stderr(self):
+        self.err.seek(0)
+        return self.err.read()
+
+    def progress(self):
+        files = []
+        for p in sorted(self.watch.rglob("*")) if self.watch and self.watch.exists() else []:
+            try:
+                files.append((str(p), p.stat().st_size))
+            except FileNotFoundError:  # an old checkpoint deleted, a .tmp renamed
+                pass
+        return os.fstat(self.err.fileno()).st_size, files
+
+    def wait_until(self, done, what):
+        """Polls until done() holds. Fails, naming `what`, if the child exits first or stalls for STALL_S."""
+        while not done():
+            if self.proc.poll() is not None and not done():
+                pytest.fail(f"fmq.py exited with code {self.proc.returncode} while the test waited for {what}; "
+                            f"stderr:\n{self.stderr()[-2000:]}")
+            now = time.monotonic()
+            if now - self.checked > 1.0:
+                self.checked, seen = now, self.progress()
+                if seen != self.seen:
+                    self.seen, self.since = seen, now
+                elif now - self.since > STALL_S:
+                    self.proc.kill()
+                    pytest.fail(f"fmq.py made no progress (no new stderr output, no file changes under {self.watch}) "
+                                f"for {STALL_S:.0f} s while the test waited for {what}; killed it. stderr:\n"
+                                f"{self.stderr()[-2000:]}")
+            time.sleep(0.02)
+
+    def finish(self, what="fmq.py to exit"):
+        """Waits (on progress) for the child to exit: (exit code, stderr)."""
+        self.wait_until(lambda: self.proc.poll() is not None, what)
+        return self.proc.returncode, self.stderr()
+
+
+def run_cli(*flags):
+    """Runs fmq.py to the end, watching its --runs-dir (if given) for progress: (exit code, stderr)."""
+    watch = flags[flags.index("--runs-dir") + 1] if "--runs-dir" in flags else None
+    with Child(*flags, watch=watch) as child:
+        return child.finish(f"`fmq.py {shlex.join(flags)}` to finish")
+
+
+def checkpoint_step(run):
+    """The step of the run's newest checkpoint (-1 if none yet)."""
+    ckpt = fmq.latest_checkpoint(run)
+    return int(ckpt.stem.split("_")[1]) if ckpt else -1
+
+
 # ---------------------------------------------------------------- bad input: one line, exit code != 0
-def run_cli(*flags, timeout=300):
-    out = subprocess.run([sys.executable, str(ROOT / "fmq.py"), *flags], capture_output=True, text=True, timeout=timeout)
-    return out.returncode, out.stderr
-
-
 @pytest.mark.parametrize("flags,message", [
     (["--env-id", "scene-t55"], "unknown env id 'scene-t55' (did you mean 'scene-t5'?); valid ids: can, square"),
     (["--offline-steps", "0"], "--offline-steps 0 needs --load-checkpoint"),
@@ -654,25 +723,24 @@ def resume_flags(dataset_dir):
 
 def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, ogb):
     flags = resume_flags(ogb)
-    code, err = run_cli(*flags, "--runs-dir", str(tmp_path / "a"))
-    assert code == 0, err[-2000:]
-    ckpts = tmp_path / "b" / "scene-t5__fmq__0" / "checkpoints"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "fmq.py"), *flags, "--runs-dir", str(tmp_path / "b")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (ckpts / "step_000000060.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert not (ckpts.parent / "final.json").exists(), "the run finished before it could be killed"
-    code, err = run_cli(*flags, "--runs-dir", str(tmp_path / "b"))
-    assert code == 0, err[-2000:]
+    run_b = tmp_path / "b" / "scene-t5__fmq__0"
+    # the uninterrupted run (a) and the one to kill (b) run side by side: same flags, deterministic, same numbers
+    with Child(*flags, "--runs-dir", str(tmp_path / "a"), watch=tmp_path / "a") as child_a:
+        with Child(*flags, "--runs-dir", str(tmp_path / "b"), watch=tmp_path / "b") as child_b:
+            child_b.wait_until(lambda: checkpoint_step(run_b) >= 60, f"run b's checkpoint of step 60 in {run_b}")
+            child_b.proc.send_signal(signal.SIGKILL)
+            child_b.proc.wait()
+        assert not (run_b / "final.json").exists(), "the run finished before it could be killed"
+        code, err = run_cli(*flags, "--runs-dir", str(tmp_path / "b"))
+        assert code == 0, err[-2000:]
+        code, err = child_a.finish("the uninterrupted run (a) to finish")
+        assert code == 0, err[-2000:]
     for name in ("train.csv", "eval.csv"):
         a, b = (read_csv(tmp_path / d / "scene-t5__fmq__0" / name) for d in "ab")
         steps = [int(r["step"]) for r in b]
         assert steps == sorted(set(steps)), "duplicated or unordered rows"
         assert strip_timing(a) == strip_timing(b)
-    assert (tmp_path / "a" / "scene-t5__fmq__0" / "final.json").read_text() == (ckpts.parent / "final.json").read_text()
+    assert (tmp_path / "a" / "scene-t5__fmq__0" / "final.json").read_text() == (run_b / "final.json").read_text()
 
 
 # ---------------------------------------------------------------- qgbs.py (Algorithm 2)
@@ -1050,14 +1118,11 @@ def test_sweep_dry_run_commands_and_skip(tmp_path):
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, ogb):
     run = tmp_path / "scene-t5__fmq__0"
-    proc = subprocess.Popen([sys.executable, str(ROOT / "fmq.py"), *resume_flags(ogb), "--runs-dir", str(tmp_path)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 300
-    while not (run / "checkpoints" / "step_000000030.pt").exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGTERM)
-    err = proc.communicate(timeout=120)[1]
-    assert proc.returncode != 0 and "Traceback" not in err
+    with Child(*resume_flags(ogb), "--runs-dir", str(tmp_path), watch=tmp_path) as child:
+        child.wait_until(lambda: checkpoint_step(run) >= 30, f"the checkpoint of step 30 in {run}")
+        child.proc.send_signal(signal.SIGTERM)
+        code, err = child.finish("fmq.py to save a checkpoint and stop after SIGTERM")
+    assert code != 0 and "Traceback" not in err
     line = err.strip().splitlines()[-1]
     assert line.startswith("fmq: error: stopped by signal at step ") and f"--resume {run}" in line
     stopped_at = int(line.split("at step ")[1].split(";")[0])

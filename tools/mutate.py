@@ -1,0 +1,375 @@
+"""Porting-bug check for fmq.py / qgbs.py ("Aligning Flow Map Policies with Optimal Q-Guidance", FMQ).
+
+People copy fmq.py and qgbs.py into other codebases and port them; the tests are how they know the copy is right.
+This tool plants classic porting bugs, one at a time, and checks that the test suite notices each one:
+  * every bug in BUGS is a small textual patch (file, exact old snippet, new snippet) with a one-line reason;
+  * each is applied to a copy of the code (fmq.py, qgbs.py, test_fmq.py, tools/) in a temp folder, and the fast
+    tests run there with `pytest -x` (stop at the first failure), fastest tests first;
+  * it prints a table (bug, killed or SURVIVED, by which test, seconds) and, last, `N of M porting bugs caught`.
+First the unpatched copy runs the same tests: they must pass (that run also measures each test, to order them).
+A patch whose old snippet is not found exactly once is an ERROR, never a silent skip. Exit status 0 only when
+every bug is caught and every patch applies. Opt-in (not part of `pytest`):
+
+  python tools/mutate.py                       # all bugs, one worker per core (~10 min on 2 cores)
+  python tools/mutate.py --only td_drops_mask  # one bug (repeatable)
+  python tools/mutate.py --list                # the catalogue
+  python tools/mutate.py --tests all           # also the slow end-to-end tests (they add no kill; see README)
+
+When the code changes, edit a bug's `old`/`new` snippet (keep each short and exact); `--list` checks them all.
+"""
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = ("fmq.py", "qgbs.py", "test_fmq.py", "tools")  # what each temp copy holds
+
+
+def bug(name, why, old, new, file="fmq.py", also=()):
+    """One porting bug: replace `old` (exactly once in `file`) by `new`; `also` holds more (file, old, new) edits."""
+    return dict(name=name, why=why, edits=[(file, old, new), *also])
+
+
+# fmt: off
+BUGS = [
+    # --- critic: the chunked TD target, R + discount^h * mask * max_n Q_target(s', a'_n)
+    bug("td_discount_per_step", "TD target discounts the chunk by discount, not discount ** horizon",
+        'discount ** horizon * batch["mask"]', 'discount * batch["mask"]'),
+    bug("td_drops_mask", "TD target bootstraps through terminal chunks (mask dropped)",
+        'discount ** horizon * batch["mask"] * next_q', "discount ** horizon * next_q"),
+    bug("td_bootstraps_online_critic", "TD target from the online critic, not the target critic",
+        "q_agg(agent.critic_target, agg)", "q_agg(agent.critic, agg)"),
+    bug("td_bootstraps_from_obs", "TD target bootstraps from s, not from s' after the chunk",
+        'batch["next_obs"], n)', 'batch["obs"], n)'),
+    bug("td_target_no_sg", "TD target not under no_grad: the critic loss trains the actor",
+        "    with torch.no_grad():\n        _, next_q = best_of_n(", "    if True:\n        _, next_q = best_of_n("),
+    bug("critic_agg_min_mean_swapped", "ensemble aggregation: 'min' takes the mean and 'mean' the min",
+        'critic(obs, a).min(0).values if how == "min" else critic(obs, a).mean(0)',
+        'critic(obs, a).mean(0) if how == "min" else critic(obs, a).min(0).values'),
+    bug("critic_agg_max", "pessimistic aggregation takes the max of the critics",
+        '.min(0).values if how == "min"', '.max(0).values if how == "min"'),
+    # --- target networks and Polyak averaging
+    bug("target_critic_is_the_critic", "target critic aliases the online critic (no copy)",
+        "critic_target=copy.deepcopy(critic).requires_grad_(False)", "critic_target=critic"),
+    bug("target_critic_not_frozen", "target critic parameters still require grad",
+        "critic_target=copy.deepcopy(critic).requires_grad_(False)", "critic_target=copy.deepcopy(critic)"),
+    bug("polyak_tau_flipped", "Polyak step uses 1 - tau (tau read as the fraction kept)",
+        "list(agent.critic.parameters()), args.tau)", "list(agent.critic.parameters()), 1 - args.tau)"),
+    bug("polyak_lerp_order", "Polyak lerp moves the online critic toward the target",
+        "_foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters())",
+        "_foreach_lerp_(list(agent.critic.parameters()), list(agent.critic_target.parameters())"),
+    bug("polyak_inside_autograd", "Polyak update outside no_grad: the targets join the autograd graph",
+        "    with torch.no_grad():  # Polyak", "    if True:  # Polyak"),
+    bug("no_zero_grad", "gradients accumulate across updates (zero_grad dropped in the port from optax)",
+        "opt.zero_grad(set_to_none=True)", "pass"),
+    # --- action chunks and the replay buffer
+    bug("chunk_return_unshifted_alive", "chunk return masks with cumprod(masks): the terminal step's reward is lost",
+        "alive = torch.cumprod(F.pad(masks[:, :-1], (1, 0), value=1.0), 1)", "alive = torch.cumprod(masks, 1)"),
+    bug("chunk_discount_off_by_one", "chunk return discounts the first reward by discount, not 1",
+        "powers = discount ** torch.arange(rewards.shape[1], device=rewards.device, dtype=rewards.dtype)",
+        "powers = discount ** (1 + torch.arange(rewards.shape[1], device=rewards.device, dtype=rewards.dtype))"),
+    bug("chunk_mask_any_alive", "chunk mask is 1 if any step is alive (any/all mix-up), not only if all are",
+        "masks.prod(1)", "masks.amax(1)"),
+    bug("replay_chunks_cross_episode_ends", "offline chunks may start anywhere, crossing trajectory ends",
+        "ok = i[c[i + horizon - 1] - c[i] == 0]", "ok = i"),
+    bug("online_chunks_cross_episode_ends", "online chunks ignore episode boundaries",
+        "if self.ep_len >= self.h:", "if self.size - self.n_off >= self.h:"),
+    bug("next_obs_off_by_one", "s' of a chunk taken one step too late",
+        'next_observations"][idx + self.h - 1]', 'next_observations"][idx + self.h]'),
+    bug("truncation_as_terminal", "time-limit truncation stored as terminal (mask 0)",
+        "1.0 - term, next_obs", "1.0 - (term or trunc), next_obs"),
+    # --- sampling
+    bug("actions_not_clipped", "one-step actions are not clipped to [-1, 1]",
+        "return (a_0 + actor(obs, a_0, 0.0, 1.0)).clamp(-1.0, 1.0)", "return a_0 + actor(obs, a_0, 0.0, 1.0)"),
+    bug("one_step_r_t_swapped", "one-step sampling calls u(a_0, r=1, t=0): (r, t) order swapped",
+        "actor(obs, a_0, 0.0, 1.0)", "actor(obs, a_0, 1.0, 0.0)"),
+    bug("best_of_n_argmin", "best-of-N keeps the lowest-Q sample",
+        "q_best, i = q.max(1)", "q_best, i = q.min(1)"),
+    bug("time_features_scale", "time features at 1..1000 rad (diffusion-style timestep scale), not 1..10",
+        "math.log(10.0), dim // 2", "math.log(1000.0), dim // 2"),
+    # --- offline flow-map pretraining
+    bug("fm_target_reversed", "flow-matching target a_0 - a_1 instead of a_1 - a_0",
+        "t, t), a_data - a_0)", "t, t), a_0 - a_data)"),
+    bug("fm_interpolation_reversed", "interpolation a_t = t a_0 + (1 - t) a_1 (noise at t = 1)",
+        "actor(obs, (1 - t) * a_0 + t * a_data, t, t)", "actor(obs, t * a_0 + (1 - t) * a_data, t, t)",
+        also=[("fmq.py", "a_r = (1 - r) * a_0 + r * a_data\n    if", "a_r = r * a_0 + (1 - r) * a_data\n    if")]),
+    bug("distill_target_no_sg", "self-distillation target not stop-gradient (sg dropped)",
+        "distill = F.mse_loss(u_rt, target.detach())", "distill = F.mse_loss(u_rt, target)"),
+    # --- online FMQ (Alg. 1) and Theorem 3.2
+    bug("fmq_interpolation_reversed", "Alg. 1 line 5 as a_r = r a_0 + (1 - r) a_1",
+        "a_r = (1 - r) * a_0 + r * a_data  # line 5", "a_r = r * a_0 + (1 - r) * a_data  # line 5"),
+    bug("u_off_is_the_actor", "u_off aliases the online actor (no frozen copy)",
+        "agent.u_off = copy.deepcopy(agent.actor).requires_grad_(False)", "agent.u_off = agent.actor"),
+    bug("u_off_not_frozen", "the copy u_off still requires grad",
+        "agent.u_off = copy.deepcopy(agent.actor).requires_grad_(False)", "agent.u_off = copy.deepcopy(agent.actor)"),
+    bug("fmq_reference_is_online_actor", "the trust region is centred on u_theta, not on the frozen u_off",
+        "u_off = agent.u_off(obs, a_r, r, 1.0)", "u_off = agent.actor(obs, a_r, r, 1.0)"),
+    bug("u_off_at_r_r", "u_off(a_r, r, r) (instantaneous velocity) instead of u_off(a_r, r, 1)",
+        "u_off = agent.u_off(obs, a_r, r, 1.0)", "u_off = agent.u_off(obs, a_r, r, r)"),
+    bug("a_1_without_1_minus_r", "a_1 = a_r + u_off instead of a_r + (1 - r) u_off (Alg. 1 line 6)",
+        "a_1 = (a_r + (1 - r) * u_off)", "a_1 = (a_r + u_off)"),
+    bug("fmq_actor_r_t_swapped", "the FMQ regression calls u_theta(a_r, 1, r): (r, t) order swapped",
+        "F.mse_loss(agent.actor(obs, a_r, r, 1.0), target)", "F.mse_loss(agent.actor(obs, a_r, 1.0, r), target)"),
+    bug("fmq_target_no_sg", "FMQ target not stop-gradient (differentiable grad Q, as jax.grad inside a loss)",
+        "grad_q = torch.autograd.grad(q_guide.sum(), a_1)[0]",
+        "grad_q = torch.autograd.grad(q_guide.sum(), a_1, create_graph=True)[0]",
+        also=[("fmq.py", "eta_eff, args.kappa1).detach()", "eta_eff, args.kappa1)")]),
+    bug("guidance_critic_swapped", "--guidance-critic q1 guides with the mean and mean with Q_phi1",
+        'qs[0] if args.guidance_critic == "q1" else qs.mean(0)',
+        'qs.mean(0) if args.guidance_critic == "q1" else qs[0]'),
+    bug("eta_eff_no_damping", "eta_eff without the 1 / (1 + beta * delta_critic) damping",
+        "/ (1 + args.beta * delta)", "* torch.ones_like(delta)"),
+    bug("delta_not_normalised", "delta_critic is the raw critic spread, not divided by its batch mean",
+        "delta = spread / spread.mean().clamp_min(1e-8)", "delta = spread"),
+    bug("official_eta_swapped", "--official-eta and the paper's eta_eff swapped",
+        "(1.0 if args.official_eta else args.eta)", "(args.eta if args.official_eta else 1.0)"),
+    bug("trust_region_descent", "Thm 3.2 step against the Q-gradient",
+        "return u_ref + eta * grad_q / (norm + kappa1)", "return u_ref - eta * grad_q / (norm + kappa1)"),
+    bug("kappa1_outside_norm", "kappa1 added to the step, not to the gradient norm",
+        "eta * grad_q / (norm + kappa1)", "eta * grad_q / norm + kappa1"),
+    bug("bon_target_reversed", "best-of-N baseline flow-matches toward a_0 - a_best",
+        "r, 1.0), a_best - a_0)", "r, 1.0), a_0 - a_best)"),
+    # --- QGBS (Alg. 2)
+    bug("qgbs_t_prime_inverted", "t' = 1 / (1 + rho) instead of rho / (1 + rho)",
+        "t_prime = rho / (1.0 + rho)", "t_prime = 1.0 / (1.0 + rho)", file="qgbs.py"),
+    bug("qgbs_renoise_weights_swapped", "re-noising as (1 - t') a_1 + t' eps",
+        "a_tp = t_prime * a_1[:, :, None] + (1.0 - t_prime) * eps",
+        "a_tp = (1.0 - t_prime) * a_1[:, :, None] + t_prime * eps", file="qgbs.py"),
+    bug("qgbs_top_m_smallest", "the beam keeps the M lowest-Q candidates",
+        ".topk(M, dim=1).indices", ".topk(M, dim=1, largest=False).indices", file="qgbs.py"),
+    bug("qgbs_gradient_descent", "the beam steps against the Q-gradient",
+        "a_1 = (a_1 + eta * g", "a_1 = (a_1 - eta * g", file="qgbs.py"),
+    bug("qgbs_unnormalised_gradient", "the beam steps by eta * grad Q, not eta * grad Q / ||grad Q||",
+        "eta * g / (g.norm(dim=-1, keepdim=True) + 1e-8)", "eta * g", file="qgbs.py"),
+    bug("qgbs_no_clamp_after_step", "actions leave the action box after the gradient step",
+        "+ 1e-8)).clamp(lo, hi)", "+ 1e-8))", file="qgbs.py"),
+    bug("qgbs_returns_argmin", "QGBS returns the lowest-Q member of the beam",
+        "q, best = beam_q.max(dim=1)", "q, best = beam_q.min(dim=1)", file="qgbs.py"),
+]
+# fmt: on
+
+# Left out unless --tests all: end-to-end runs and CLI subprocesses (minutes each), and the bf16 (--amp) repeats of
+# two training tests (the fp32 runs cover the same code). Measured: they kill no bug that the others miss (README).
+# Substrings of pytest node ids.
+SLOW = ("test_tiny_run_end_to_end", "test_online_from_offline_checkpoint", "test_robomimic_can_end_to_end",
+        "test_cli_smoke", "test_bad_flags_give_one_clear_line", "test_horizon_longer_than_episode",
+        "test_dataset_that_does_not_match_the_env", "test_nan_stops_the_run", "test_sigkill_and_resume",
+        "test_sigterm_saves_a_checkpoint", "bimodal_policy[eulerian-True]", "along_the_q_gradient[True]")
+LAST = ("learns_a_one_step", "moves_actions_by_eta")  # training tests (seconds each): run after the unit tests
+
+
+# ---------------------------------------------------------------- pytest plugin (loaded in the child with -p mutate)
+# Selects the tests (MUTATE_TESTS: fast, slow or all) and runs the LAST and SLOW ones after the others, so that
+# `pytest -x` stops early; notes the first failure in MUTATE_FIRST_FAIL and each test's seconds in MUTATE_TIMES.
+_times = {}
+
+
+def pytest_collection_modifyitems(config, items):
+    which = os.environ.get("MUTATE_TESTS", "all")
+    slow = lambda it: any(s in it.nodeid for s in SLOW)  # noqa: E731
+    drop = [it for it in items if which != "all" and slow(it) != (which == "slow")]
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = [it for it in items if it not in drop]
+    items.sort(key=lambda it: (slow(it), any(s in it.nodeid for s in LAST)))
+
+
+def _note_failure(nodeid, report):
+    path = os.environ.get("MUTATE_FIRST_FAIL")
+    if path and report.failed and not Path(path).exists():
+        crash = getattr(report.longrepr, "reprcrash", None)
+        message = (crash.message if crash else str(report.longrepr)).strip()
+        Path(path).write_text(json.dumps(dict(test=nodeid, message=message.splitlines()[0][:200] if message else "")))
+
+
+def pytest_runtest_logreport(report):
+    _times[report.nodeid] = _times.get(report.nodeid, 0.0) + report.duration
+    _note_failure(report.nodeid, report)
+
+
+def pytest_collectreport(report):
+    _note_failure(report.nodeid or "collection", report)
+
+
+def pytest_sessionfinish(session):
+    if os.environ.get("MUTATE_TIMES"):
+        Path(os.environ["MUTATE_TIMES"]).write_text(json.dumps(_times))
+
+
+# ---------------------------------------------------------------- patches
+def apply(bug_, repo):
+    """Applies a bug's edits to the copy in `repo`; returns an error message, or None."""
+    for file, old, new in bug_["edits"]:
+        path = repo / file
+        text = path.read_text() if path.exists() else ""
+        n = text.count(old)
+        if n != 1:
+            return f"{bug_['name']}: the old snippet is found {n} times in {file} (must be exactly once): {old!r}"
+        if old == new:
+            return f"{bug_['name']}: old and new snippets are the same"
+        path.write_text(text.replace(old, new))
+    return None
+
+
+def make_copy(dest, files=COPY):
+    """A copy of the code in dest/repo, with dest/shared -> the real ../shared (the tests' datasets)."""
+    repo = dest / "repo"
+    repo.mkdir(parents=True)
+    for name in files:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif src.exists():
+            shutil.copy2(src, repo / name)
+    if (ROOT.parent / "shared").exists():
+        (dest / "shared").symlink_to(ROOT.parent / "shared")
+    return repo
+
+
+def check_all(bugs):
+    """Applies every patch to a fresh copy: {bug name: error message} for those that do not apply."""
+    with tempfile.TemporaryDirectory(prefix="fmq-mutate-check-") as tmp:
+        errors = {b["name"]: apply(b, make_copy(Path(tmp) / b["name"], {f for f, _, _ in b["edits"]})) for b in bugs}
+    return {k: v for k, v in errors.items() if v}
+
+
+# ---------------------------------------------------------------- running the tests
+RUNNING, LOCK = set(), threading.Lock()
+
+
+def run_tests(repo, dest, opts):
+    """pytest -x in the copy `repo`: (exit code, or None on timeout; output)."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "mutate", "-rfE",
+           "--no-header", "-W", "ignore"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(repo / "tools"), str(repo)]), PYTHONDONTWRITEBYTECODE="1",
+               MUTATE_FIRST_FAIL=str(dest / "first_fail.json"), MUTATE_TIMES=str(dest / "times.json"),
+               MUTATE_TESTS=opts.tests,
+               # one thread per worker: the nets are tiny, and OpenMP threads spin-wait on a busy machine
+               OMP_NUM_THREADS=str(opts.threads), MKL_NUM_THREADS=str(opts.threads))
+    proc = subprocess.Popen(cmd, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    with LOCK:
+        RUNNING.add(proc)
+    try:
+        out = proc.communicate(timeout=opts.timeout)[0]
+        return proc.returncode, out
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        return None, proc.communicate()[0]
+    finally:
+        with LOCK:
+            RUNNING.discard(proc)
+
+
+def run_job(bug_, tmp, opts):
+    """One bug (or, for bug_ None, the unpatched baseline) in its own temp copy: a table row."""
+    name = bug_["name"] if bug_ else "(unpatched)"
+    t0, dest = time.time(), tmp / (bug_["name"] if bug_ else "_unpatched")
+    repo = make_copy(dest)
+    error = apply(bug_, repo) if bug_ else None
+    if error:
+        return dict(name=name, result="ERROR", test=error, seconds=0.0)
+    code, out = run_tests(repo, dest, opts)
+    row = dict(name=name, seconds=time.time() - t0)
+    failed = json.loads((dest / "first_fail.json").read_text()) if (dest / "first_fail.json").exists() else None
+    times = json.loads((dest / "times.json").read_text()) if (dest / "times.json").exists() else {}
+    if not opts.keep:
+        shutil.rmtree(dest, ignore_errors=True)
+    if code is None:
+        return dict(row, result="ERROR", test=f"timed out after {opts.timeout:.0f} s (--timeout)")
+    if code == 0:
+        return dict(row, result="passed" if bug_ is None else "SURVIVED", test="-", times=times)
+    if failed:  # a test (or the collection) failed
+        return dict(row, result="killed", test=failed["test"].split("::")[-1], message=failed["message"], out=out)
+    return dict(row, result="ERROR", test=f"pytest exit {code}: {out.strip()[-300:]}")
+
+
+
+def print_table(rows, verbose):
+    w = max(len(r["name"]) for r in rows)
+    print(f"{'bug':<{w}}  {'result':<8}  {'seconds':>7}  by test")
+    for r in rows:
+        extra = f"  ({r['message']})" if verbose and r.get("message") else ""
+        print(f"{r['name']:<{w}}  {r['result']:<8}  {r['seconds']:>7.1f}  {r['test']}{extra}")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", action="append", metavar="NAME", help="run only this bug (repeatable)")
+    p.add_argument("--list", action="store_true", help="list the catalogue (and check that every patch applies)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="bugs tested in parallel (default: cores)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--tests", choices=["fast", "slow", "all"], default="fast",
+                   help="fast: all but SLOW (default); slow: only SLOW (end-to-end); all: both")
+    p.add_argument("--timeout", type=float, default=3600.0, help="seconds before one bug's test run is an ERROR")
+    p.add_argument("--keep", action="store_true", help="keep the temp copies (prints where)")
+    p.add_argument("-v", "--verbose", action="store_true", help="add the failing assertion to the table")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    opts = parse_args(argv)
+    names = [b["name"] for b in BUGS]
+    if len(set(names)) != len(names):
+        sys.exit(f"mutate: error: duplicate bug names {sorted({n for n in names if names.count(n) > 1})}")
+    unknown = [n for n in opts.only or [] if n not in names]
+    if unknown:
+        sys.exit(f"mutate: error: unknown bug {unknown}; see --list")
+    bugs = [b for b in BUGS if not opts.only or b["name"] in opts.only]
+    errors = check_all(bugs)
+    if opts.list:
+        w = max(len(b["name"]) for b in bugs)
+        for b in bugs:
+            files = ", ".join(dict.fromkeys(f for f, _, _ in b["edits"]))
+            print(f"{b['name']:<{w}}  {files:<7}  {b['why']}")
+            if b["name"] in errors:
+                print(f"  ERROR {errors[b['name']]}")
+        print(f"{len(bugs)} porting bugs" + (f"; {len(errors)} patches do not apply" if errors else ""))
+        return 1 if errors else 0
+    for e in errors.values():
+        print(f"mutate: ERROR {e}", file=sys.stderr)
+    tmp, t0 = Path(tempfile.mkdtemp(prefix="fmq-mutate-")), time.time()
+    if opts.keep:
+        print(f"temp copies in {tmp}", file=sys.stderr)
+    # the unpatched code runs first, beside the first bugs: it must pass, or no result means anything
+    jobs, rows = [None] + [b for b in bugs if b["name"] not in errors], []
+    try:
+        with ThreadPoolExecutor(max(1, min(opts.workers, len(jobs)))) as pool:
+            for i, r in enumerate(pool.map(lambda b: run_job(b, tmp, opts), jobs)):
+                rows.append(r)
+                print(f"[{i}/{len(jobs) - 1}] {r['name']}: {r['result']} {r['test']} ({r['seconds']:.0f} s)",
+                      file=sys.stderr)
+    except KeyboardInterrupt:
+        with LOCK:
+            for proc in RUNNING:
+                os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    finally:
+        if not opts.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
+    base, rows = rows[0], rows[1:] + [dict(name=n, result="ERROR", test=e, seconds=0.0) for n, e in errors.items()]
+    if base["result"] != "passed":
+        sys.exit(f"mutate: error: the unpatched code fails the selected tests ({base['test']}); fix that first:\n"
+                 f"{base.get('out', '').strip()[-3000:]}")
+    slowest = sorted(base["times"].items(), key=lambda kv: -kv[1])[:5]
+    print(f"unpatched: {len(base['times'])} tests pass in {base['seconds']:.0f} s; slowest: "
+          + ", ".join(f"{k.split('::')[-1]} {v:.0f} s" for k, v in slowest), file=sys.stderr)
+    order = {b["name"]: i for i, b in enumerate(BUGS)}
+    rows.sort(key=lambda r: order[r["name"]])
+    print_table(rows, opts.verbose)
+    caught = sum(r["result"] == "killed" for r in rows)
+    print(f"{len(rows)} bugs, {opts.workers} workers, {time.time() - t0:.0f} s in all")
+    print(f"{caught} of {len(rows)} porting bugs caught")
+    return 0 if caught == len(rows) else 1
+
+if __name__ == "__main__":
+    sys.exit(main())
