@@ -717,8 +717,8 @@ def resume_flags(dataset_dir):
     return ["--dataset-dir", str(dataset_dir), "--hidden-dim", "32", "--num-layers", "2", "--time-dim", "8",
              "--batch-size", "16", "--best-of-n", "4", "--offline-steps", "20", "--online-steps", "300",
              "--eval-episodes", "2", "--eval-interval", "1000", "--log-interval", "10", "--save-interval", "10",
-             "--curriculum-start", "5", "--curriculum-end", "15", "--device", "cpu", "--deterministic",
-             "--resume", "auto"]
+             "--curriculum-start", "5", "--curriculum-end", "15", "--start-training", "10", "--device", "cpu",
+             "--deterministic", "--resume", "auto"]
 
 
 def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, ogb):
@@ -1453,7 +1453,7 @@ def test_tiny_run_on_each_ogbench_suite(tmp_path, ogbench_data, monkeypatch, env
     assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "online"), (20, "online")]
     assert [float(r["length"]) for r in evals] == [40.0] * 3  # untrained policies do not solve a task in 40 steps
     assert final["step"] == 20 and final["success"] == 0.0
-    assert json.loads((run / "config.json").read_text())["discount"] == (0.995 if "maze" in env_id else 0.99)
+    assert json.loads((run / "config.json").read_text())["discount"] == 0.99  # official: 0.99 for every task
 
 
 # What OGBench's generator writes (data_gen_scripts/generate_manipspace.py): keys, dtypes and per-row shapes.
@@ -1463,7 +1463,7 @@ CUBE_DOUBLE_FORMAT = {"observations": ("float32", (37,)), "actions": ("float32",
 
 def run_make_dataset(*flags):
     out = subprocess.run([sys.executable, str(TOOLS / "make_dataset.py"), *flags], capture_output=True, text=True,
-                         timeout=600)
+                         timeout=3600)  # a generous cap only against a hang: a 2-episode run takes seconds
     return out.returncode, out.stderr
 
 
