@@ -276,6 +276,9 @@ def test_best_of_n_equals_qgbs_with_k0_on_the_same_noise():
 def test_update_changes_parameters_and_polyak_moves_targets():
     """Polyak toward the pre-update critic (official target_update reads the pre-update network)."""
     args, agent, batch = small_agent()
+    with torch.no_grad():  # targets apart from the critic, or any Polyak rate (tau, 1 - tau, none) would pass
+        for p in agent.critic_target.parameters():
+            p.add_(0.1 * torch.randn_like(p))
     before = [p.clone() for p in agent.critic_target.parameters()]
     critic_before = [p.clone() for p in agent.critic.parameters()]
     losses = fmq.make_losses()
