@@ -291,6 +291,19 @@ def test_update_changes_parameters_and_polyak_moves_targets():
     assert all(not p.requires_grad and p.grad_fn is None for p in agent.critic_target.parameters())  # frozen, no graph
 
 
+def test_each_update_starts_from_zero_gradients():
+    """Losses = sum of the parameters: every gradient is exactly 1 after each update, not 2 after the second (no
+    gradient accumulation across updates, as optax has none)."""
+    args, agent, batch = small_agent()
+    total = lambda net: sum(p.sum() for p in net.parameters())  # noqa: E731
+    losses = dict(critic=lambda agent, *a: (total(agent.critic), {}), flow_map=lambda actor, *a: (total(actor), {}),
+                  fmq=lambda agent, *a: (total(agent.actor), {}))
+    for step in range(2):
+        fmq.update(agent, batch, step, args, losses)
+        for p in [*agent.critic.parameters(), *agent.actor.parameters()]:
+            assert torch.equal(p.grad, torch.ones_like(p)), f"update {step}: gradients accumulated"
+
+
 @pytest.mark.skipif(not os.environ.get("FMQ_SLOW"), reason="slow (torch.compile): set FMQ_SLOW=1")
 def test_compiled_losses_match_eager(monkeypatch):
     import torch._inductor.config
