@@ -1518,3 +1518,18 @@ def test_make_dataset_bad_input_one_line(tmp_path, flags, message):
     assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith("make_dataset: error: ") and message in err
     assert not list(tmp_path.iterdir())
+
+
+def test_time_limit_truncation_is_stored_as_alive(tmp_path, ogbench_data, monkeypatch):
+    """An episode cut by the time limit is not terminal: its transitions keep mask 1 (only env termination, i.e.
+    success, gives mask 0), and the episode still ends there. Untrained policies do not solve scene in 20 steps."""
+    import ogbench
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None: ogbench.make_env_and_datasets(
+        spec["name"], env_only=True, max_episode_steps=20))
+    stored, real_add = [], fmq.ReplayBuffer.add
+    monkeypatch.setattr(fmq.ReplayBuffer, "add", lambda self, *row: stored.append(row[3:]) or real_add(self, *row))
+    fmq.main(tiny_args(tmp_path, ogbench_data("scene-play-v0"), env_id="scene-t4", offline_steps=5, online_steps=30,
+                       eval_interval=1000, eval_episodes=1, eval_envs=1))
+    masks, ends = np.array([m for m, _, _ in stored]), np.array([e for _, _, e in stored])
+    assert len(stored) == 30 and ends.sum() == 1 and ends[19]  # one time-limit end, after 20 steps
+    assert (masks == 1.0).all()
