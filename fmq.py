@@ -98,13 +98,12 @@ class FMQError(Exception):
 
 
 # ---------------------------------------------------------------- envs & datasets
-def _ogb(name, **settings):
-    return dict(suite="ogbench", name=name, **settings)
+def _ogb(name, reward=None):
+    return dict(suite="ogbench", name=name, reward=reward)
 
 
 # Every per-env setting lives here. reward (official main.py and README table): 'sparse' -> (r != 0) * -1 (a no-op on
 # the navigate tasks: already -1 / 0); 'minus_one' -> r - 1; None: the env's.
-ENV_DEFAULTS = dict(reward=None)
 ENVS = {
     "can": dict(suite="robomimic", name="can", max_episode_steps=300, reward="minus_one"),
     "square": dict(suite="robomimic", name="square", max_episode_steps=400, reward="minus_one"),
@@ -129,10 +128,8 @@ logging.getLogger("robosuite_logs").addFilter(lambda r: r.levelno >= logging.ERR
 
 
 def env_spec(env_id):
-    if env_id in ENVS:
-        return {**ENV_DEFAULTS, **ENVS[env_id]}
-    if "-singletask-" in env_id:
-        return {**ENV_DEFAULTS, **_ogb(env_id)}
+    if env_id in ENVS or "-singletask-" in env_id:
+        return dict(ENVS.get(env_id) or _ogb(env_id))
     close = difflib.get_close_matches(env_id, list(ENVS), n=1)
     raise FMQError(f"unknown env id '{env_id}'" + (f" (did you mean '{close[0]}'?)" if close else "")
                    + f"; valid ids: {', '.join(ENVS)}, or any OGBench '*-singletask-task*-v0' name")
@@ -180,11 +177,10 @@ class RoboMimicEnv:
 
 def robomimic_mismatch(f, env):
     """How far `env` is from the one that recorded robomimic file f (3 demos), next to RM_TOL. obs: restored states[k]
-    vs obs[k] (states[k-1] first: robosuite 1.5 fills object-eef poses from its cache, as robomimic's extraction did);
-    robosuite 1.4's `object` order gives ~1. replay: the gripper's miss against states[k+1] after stepping actions[k]
-    from states[k] (8 rows per demo, each after a warm-up step that leaves the sim's hidden state as when recording),
-    over how far it moved: other controller types, scalings, control_freq, kp or damping off by a third or more, not
-    what one step hides (lite_physics). reward: env.reward() at states[k+1] vs rewards[k], last, first rewarded row."""
+    vs obs[k] (states[k-1] first: robosuite 1.5 fills object-eef poses from its cache); robosuite 1.4's `object`
+    order gives ~1. replay: the gripper's miss against states[k+1] after stepping actions[k] from states[k] (8 rows
+    per demo, after a warm-up step), over how far it moved: other controllers, scalings, control_freq, kp or damping
+    off by a third or more. reward: env.reward() at states[k+1] vs rewards[k], last and first rewarded row."""
     import mujoco
     sim, model = env.env.sim, env.env.sim.model._model
     aside, site = mujoco.MjData(model), env.env.robots[0].eef_site_id["right"]
@@ -495,7 +491,7 @@ def eulerian_target(u, obs, a_r, r, t, v=None):
     return u_rt, v + (t - r) * du_dr
 
 
-def lagrangian_target(u, obs, a_r, r, t):
+def lagrangian_target(u, obs, a_r, r, t, v=None):
     """Lagrangian self-distillation (LSD): d/dt X_{r,t}(a_r) = v(X_{r,t}(a_r), t), i.e.
     u(a_r, r, t) = v(X_{r,t}(a_r), t) - (t - r) partial_t u(a_r, r, t)."""
     u_rt, du_dt = torch.func.jvp(lambda t_: u(obs, a_r, r, t_), (t,), (torch.ones_like(t),))
@@ -503,7 +499,7 @@ def lagrangian_target(u, obs, a_r, r, t):
     return u_rt, u(obs, x_t, t, t) - (t - r) * du_dt
 
 
-def progressive_target(u, obs, a_r, r, t):
+def progressive_target(u, obs, a_r, r, t, v=None):
     """Progressive self-distillation (PSD): X_{r,t} = X_{s,t} o X_{r,s} for s = r + lam (t - r), i.e.
     u(a_r, r, t) = lam u(a_r, r, s) + (1 - lam) u(X_{r,s}(a_r), s, t)."""
     lam = torch.rand_like(r)
@@ -536,10 +532,7 @@ def flow_map_loss(actor, obs, a_data, step, args):
     diag = F.mse_loss(actor(obs, (1 - t) * a_0 + t * a_data, t, t), a_data - a_0)
     (r, t), a_0 = sample_r_t(B, step, args), torch.randn_like(a_data)  # the distillation term's own noise
     a_r = (1 - r) * a_0 + r * a_data
-    if args.flow_map_loss == "eulerian":
-        u_rt, target = eulerian_target(actor, obs, a_r, r, t, v=a_data - a_0)
-    else:
-        u_rt, target = FLOW_MAP_TARGETS[args.flow_map_loss](actor, obs, a_r, r, t)
+    u_rt, target = FLOW_MAP_TARGETS[args.flow_map_loss](actor, obs, a_r, r, t, v=a_data - a_0)  # v: eulerian only
     distill = F.mse_loss(u_rt, target.detach())
     loss = diag + (step > args.curriculum_start) * distill  # weight 0 up to curriculum_start, as the official code
     return loss, {"actor/diag_loss": diag.detach(), "actor/distill_loss": distill.detach()}
@@ -716,17 +709,6 @@ def load_checkpoint(path, args, agent):
     return ckpt
 
 
-def rng_state():
-    return dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
-
-
-def set_rng_state(s):
-    random.setstate(s["python"]), np.random.set_state(s["numpy"]), torch.set_rng_state(s["torch"])
-    if s["cuda"] is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
 def csv_logger(path, fields, resume_step=None):
     """CSV writer, and the rows kept: on resume, rows logged after the checkpoint are dropped (they will be redone)."""
     rows = []
@@ -831,7 +813,10 @@ def main(args: Args):
         ckpt = load_checkpoint(resume_from, args, agent)
         step, ep = ckpt["step"], ckpt["episode"]
         buffer.load_online_state(ckpt["buffer"])
-        set_rng_state(ckpt["rng"])
+        rng = ckpt["rng"]
+        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
     elif args.load_checkpoint:
         load_checkpoint(args.load_checkpoint, args, agent)
     update_fn = make_update(agent, buffer, args, losses)
@@ -859,14 +844,14 @@ def main(args: Args):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
 
-    def phase_of(s):
-        return "offline" if s < args.offline_steps or args.online_steps == 0 else "online"
-
+    phase_of = lambda s: "offline" if s < args.offline_steps or args.online_steps == 0 else "online"
     def checkpoint(s):
         guard.check(last_ckpt)  # a bad state is never saved over the last good one
         state = {k: getattr(agent, k).state_dict() for k in NETS}
         state.update(step=s, args=asdict(args), u_off=agent.u_off.state_dict() if agent.u_off else None,
-                     buffer=buffer.online_state(), rng=rng_state(), episode=dict(ep, queue=list(queue)))
+                     buffer=buffer.online_state(), episode=dict(ep, queue=list(queue)),
+                     rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                              cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
         return save_checkpoint(run_dir, state, args.keep_checkpoints)
 
     def run_eval(s):

@@ -101,7 +101,7 @@ BUGS = [
         "t, t), a_data - a_0)", "t, t), a_0 - a_data)"),
     bug("fm_interpolation_reversed", "interpolation a_t = t a_0 + (1 - t) a_1 (noise at t = 1)",
         "actor(obs, (1 - t) * a_0 + t * a_data, t, t)", "actor(obs, t * a_0 + (1 - t) * a_data, t, t)",
-        also=[("fmq.py", "a_r = (1 - r) * a_0 + r * a_data\n    if", "a_r = r * a_0 + (1 - r) * a_data\n    if")]),
+        also=[("fmq.py", "a_r = (1 - r) * a_0 + r * a_data\n    u_rt", "a_r = r * a_0 + (1 - r) * a_data\n    u_rt")]),
     bug("distill_target_no_sg", "self-distillation target not stop-gradient (sg dropped)",
         "distill = F.mse_loss(u_rt, target.detach())", "distill = F.mse_loss(u_rt, target)"),
     # --- online FMQ (Alg. 1) and Theorem 3.2
