@@ -397,16 +397,30 @@ def fmq_stand_ins(critic, u_off=0.0, actor=None, **kw):
 
 @pytest.mark.parametrize("official,expected", [(False, 0.150504), (True, 0.235162)])
 def test_eta_eff_damps_with_the_per_sample_critic_spread(official, expected):
-    """Q1 = g.a, Q2 = g.a + s_0 with s_0 = 1, 2, 3: spreads 1:2:3 over mean 2, delta = .5, 1, 1.5. With beta .5,
-    eta .8: eta_eff = .8 / (1.25, 1.5, 1.75); the official form drops eta: 1 / (...). With u_off = 0, a zero actor
-    and ||g / ||g|||| = 1 the loss is mean(eta_eff^2) / 2 (2 action dims)."""
+    """Q1 = g.a, Q2 = g.a + s_0 with s_0 = 2, 4, 6: spreads (std, ddof 0) 1, 2, 3 over their batch mean 2, delta = .5,
+    1, 1.5 (unnormalised 1, 2, 3 would differ). With beta .5, eta .8: eta_eff = .8 / (1.25, 1.5, 1.75); the official
+    form drops eta: 1 / (...). With u_off = 0, a zero actor and ||g / ||g|||| = 1 the loss is mean(eta_eff^2) / 2."""
     g = torch.tensor([3.0, 4.0])
     critic = lambda obs, a: torch.stack([a @ g, a @ g + obs[:, 0]])  # noqa: E731
     agent, args = fmq_stand_ins(critic, eta=0.8, beta=0.5, official_eta=official)
-    loss, info = fmq.fmq_loss(agent, torch.tensor([[1.0], [2.0], [3.0]]), torch.zeros(3, 2), args)
+    loss, info = fmq.fmq_loss(agent, torch.tensor([[2.0], [4.0], [6.0]]), torch.zeros(3, 2), args)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     eta_eff = (1.0 if official else 0.8) / torch.tensor([1.25, 1.5, 1.75])
     assert info["actor/eta_eff"].item() == pytest.approx(eta_eff.mean().item(), rel=1e-6)
+
+
+def test_fmq_loss_interpolates_a_r_from_noise_to_data():
+    """Alg. 1, line 5: a_r = (1 - r) a_0 + r a_1. Two calls on the same noise, with data 0 and data 1, hand u_off
+    inputs a_r that differ by exactly r (reversed, a_r = r a_0 + (1 - r) a_1, by 1 - r)."""
+    seen = []
+    agent, args = fmq_stand_ins(lambda obs, a: a.sum(-1).expand(2, -1))
+    agent.u_off = lambda obs, a, r, t: (seen.append((a.clone(), r.clone())), torch.zeros_like(a))[1]
+    for a_1 in (0.0, 1.0):
+        torch.manual_seed(0)
+        fmq.fmq_loss(agent, torch.zeros(64, 1), torch.full((64, 2), a_1), args)
+    (a_r0, r), (a_r1, r1) = seen
+    assert torch.equal(r, r1)
+    torch.testing.assert_close(a_r1 - a_r0, r.expand(-1, 2))
 
 
 @pytest.mark.parametrize("guidance,expected", [("q1", 0.0), ("mean", 0.2)])
