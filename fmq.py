@@ -783,7 +783,6 @@ def main(args: Args):
         raise FMQError(f"--resume {args.resume}: no checkpoint in {run_dir / 'checkpoints'}")
     if args.resume is None and latest_checkpoint(run_dir) is not None:
         raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     if args.deterministic:
@@ -820,6 +819,7 @@ def main(args: Args):
     elif args.load_checkpoint:
         load_checkpoint(args.load_checkpoint, args, agent)
     update_fn = make_update(agent, buffer, args, losses)
+    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
     (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
     if args.track:
         try:
