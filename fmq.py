@@ -845,6 +845,7 @@ def main(args: Args):
         signal.signal(sig, lambda *_: stop.append(True))
 
     phase_of = lambda s: "offline" if s < args.offline_steps or args.online_steps == 0 else "online"
+
     def checkpoint(s):
         guard.check(last_ckpt)  # a bad state is never saved over the last good one
         state = {k: getattr(agent, k).state_dict() for k in NETS}
