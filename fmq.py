@@ -60,7 +60,7 @@ class Args:
     batch_size: int = 256  # batch size
     hidden_dim: int = 512  # MLP width (actor and critics)
     num_layers: int = 4  # hidden layers (actor and critics)
-    time_dim: int = 64  # Fourier features for each of r and t (official fourier_feature_dim)
+    time_dim: int = 64  # Fourier features for each of r and t (official fourier_feature_dim); 0: raw r and t (QC)
     actor_layer_norm: bool = False  # LayerNorm in the actor
     critic_layer_norm: bool = True  # LayerNorm in the critics
     lr: float = 3e-4  # Adam learning rate (actor and critics)
@@ -340,7 +340,9 @@ class ReplayBuffer:
 # ---------------------------------------------------------------- networks
 def time_features(t, dim):
     """Fourier features of a time in [0, 1] (official `FourierFeatures`): [cos, sin] of t times dim / 2 log-spaced
-    frequencies 10000^(-k / (dim / 2 - 1)), from 1 down to 1e-4 rad per unit time."""
+    frequencies 10000^(-k / (dim / 2 - 1)), from 1 down to 1e-4 rad per unit time. dim 0: t itself (QC's input)."""
+    if dim == 0:
+        return t
     freqs = 1e4 ** -(torch.arange(dim // 2, device=t.device, dtype=t.dtype) / max(dim // 2 - 1, 1))
     return torch.cat([torch.cos(t * freqs), torch.sin(t * freqs)], -1)
 
@@ -366,7 +368,7 @@ class FlowMapActor(nn.Module):
     def __init__(self, obs_dim, act_dim, args):
         super().__init__()
         self.act_dim, self.time_dim = act_dim, args.time_dim
-        self.net = mlp(obs_dim + act_dim + 2 * args.time_dim, args.hidden_dim, act_dim, args.num_layers,
+        self.net = mlp(obs_dim + act_dim + 2 * max(args.time_dim, 1), args.hidden_dim, act_dim, args.num_layers,
                        args.actor_layer_norm)
 
     def forward(self, obs, a_r, r, t):
@@ -747,6 +749,7 @@ def validate(args):
         (args.horizon < 1, "--horizon must be >= 1"),
         (min(args.qgbs_m, args.qgbs_b, args.qgbs_k + 1) < 1, "QGBS needs --qgbs-m >= 1, --qgbs-b >= 1, --qgbs-k >= 0"),
         (args.qgbs_rho <= 0, "--qgbs-rho must be > 0"),
+        (args.time_dim < 0 or args.time_dim % 2 == 1, "--time-dim must be 0 (raw times) or even"),
         (args.num_critics < 2, "--num-critics must be >= 2 (FMQ's delta_critic is the critics' spread)"),
         (args.best_of_n < 1 or args.batch_size < 1, "--best-of-n and --batch-size must be >= 1"),
         (min(args.eval_episodes, args.eval_envs, args.log_interval, args.eval_interval, args.save_interval,
@@ -865,7 +868,7 @@ def main(args: Args):
         writer.add_scalar("eval/success", result["success"], s)
         return result
 
-    if step >= args.offline_steps and agent.u_off is None:  # online from a loaded (offline) checkpoint
+    if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None:  # online from an offline ckpt
         freeze_offline_copy(agent)
     result = run_eval(step) if resume_from is None else {"success": float(evals[-1]["success"]) if evals else None}
     pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
