@@ -57,6 +57,8 @@ class Args:
     # --- algorithm ---
     offline_steps: int = int(1e6)  # offline pretraining steps (flow map + critics on the dataset)
     online_steps: int = int(1e6)  # online steps: one env step and one update each
+    buffer_size: int = int(2e6)  # replay rows: max(this, dataset + 1), circular (official); full: oldest overwritten
+    sparse: bool = False  # official --sparse: rewards (r != 0) * -1 (after the ENVS table's), dataset and online
     batch_size: int = 256  # batch size
     hidden_dim: int = 512  # MLP width (actor and critics)
     num_layers: int = 4  # hidden layers (actor and critics)
@@ -68,14 +70,17 @@ class Args:
     tau: float = 0.005  # Polyak rate of the target critics
     num_critics: int = 2  # critic ensemble size (twin critics)
     offline_q_agg: Literal["mean", "min"] = "mean"  # offline critic aggregation: TD target, best-of-N (config q_agg)
-    online_q_agg: Literal["mean", "min"] = "min"  # online critic aggregation: TD target, best-of-N, QGBS (official)
+    online_q_agg: Optional[Literal["mean", "min"]] = None  # online (and QGBS): None = the method's (see critic_agg)
     horizon: int = 5  # action chunk length, executed open-loop
     best_of_n: int = 32  # N of the best-of-N action: TD bootstrap action, and the best-of-n sampler
-    flow_map_loss: Literal["eulerian", "lagrangian", "progressive"] = "eulerian"  # self-distillation loss
+    flow_map_loss: Literal["eulerian", "lagrangian", "progressive", "none"] = "eulerian"  # self-distillation; none:
+    # the diagonal (flow-matching) loss only, as QC's behaviour flow
+    euler_steps: int = 0  # 0: the flow map's one jump X_{0,1}; K: K Euler steps of u(a, t, t) (QC: 10), everywhere
     curriculum_start: int = 5000  # offline step where self-distillation starts and [r, t] starts growing from r = t
     curriculum_end: int = 50000  # offline step where the (r, t) curriculum is complete (see sample_r_t)
     start_training: int = 5000  # online updates start at online env step start_training (official main.py)
-    online_target: Literal["fmq", "best-of-n"] = "fmq"  # FMQ (Alg. 1), or the best-of-N action (MVP-style baseline)
+    online_target: Literal["fmq", "mvp", "flow-map"] = "fmq"  # online actor loss: FMQ (Alg. 1); mvp: the offline
+    # loss toward the best-of-N action (MVP); flow-map: the offline loss on replay data (official code without FMQ)
     eta: float = 1.0  # trust-region radius eta (Thm 3.2)
     beta: float = 0.3  # critic-disagreement damping in eta_eff = eta / (1 + beta * delta_critic)
     kappa1: float = 1e-8  # gradient-norm floor kappa1 in g = grad Q / (||grad Q|| + kappa1)
@@ -83,6 +88,7 @@ class Args:
     guidance_critic: Literal["q1", "mean"] = "q1"  # critic whose action-gradient guides: Q_phi1 (Alg. 1) or mean
     # --- acting & QGBS ---
     sampler: Sampler = "best-of-n"  # evaluation sampler: best-of-n is the paper's FMQ column, qgbs FMQ + QGBS
+    extra_samplers: tuple[Sampler, ...] = ()  # also evaluated at each evaluation, own eval.csv rows (e.g. qgbs)
     train_sampler: Sampler = "best-of-n"  # online acting sampler: official best-of-N; Alg. 1, line 2 is onestep
     qgbs_m: int = 4  # QGBS beam size M
     qgbs_k: int = 1  # QGBS renoising rounds K
@@ -225,8 +231,17 @@ def make_env(spec, env_args=None):
 def load_dataset(spec, dataset_dir):
     """Offline data as numpy arrays (observations, actions, rewards, masks, next_observations, ends) and the
     robomimic env metadata (None for OGBench). `ends` marks the last step of each trajectory."""
-    if spec["suite"] == "robomimic":
-        return load_robomimic(spec, dataset_dir)
+    data, env_args = (load_robomimic if spec["suite"] == "robomimic" else load_ogbench)(spec, dataset_dir)
+    data["actions"] = data["actions"].clip(-1 + 1e-5, 1 - 1e-5)  # official loaders (env_utils.py action_clip_eps)
+    return data, env_args
+
+
+def reward_fn(spec, sparse):
+    """Rewards as training sees them (official main.py): the ENVS table's transform, then --sparse's (r != 0) * -1."""
+    return lambda r: REWARDS["sparse" if sparse else None](REWARDS[spec["reward"]](r))
+
+
+def load_ogbench(spec, dataset_dir):
     import ogbench
     root = Path(dataset_dir or "~/.ogbench/data").expanduser()
     name = "-".join(p for p in spec["name"].split("-") if p != "singletask" and not p.startswith("task"))
@@ -270,7 +285,7 @@ def load_robomimic(spec, dataset_dir):
                        f"actions replayed miss by {err['replay']:.2g} of the motion, rewards by {err['reward']:.2g} "
                        f"(tolerances {RM_TOL}); {hint}")
     obs, actions, rewards, dones, next_obs = (np.concatenate(x).astype(np.float32) for x in zip(*parts))
-    ends = np.zeros(len(obs), np.float32)
+    ends = dones.copy()  # official terminals = dones; and each demo's last step
     ends[np.cumsum([len(p[0]) for p in parts]) - 1] = 1.0
     return dict(observations=obs, actions=actions, rewards=rewards, masks=1.0 - dones,
                 next_observations=next_obs, ends=ends), env_args
@@ -285,14 +300,17 @@ def chunk_return(rewards, masks, discount):
 
 
 class ReplayBuffer:
-    """The offline dataset and the online transitions, on the training device, preallocated once at the final
-    size; offline rows are never overwritten. Samples action chunks that stay inside one episode."""
+    """The offline dataset and the online transitions, on the training device, preallocated once. Circular, as the
+    official one (`capacity` = max(buffer_size, dataset + 1)): when full, each online row overwrites the oldest row,
+    offline ones first. Row v of the running count lives at v % capacity. Samples action chunks inside one episode:
+    `starts` is a ring (FIFO) of chunk starts, one joining when its chunk's last step is stored and the oldest
+    leaving when its first row is overwritten."""
 
     FIELDS = ("observations", "actions", "rewards", "masks", "next_observations")
 
-    def __init__(self, data, online_steps, horizon, device):
+    def __init__(self, data, capacity, horizon, device):
         n_off, self.h, self.device = len(data["observations"]), horizon, device
-        cap = n_off + online_steps
+        self.cap = cap = max(capacity, n_off)
         self.data = {k: torch.zeros((cap,) + data[k].shape[1:], device=device) for k in self.FIELDS}
         for k in self.FIELDS:
             self.data[k][:n_off] = torch.as_tensor(data[k], dtype=torch.float32)
@@ -301,40 +319,55 @@ class ReplayBuffer:
         c = np.concatenate([[0], np.cumsum(ends)])
         i = np.arange(max(n_off - horizon + 1, 0))
         ok = i[c[i + horizon - 1] - c[i] == 0]  # no trajectory end among steps i .. i + h - 2
-        self.starts = torch.zeros(cap, dtype=torch.long, device=device)
-        self.starts[:len(ok)] = torch.as_tensor(ok)
-        self.n_off, self.size, self.n_off_starts, self.n_starts, self.ep_len = n_off, n_off, len(ok), len(ok), 0
-        self.n_starts_t = torch.tensor(len(ok), device=device)  # sampling reads this copy: no host value in a graph
+        self.starts_host = np.zeros(cap, np.int64)  # the ring on the host: which start leaves needs no device read
+        self.starts_host[:len(ok)] = ok
+        self.starts = torch.tensor(self.starts_host, device=device)
+        self.n_off, self.written, self.head, self.n_starts, self.ep_len = n_off, n_off, 0, len(ok), 0
+        self.ring_t = torch.tensor([0, len(ok)], device=device)  # head, count: sampling reads no host value (graphs)
 
     def add(self, obs, action, reward, mask, next_obs, end):
-        for k, v in zip(self.FIELDS, (obs, action, reward, mask, next_obs)):
-            self.data[k][self.size] = torch.as_tensor(v, dtype=torch.float32)
-        self.size, self.ep_len = self.size + 1, self.ep_len + 1
+        v, cap = self.written, self.cap
+        if v >= cap and self.n_starts and self.starts_host[self.head] == v - cap:  # its first row goes now
+            self.head, self.n_starts = (self.head + 1) % cap, self.n_starts - 1
+        for k, x in zip(self.FIELDS, (obs, action, reward, mask, next_obs)):
+            self.data[k][v % cap] = torch.as_tensor(x, dtype=torch.float32)
+        self.written, self.ep_len = v + 1, self.ep_len + 1
         if self.ep_len >= self.h:  # a chunk ending at this step now lies inside the episode
-            self.starts[self.n_starts] = self.size - self.h
+            tail = (self.head + self.n_starts) % cap
+            self.starts_host[tail] = v + 1 - self.h
+            self.starts[tail] = v + 1 - self.h
             self.n_starts += 1
-            self.n_starts_t.fill_(self.n_starts)
+        self.ring_t[0], self.ring_t[1] = self.head, self.n_starts
         if end:
             self.ep_len = 0
 
+    def rows(self, key, start, stop):
+        """Rows of the running count start .. stop - 1."""
+        return self.data[key][torch.arange(start, stop, device=self.device) % self.cap]
+
     def sample(self, batch_size, discount):
-        idx = self.starts[torch.randint(2**62, (batch_size,), device=self.device) % self.n_starts_t]
-        seq = idx[:, None] + torch.arange(self.h, device=self.device)
+        j = self.ring_t[0] + torch.randint(2**62, (batch_size,), device=self.device) % self.ring_t[1]
+        seq = (self.starts[j % self.cap, None] + torch.arange(self.h, device=self.device)) % self.cap
         R, mask = chunk_return(self.data["rewards"][seq], self.data["masks"][seq], discount)
-        return dict(obs=self.data["observations"][idx], actions=self.data["actions"][seq].flatten(1),
-                    R=R, mask=mask, next_obs=self.data["next_observations"][idx + self.h - 1])
+        return dict(obs=self.data["observations"][seq[:, 0]], actions=self.data["actions"][seq].flatten(1),
+                    R=R, mask=mask, next_obs=self.data["next_observations"][seq[:, -1]])
 
     def online_state(self):
-        return dict(rows={k: v[self.n_off:self.size].cpu() for k, v in self.data.items()}, ep_len=self.ep_len,
-                    starts=self.starts[self.n_off_starts:self.n_starts].cpu())
+        """What a checkpoint holds: the rows written online that are still here, and the chunk-start ring."""
+        kept = min(self.written - self.n_off, self.cap)
+        ring = self.starts_host[(self.head + np.arange(self.n_starts)) % self.cap]
+        return dict(rows={k: self.rows(k, self.written - kept, self.written).cpu() for k in self.FIELDS},
+                    written=self.written, starts=ring, ep_len=self.ep_len)
 
     def load_online_state(self, state):
-        n, s = len(state["rows"]["rewards"]), len(state["starts"])
-        for k, v in state["rows"].items():
-            self.data[k][self.n_off:self.n_off + n] = v.to(self.device)
-        self.starts[self.n_off_starts:self.n_off_starts + s] = state["starts"].to(self.device)
-        self.size, self.n_starts, self.ep_len = self.n_off + n, self.n_off_starts + s, state["ep_len"]
-        self.n_starts_t.fill_(self.n_starts)
+        w, n = state["written"], len(state["starts"])
+        idx = torch.arange(w - len(state["rows"]["rewards"]), w, device=self.device) % self.cap
+        for k, x in state["rows"].items():
+            self.data[k][idx] = x.to(self.device)
+        self.starts_host[:n] = state["starts"]
+        self.starts[:n] = torch.as_tensor(state["starts"], device=self.device)
+        self.written, self.head, self.n_starts, self.ep_len = w, 0, n, state["ep_len"]
+        self.ring_t[0], self.ring_t[1] = 0, n
 
 
 # ---------------------------------------------------------------- networks
@@ -367,7 +400,7 @@ class FlowMapActor(nn.Module):
 
     def __init__(self, obs_dim, act_dim, args):
         super().__init__()
-        self.act_dim, self.time_dim = act_dim, args.time_dim
+        self.act_dim, self.time_dim, self.euler_steps = act_dim, args.time_dim, args.euler_steps  # see `flow`
         self.net = mlp(obs_dim + act_dim + 2 * max(args.time_dim, 1), args.hidden_dim, act_dim, args.num_layers,
                        args.actor_layer_norm)
 
@@ -410,12 +443,22 @@ class Critics(nn.Module):
         self.net, self.n = nn.Sequential(*mods, EnsembleLinear(n, h, 1)), n
 
     def forward(self, obs, a):
-        return self.net(torch.cat([obs, a], -1).expand(self.n, -1, -1)).squeeze(-1)
+        h = self.net[:-1](torch.cat([obs, a], -1).expand(self.n, -1, -1))
+        with torch.autocast(h.device.type, enabled=False):  # fp32 Q under --amp: bf16 steps 0.5 apart near |Q| = 100
+            return self.net[-1](h.float()).squeeze(-1)
 
 
 def q_agg(critic, how):
     """Q(s, a) -> [B], aggregated over the ensemble."""
     return lambda obs, a: critic(obs, a).min(0).values if how == "min" else critic(obs, a).mean(0)
+
+
+def critic_agg(args, online):
+    """Aggregation of TD target, best-of-N and QGBS: offline_q_agg offline; online --online-q-agg, else the method's:
+    min for FMQ (official FMQAgent), mean for flow-map (official FlowMapPolicy kept online, QC) and mvp."""
+    if not online:
+        return args.offline_q_agg
+    return args.online_q_agg or ("min" if args.online_target == "fmq" else "mean")
 
 
 def make_agent(args, obs_dim, act_dim, device):
@@ -432,10 +475,23 @@ def freeze_offline_copy(agent):
 
 
 # ---------------------------------------------------------------- sampling
+def flow(actor, obs, a_r, r=0.0, steps=None):
+    """X_{r,1}(a_r | s): the flow map's jump a_r + (1 - r) u(a_r, r, 1) if steps is 0, else `steps` Euler steps of
+    the instantaneous velocity u(a, t, t) from r to 1 (a flow-matching policy; QC takes 10). steps: --euler-steps."""
+    steps = actor.euler_steps if steps is None else steps
+    if steps == 0:
+        return a_r + (1.0 - r) * actor(obs, a_r, r, 1.0)
+    for k in range(steps):
+        t = r + (1.0 - r) * k / steps
+        a_r = a_r + (1.0 - r) / steps * actor(obs, a_r, t, t)
+    return a_r
+
+
 def one_step(actor, obs, generator=None):
-    """Alg. 1, line 2: a_1 = a_0 + u_theta(a_0, 0, 1 | s), a_0 ~ N(0, I): one network evaluation."""
+    """Alg. 1, line 2: a_1 = X_{0,1}(a_0 | s) = a_0 + u_theta(a_0, 0, 1 | s), a_0 ~ N(0, I): one network evaluation.
+    Every action the agent draws (acting, evaluation, TD target, MVP's target) starts here."""
     a_0 = torch.randn(len(obs), actor.act_dim, device=obs.device, generator=generator)
-    return (a_0 + actor(obs, a_0, 0.0, 1.0)).clamp(-1.0, 1.0)
+    return flow(actor, obs, a_0).clamp(-1.0, 1.0)
 
 
 def best_of_n(actor, q_fn, obs, n, generator=None):
@@ -448,23 +504,23 @@ def best_of_n(actor, q_fn, obs, n, generator=None):
 
 def select_action(agent, obs, sampler, args, generator=None):
     """Action chunks [B, act_dim] for states [B, obs_dim] with the chosen sampler (no gradient to the nets). Critics
-    aggregate as the official agents': offline_q_agg offline, online_q_agg (min) online and in QGBS."""
-    online = agent.u_off is not None or sampler == "qgbs"
-    actor, q_fn = agent.actor, q_agg(agent.critic, args.online_q_agg if online else args.offline_q_agg)
+    aggregate as the official agents' (`critic_agg`): offline_q_agg offline, the online one online and in QGBS."""
+    actor, q_fn = agent.actor, q_agg(agent.critic, critic_agg(args, agent.u_off is not None or sampler == "qgbs"))
     if sampler == "onestep":
         return one_step(actor, obs, generator)
     if sampler == "best-of-n":
         return best_of_n(actor, q_fn, obs, args.best_of_n, generator)[0]
-    jump = lambda a_r, r, s: a_r + (1.0 - r) * actor(s, a_r, r, 1.0)  # X_{r,1}(a_r | s)
-    euler = lambda a_r, r, s: a_r + (1.0 - r) * actor(s, a_r, r, r)  # official code: one diagonal Euler step
+    jump = lambda a_r, r, s: flow(actor, s, a_r, r)  # X_{r,1}(a_r | s)
+    euler = lambda a_r, r, s: flow(actor, s, a_r, r, max(actor.euler_steps, 1))  # official: one diagonal Euler step
     return qgbs_lib.qgbs(jump, q_fn, obs, action_dim=actor.act_dim, M=args.qgbs_m, K=args.qgbs_k, B=args.qgbs_b,
                          rho=args.qgbs_rho, eta=args.qgbs_eta, generator=generator, k0_step=args.qgbs_k0_step,
                          complete=euler if args.qgbs_completion == "euler" else None)[0]
 
 
 def sampler_nfe(sampler, args):
-    """Flow-map evaluations per action selection."""
-    return dict(onestep=1, qgbs=qgbs_lib.nfe(args.qgbs_m, args.qgbs_k, args.qgbs_b)).get(sampler, args.best_of_n)
+    """Network evaluations per action selection (each flow-map jump is --euler-steps of them, if any)."""
+    n = dict(onestep=1, qgbs=qgbs_lib.nfe(args.qgbs_m, args.qgbs_k, args.qgbs_b)).get(sampler, args.best_of_n)
+    return n * max(args.euler_steps, 1)
 
 
 def act(agent, obs, sampler, args, generator=None):
@@ -515,11 +571,11 @@ def progressive_target(u, obs, a_r, r, t, v=None):
 FLOW_MAP_TARGETS = dict(eulerian=eulerian_target, lagrangian=lagrangian_target, progressive=progressive_target)
 
 
-def sample_r_t(n, step, args):
-    """(r, t), each [n, 1], 0 <= r <= t <= 1 (official `flow_utils.sample_r_t`): two sorted uniforms, their interval
-    shrunk about its midpoint by a factor 0 up to `curriculum_start`, rising linearly to 1 at `curriculum_end`."""
-    step = torch.as_tensor(step, dtype=torch.float32)
-    lo, hi = torch.rand(2, n, 1, device=step.device).sort(0).values
+def sample_r_t(n, step, args, device):
+    """(r, t), each [n, 1] on `device`, 0 <= r <= t <= 1 (official `flow_utils.sample_r_t`): two sorted uniforms, their
+    interval shrunk about its midpoint by a factor 0 up to `curriculum_start`, rising linearly to 1 at `curriculum_end`."""
+    step = torch.as_tensor(step, dtype=torch.float32, device=device)
+    lo, hi = torch.rand(2, n, 1, device=device).sort(0).values
     scale = ((step - args.curriculum_start) / max(args.curriculum_end - args.curriculum_start, 1)).clamp(0.0, 1.0)
     mid, half = (lo + hi) / 2, scale * (hi - lo) / 2
     return mid - half, mid + half
@@ -528,11 +584,14 @@ def sample_r_t(n, step, args):
 def flow_map_loss(actor, obs, a_data, step, args):
     """Offline pretraining with no multi-step teacher (official `FlowMapPolicy.actor_loss`): the diagonal (flow
     matching) loss ||u(a_t, t, t) - (a_1 - a_0)||^2, plus, after `curriculum_start` steps, a self-distillation loss
-    ||u(a_r, r, t) - sg(target)||^2 on its own noise. `step` may be a tensor (a compiled loss is not recompiled)."""
+    ||u(a_r, r, t) - sg(target)||^2 on its own noise (none with --flow-map-loss none: QC's behaviour flow). `step`
+    may be a tensor (a compiled loss is not recompiled). Online, flow-map and mvp keep it (see `update`)."""
     B, step = len(a_data), torch.as_tensor(step, device=a_data.device)
     a_0, t = torch.randn_like(a_data), torch.rand(B, 1, device=a_data.device)
     diag = F.mse_loss(actor(obs, (1 - t) * a_0 + t * a_data, t, t), a_data - a_0)
-    (r, t), a_0 = sample_r_t(B, step, args), torch.randn_like(a_data)  # the distillation term's own noise
+    if args.flow_map_loss == "none":
+        return diag, {"actor/diag_loss": diag.detach()}
+    (r, t), a_0 = sample_r_t(B, step, args, a_data.device), torch.randn_like(a_data)  # the distillation's own noise
     a_r = (1 - r) * a_0 + r * a_data
     u_rt, target = FLOW_MAP_TARGETS[args.flow_map_loss](actor, obs, a_r, r, t, v=a_data - a_0)  # v: eulerian only
     distill = F.mse_loss(u_rt, target.detach())
@@ -560,18 +619,17 @@ def fmq_loss(agent, obs, a_data, args):
                   "actor/q_grad_norm": grad_q.norm(dim=1).mean()}
 
 
-def best_of_n_loss(agent, obs, a_data, args):
-    """Baseline (generate and select, as MVP): flow-match u_theta(a_r, r, 1) toward the best-of-N action."""
+def mvp_target(agent, obs, args):
+    """MVP's generate and select (Zhan et al. 2026): a* = the best of N one-step samples under the critics, the
+    same draw that acting makes; `update` trains the flow map toward a* with the offline loss (MeanFlow + the
+    instantaneous velocity constraint, i.e. the diagonal loss at weight 1)."""
     with torch.no_grad():
-        a_best, _ = best_of_n(agent.actor, q_agg(agent.critic, args.online_q_agg), obs, args.best_of_n)
-    r, a_0 = torch.rand(len(obs), 1, device=obs.device), torch.randn_like(a_best)
-    loss = F.mse_loss(agent.actor(obs, (1 - r) * a_0 + r * a_best, r, 1.0), a_best - a_0)
-    return loss, {"actor/bon_loss": loss.detach()}
+        return best_of_n(agent.actor, q_agg(agent.critic, critic_agg(args, True)), obs, args.best_of_n)[0]
 
 
 def td_target(agent, batch, discount, horizon, agg, n):
-    """Chunked TD target R + discount^h mask Q_target(s', a') (official `critic_loss`): a' is the best of n one-step
-    samples under the current critics (official `sample_actions`), valued by the target critics; both use `agg`."""
+    """Chunked TD target R + discount^h mask Q_target(s', a') (official `critic_loss`): a' is the best of n samples
+    (`one_step`) under the current critics (official `sample_actions`), valued by the target critics; both use `agg`."""
     a_next, _ = best_of_n(agent.actor, q_agg(agent.critic, agg), batch["next_obs"], n)
     return batch["R"] + discount ** horizon * batch["mask"] * q_agg(agent.critic_target, agg)(batch["next_obs"], a_next)
 
@@ -590,12 +648,13 @@ def update(agent, batch, step, args, losses):
     No autocast cache: a CUDA graph must not capture it."""
     online, device = agent.u_off is not None, batch["obs"].device
     with torch.autocast(device.type, torch.bfloat16, enabled=args.amp, cache_enabled=not args.cudagraphs):
-        c_loss, info = losses["critic"](agent, batch, args.discount, args.horizon,
-                                        args.online_q_agg if online else args.offline_q_agg, args.best_of_n)
-        if online:
-            a_loss, a_info = losses[args.online_target](agent, batch["obs"], batch["actions"], args)
-        else:
-            a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], batch["actions"], step, args)
+        c_loss, info = losses["critic"](agent, batch, args.discount, args.horizon, critic_agg(args, online),
+                                        args.best_of_n)
+        if online and args.online_target == "fmq":
+            a_loss, a_info = losses["fmq"](agent, batch["obs"], batch["actions"], args)
+        else:  # offline; online, flow-map keeps the offline loss on replay data and mvp takes it toward a*
+            a_1 = mvp_target(agent, batch["obs"], args) if online and args.online_target == "mvp" else batch["actions"]
+            a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], a_1, step, args)
     agent.critic_opt.zero_grad(set_to_none=True), agent.actor_opt.zero_grad(set_to_none=True)
     (c_loss + a_loss).backward()
     for k in ("critic", "actor"):  # measured for logging; stays on the device
@@ -639,7 +698,7 @@ def make_update(agent, buffer, args, losses):
 
 def make_losses(compile=False):
     """The losses `update` calls, by role (looked up at call time, so tests can patch one); --compile compiles them."""
-    losses = dict(critic=critic_loss, flow_map=flow_map_loss, fmq=fmq_loss, **{"best-of-n": best_of_n_loss})
+    losses = dict(critic=critic_loss, flow_map=flow_map_loss, fmq=fmq_loss)
     return {k: torch.compile(v) for k, v in losses.items()} if compile else losses
 
 
@@ -671,7 +730,7 @@ ARCH = ("env_id", "horizon", "hidden_dim", "num_layers", "time_dim", "num_critic
         "critic_layer_norm")
 EVAL_FIELDS = ("step", "phase", "env_steps", "success", "return", "length", "sampler", "nfe", "episodes", "time")
 TRAIN_FIELDS = ("step", "phase", "env_steps", "sps", "critic/loss", "critic/q", "critic/target", "critic/grad_norm",
-                "actor/diag_loss", "actor/distill_loss", "actor/fmq_loss", "actor/bon_loss", "actor/eta_eff",
+                "actor/diag_loss", "actor/distill_loss", "actor/fmq_loss", "actor/eta_eff",
                 "actor/q_grad_norm", "actor/grad_norm", "env/episode_return", "env/episode_success")
 NETS = ("actor", "critic", "critic_target", "actor_opt", "critic_opt")
 
@@ -696,7 +755,7 @@ def latest_checkpoint(run_dir):
 def load_checkpoint(path, args, agent):
     """Loads networks and optimisers into `agent` after checking that the checkpoint fits this run."""
     try:
-        ckpt = torch.load(path, map_location=next(agent.actor.parameters()).device, weights_only=False)
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay CPU ByteTensors
     except (OSError, RuntimeError) as e:
         raise FMQError(f"cannot read checkpoint {path}: {e}") from None
     theirs = {k: ckpt["args"].get(k) for k in ARCH if ckpt["args"].get(k) != getattr(args, k)}
@@ -749,6 +808,9 @@ def validate(args):
         (args.horizon < 1, "--horizon must be >= 1"),
         (min(args.qgbs_m, args.qgbs_b, args.qgbs_k + 1) < 1, "QGBS needs --qgbs-m >= 1, --qgbs-b >= 1, --qgbs-k >= 0"),
         (args.qgbs_rho <= 0, "--qgbs-rho must be > 0"),
+        (args.online_target == "fmq" and (args.flow_map_loss == "none" or args.euler_steps > 0),
+         "--online-target fmq needs a flow map (u(a_r, r, 1), one jump): not --flow-map-loss none or --euler-steps"),
+        (args.euler_steps < 0, "--euler-steps must be >= 0"),
         (args.time_dim < 0 or args.time_dim % 2 == 1, "--time-dim must be 0 (raw times) or even"),
         (args.num_critics < 2, "--num-critics must be >= 2 (FMQ's delta_critic is the critics' spread)"),
         (args.best_of_n < 1 or args.batch_size < 1, "--best-of-n and --batch-size must be >= 1"),
@@ -803,17 +865,22 @@ def main(args: Args):
                        f"do not match env {spec['name']} (obs ({obs_dim},), actions ({act_dim},))")
     if args.horizon >= limit:
         raise FMQError(f"--horizon {args.horizon} must be shorter than the episode ({limit} steps)")
-    data["rewards"] = REWARDS[spec["reward"]](data["rewards"]).astype(np.float32)
-    preallocation_check(len(data["observations"]) + args.online_steps, 2 * obs_dim + act_dim + 2, device)
-    buffer = ReplayBuffer(data, args.online_steps, args.horizon, device)
+    rewards = reward_fn(spec, args.sparse)
+    data["rewards"] = rewards(data["rewards"]).astype(np.float32)
+    n_off = len(data["observations"])
+    capacity = min(max(args.buffer_size, n_off + 1), n_off + args.online_steps)  # official size; no row never written
+    preallocation_check(capacity, 2 * obs_dim + act_dim + 2, device)
+    buffer = ReplayBuffer(data, capacity, args.horizon, device)
     del data
 
     agent = make_agent(args, obs_dim, act_dim * args.horizon, device)
     losses = make_losses(args.compile)
-    total, step, ep = args.offline_steps + args.online_steps, 0, dict(index=0, start=buffer.size, ret=0.0)
+    total, step, ep = args.offline_steps + args.online_steps, 0, dict(index=0, start=buffer.written, ret=0.0)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, args, agent)
         step, ep = ckpt["step"], ckpt["episode"]
+        if "written" not in ckpt["buffer"]:
+            raise FMQError(f"{resume_from} was written by an older fmq.py (linear replay buffer); resume it with that")
         buffer.load_online_state(ckpt["buffer"])
         rng = ckpt["rng"]
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
@@ -837,9 +904,10 @@ def main(args: Args):
 
     episode_seed = lambda i: args.seed * 1_000_003 + i  # the training env's episode i starts from this seed
     obs, _ = env.reset(seed=episode_seed(ep["index"]))
-    for a in buffer.data["actions"][ep["start"]:buffer.size].cpu().numpy():  # resume: replay the current episode
+    for a in buffer.rows("actions", ep["start"], buffer.written).cpu().numpy():  # resume: replay the current episode
         obs = env.step(a)[0]
-    if buffer.size > ep["start"] and not np.allclose(obs, buffer.data["next_observations"][buffer.size - 1].cpu()):
+    if buffer.written > ep["start"] and not np.allclose(obs, buffer.rows("next_observations", buffer.written - 1,
+                                                                          buffer.written)[0].cpu()):
         raise FMQError("replaying the interrupted episode did not reproduce its observations (env or version changed?)")
     queue = list(ep.get("queue", []))
     eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time(), (step, time.time())
@@ -861,12 +929,14 @@ def main(args: Args):
     def run_eval(s):
         nonlocal eval_envs
         eval_envs = eval_envs or [make_env(spec, env_args) for _ in range(min(args.eval_envs, args.eval_episodes))]
-        result = evaluate(agent, eval_envs, args, args.sampler)
-        log_eval(dict(step=s, phase=phase_of(s), env_steps=max(s - args.offline_steps, 0), sampler=args.sampler,
-                      nfe=sampler_nfe(args.sampler, args), episodes=args.eval_episodes, time=round(time.time() - t0, 1),
-                      **result))
-        writer.add_scalar("eval/success", result["success"], s)
-        return result
+        results = {}
+        for sampler in dict.fromkeys((args.sampler, *args.extra_samplers)):  # the first is the run's own
+            results[sampler] = res = evaluate(agent, eval_envs, args, sampler)
+            log_eval(dict(step=s, phase=phase_of(s), env_steps=max(s - args.offline_steps, 0), sampler=sampler,
+                          nfe=sampler_nfe(sampler, args), episodes=args.eval_episodes,
+                          time=round(time.time() - t0, 1), **res))
+            writer.add_scalar("eval/success" + ("" if sampler == args.sampler else f"_{sampler}"), res["success"], s)
+        return results[args.sampler]
 
     if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None:  # online from an offline ckpt
         freeze_offline_copy(agent)
@@ -877,11 +947,11 @@ def main(args: Args):
             queue = queue or list(act(agent, obs[None], args.train_sampler, args)[0])
             action = queue.pop(0)
             next_obs, r, term, trunc, info = env.step(action)
-            buffer.add(obs, action, float(REWARDS[spec["reward"]](r)), 1.0 - term, next_obs, term or trunc)
+            buffer.add(obs, action, float(rewards(r)), 1.0 - term, next_obs, term or trunc)
             obs, ep["ret"] = next_obs, ep["ret"] + r
             if term or trunc:
                 last = {"env/episode_return": ep["ret"], "env/episode_success": float(info["success"])}
-                ep = dict(index=ep["index"] + 1, start=buffer.size, ret=0.0, last=last)
+                ep = dict(index=ep["index"] + 1, start=buffer.written, ret=0.0, last=last)
                 obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []
         info = {}  # online warm-up: the first start_training - 1 online steps only collect data (official main.py)
         if step < args.offline_steps or step - args.offline_steps + 1 >= args.start_training:

@@ -202,7 +202,7 @@ def test_replay_buffer_chunks_stay_inside_episodes():
     data = dict(observations=np.arange(n, dtype=np.float32)[:, None], actions=np.arange(n, dtype=np.float32)[:, None],
                 rewards=-np.ones(n, np.float32), masks=np.ones(n, np.float32),
                 next_observations=np.arange(1, n + 1, dtype=np.float32)[:, None], ends=ends)
-    buf = fmq.ReplayBuffer(data, online_steps=10, horizon=h, device="cpu")
+    buf = fmq.ReplayBuffer(data, capacity=n + 10, horizon=h, device="cpu")
     starts = set(buf.starts[:buf.n_starts].tolist())
     assert starts == {0, 1, 2, 3, 4, 7, 8, 9, 10, 11, 14, 15, 16, 17}
     for i in range(7):  # an online episode of 4 steps, then one of 3
@@ -212,6 +212,60 @@ def test_replay_buffer_chunks_stay_inside_episodes():
     torch.testing.assert_close(batch["actions"][:, 1:] - batch["actions"][:, :-1], torch.ones(512, h - 1))
     torch.testing.assert_close(batch["next_obs"][:, 0], batch["obs"][:, 0] + h)
     torch.testing.assert_close(batch["R"], torch.full((512,), -2.71))
+
+
+def circular_buffer(n=12, cap=16, h=3):
+    """Offline rows 0..n-1 in trajectories of 4 steps (observation = running row number), capacity `cap`."""
+    ends = (np.arange(n) % 4 == 3).astype(np.float32)
+    v = np.arange(n, dtype=np.float32)[:, None]
+    data = dict(observations=v, actions=v, rewards=-np.ones(n, np.float32), masks=np.ones(n, np.float32),
+                next_observations=v + 1, ends=ends)
+    return fmq.ReplayBuffer(data, capacity=cap, horizon=h, device="cpu")
+
+
+def fill(buf, steps, ep_len=5, first=0):
+    for i in range(first, first + steps):  # online row i has observation 100 + i; episodes of ep_len steps
+        buf.add([100.0 + i], [100.0 + i], -1.0, 1.0, [101.0 + i], end=i % ep_len == ep_len - 1)
+
+
+def test_replay_buffer_is_circular_as_the_official_one():
+    """Official ReplayBuffer (Q-chunking, size max(buffer_size, dataset + 1)): once full, online rows overwrite the
+    oldest rows, offline first. The buffer then holds exactly the last `cap` rows, and the chunk starts are exactly
+    the chunks of those rows that lie inside one episode, also across the array's end."""
+    n, cap, h = 12, 16, 3
+    buf = circular_buffer(n, cap, h)
+    fill(buf, 13)  # 12 + 13 = 25 rows written: rows 0..8 (offline 0..8) overwritten by online 4..12
+    held = buf.data["observations"][:, 0].tolist()
+    assert sorted(held) == sorted([9.0, 10.0, 11.0] + [100.0 + i for i in range(13)])
+    assert held[:9] == [100.0 + i for i in range(4, 13)]  # the oldest (offline) rows went first, in order
+    starts = buf.starts_host[(buf.head + np.arange(buf.n_starts)) % cap]
+    # valid starts: offline trajectory 8-11 lost row 8 (start 9 is left); online episodes 0-4, 5-9, 10-12
+    expected = [9] + [n + i for i in (0, 1, 2, 5, 6, 7, 10)]
+    assert starts.tolist() == expected and buf.n_starts == len(expected)
+    batch = buf.sample(2048, 0.9)
+    obs = batch["obs"][:, 0]
+    assert set(obs.tolist()) == {9.0} | {100.0 + i for i in (0, 1, 2, 5, 6, 7, 10)}
+    torch.testing.assert_close(batch["actions"], obs[:, None] + torch.arange(h))  # consecutive, also across the end
+    torch.testing.assert_close(batch["next_obs"][:, 0], obs + h)
+
+
+def test_replay_buffer_online_state_round_trip_after_wrapping():
+    """A checkpoint of a wrapped buffer restores the same rows and the same chunk starts into a fresh buffer."""
+    a, b = circular_buffer(), circular_buffer()
+    fill(a, 23)
+    state = a.online_state()
+    assert len(state["rows"]["rewards"]) == 16  # every row was written online
+    b.load_online_state(state)
+    for k in fmq.ReplayBuffer.FIELDS:
+        torch.testing.assert_close(b.data[k], a.data[k])
+    ring = lambda buf: buf.starts_host[(buf.head + np.arange(buf.n_starts)) % buf.cap].tolist()  # noqa: E731
+    assert ring(b) == ring(a)
+    fill(a, 9, first=23), fill(b, 9, first=23)  # and both go on identically
+    assert ring(b) == ring(a) and torch.equal(b.data["actions"], a.data["actions"])
+    torch.manual_seed(0)
+    x = a.sample(64, 0.9)
+    torch.manual_seed(0)
+    assert all(torch.equal(x[k], v) for k, v in b.sample(64, 0.9).items())
 
 
 # ---------------------------------------------------------------- gradients flow only where the paper says
@@ -331,7 +385,7 @@ def candidate_actor(B, n=4, regress_to=None):
     tensor r (a regression loss) it returns (regress_to - a_r) / (1 - r), the velocity that lands on regress_to."""
     def actor(obs, a, r, t):
         return E4[:n].repeat(B, 1) - a if isinstance(r, float) else (regress_to - a) / (1 - r)
-    actor.act_dim = 4
+    actor.act_dim, actor.euler_steps = 4, 0
     return actor
 
 
@@ -368,23 +422,14 @@ def test_td_target_current_critic_selects_target_critic_values(agg, next_q):
     torch.testing.assert_close(target, torch.tensor([-1.0 + 0.729 * next_q, 0.5, -2.0 + 0.729 * next_q]))
 
 
-@pytest.mark.parametrize("online,expected", [(False, 0), (True, 1)])
-def test_acting_selects_by_mean_offline_and_by_min_online(online, expected):
-    """Official agents: the offline agent's best-of-N uses q_agg (mean: e_0), the FMQ agent's the min (e_1)."""
-    args = fmq.Args(best_of_n=4)
+@pytest.mark.parametrize("online,target,expected", [(False, "fmq", 0), (True, "fmq", 1), (True, "flow-map", 0),
+                                                    (True, "mvp", 0), (False, "mvp", 0)])
+def test_acting_selects_by_mean_offline_and_by_min_online(online, target, expected):
+    """Official agents: the offline agent's best-of-N uses q_agg (mean: e_0), the FMQ agent's the min (e_1), the
+    FlowMapPolicy kept online (flow-map, QC) the mean; MVP here the mean too."""
+    args = fmq.Args(best_of_n=4, online_target=target)
     agent = SimpleNamespace(actor=candidate_actor(2), critic=CURRENT, u_off=object() if online else None)
     torch.testing.assert_close(fmq.select_action(agent, torch.zeros(2, 6), "best-of-n", args), E4[[expected] * 2])
-
-
-def test_best_of_n_loss_regresses_onto_the_min_selected_sample():
-    """The best-of-N online target flow-matches toward the sample the min-aggregated critics pick (e_1): an actor
-    whose velocity lands on e_1 has loss 0; landing on the mean's pick e_0 costs at least 2 (||e_0 - e_1||^2 / 4
-    times 1 / (1 - r)^2 >= 1, over 4 dims, times 4 dims)."""
-    args = fmq.Args(best_of_n=4)
-    for land_on, lo, hi in [(1, 0.0, 1e-10), (0, 0.5, float("inf"))]:
-        actor = candidate_actor(8, regress_to=E4[land_on].expand(8, 4))
-        loss, _ = fmq.best_of_n_loss(SimpleNamespace(actor=actor, critic=CURRENT), torch.zeros(8, 6), None, args)
-        assert lo <= loss.item() <= hi
 
 
 def fmq_stand_ins(critic, u_off=0.0, actor=None, **kw):
@@ -467,10 +512,10 @@ def test_sample_r_t_curriculum():
     E[t - r] = 1/3; halfway the interval is halved about its midpoint: E[t - r] = 1/6."""
     torch.manual_seed(0)
     args, n = fmq.Args(curriculum_start=100, curriculum_end=300), 200_000
-    r, t = fmq.sample_r_t(n, 100, args)
+    r, t = fmq.sample_r_t(n, 100, args, "cpu")
     assert r.shape == t.shape == (n, 1) and torch.equal(r, t)
     for step, gap, mean_r in [(300, 1 / 3, 1 / 3), (10 ** 6, 1 / 3, 1 / 3), (200, 1 / 6, 5 / 12)]:
-        r, t = fmq.sample_r_t(n, torch.tensor(step), args)
+        r, t = fmq.sample_r_t(n, torch.tensor(step), args, "cpu")
         assert 0 <= r.min() and (t >= r).all() and t.max() <= 1
         assert (t - r).mean().item() == pytest.approx(gap, abs=3e-3)
         assert r.mean().item() == pytest.approx(mean_r, abs=3e-3)
@@ -546,6 +591,203 @@ def test_qgbs_k0_step_is_one_eta_step_after_best_of_m():
     torch.testing.assert_close(moved, (a_star(obs) + eta * g / g.norm(dim=-1, keepdim=True)).clamp(-1, 1))
 
 
+# ---------------------------------------------------------------- the baselines: MVP, the official no-FMQ path, QC
+MODE = 0.9  # +-MODE: a bimodal target that a policy regressed onto its mean would miss
+
+
+def bimodal(n):
+    return torch.where(torch.rand(n, 1) < 0.5, -MODE, MODE)
+
+
+def mode_fractions(x):
+    return [((x - m).abs() < 0.2).float().mean().item() for m in (-MODE, MODE)]
+
+
+@pytest.mark.parametrize("target", ["mvp", "flow-map"])
+def test_mvp_and_flow_map_targets_keep_both_modes(target, monkeypatch):
+    """Online updates through `update` on a 1-d toy (s = 0), best_of_n patched to a fixed set. MVP trains toward a*
+    (bimodal here; data actions 0): a loss that regresses u(a_r, r, 1) onto a* drawn apart from a_0 gives the mean
+    (0% in each mode, measured); the flow-map loss with a* in place of the data keeps both modes. flow-map trains on
+    the buffer's actions (bimodal here; a* = 0): whatever the critic picks."""
+    torch.manual_seed(0)
+    args = fmq.Args(hidden_dim=64, num_layers=3, time_dim=16, curriculum_start=300, curriculum_end=1500, lr=1e-3,
+                    online_target=target, best_of_n=4)
+    a_star, data = (bimodal, torch.zeros) if target == "mvp" else (lambda n: torch.zeros(n, 1), bimodal)
+    monkeypatch.setattr(fmq, "best_of_n", lambda actor, q_fn, obs, n, generator=None: (a_star(len(obs)), None))
+    agent = fmq.make_agent(args, 1, 1, "cpu")
+    fmq.freeze_offline_copy(agent)
+    zeros = torch.zeros(256, 1)
+    for step in range(3000):
+        batch = dict(obs=zeros, actions=data(256, 1) if target == "mvp" else data(256), R=zeros[:, 0],
+                     mask=zeros[:, 0], next_obs=zeros)
+        fmq.update(agent, batch, torch.tensor(step), args, fmq.make_losses())
+    with torch.no_grad():
+        x = fmq.one_step(agent.actor, torch.zeros(4000, 1), torch.Generator().manual_seed(1))
+    assert min(mode_fractions(x)) >= 0.3
+
+
+def test_qc_behaviour_flow_euler_steps_give_both_modes_one_step_their_mean():
+    """QC's actor (--flow-map-loss none: flow matching only, raw time input): 10 Euler steps of u(a, t, t) reproduce
+    both modes of +-0.9 data; one Euler step from t = 0 lands on E[a_1 - a_0 | a_0] + a_0, their mean."""
+    torch.manual_seed(0)
+    args = fmq.Args(hidden_dim=64, num_layers=3, time_dim=0, flow_map_loss="none", euler_steps=10)
+    actor = fmq.FlowMapActor(1, 1, args)
+    opt = torch.optim.Adam(actor.parameters(), lr=1e-3)
+    for step in range(3000):
+        loss, info = fmq.flow_map_loss(actor, torch.zeros(256, 1), bimodal(256), step, args)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert list(info) == ["actor/diag_loss"]
+    with torch.no_grad():
+        x10 = fmq.one_step(actor, torch.zeros(4000, 1), torch.Generator().manual_seed(1))
+        actor.euler_steps = 1
+        x1 = fmq.one_step(actor, torch.zeros(4000, 1), torch.Generator().manual_seed(1))
+    assert min(mode_fractions(x10)) >= 0.3
+    assert (x1.abs() < 0.2).float().mean() > 0.9
+
+
+def test_euler_steps_integrate_u_on_the_diagonal_from_r_to_1():
+    """K Euler steps of u(a, t, t) = t from r = 0.4: a + 0.2 * (0.4 + 0.6 + 0.8) = a + 0.36 (left points; the exact
+    integral is 0.42, right points would give 0.48); K = 0 is the jump a + 0.6 u(a, 0.4, 1) = a + 0.6."""
+    calls = []
+
+    def actor(obs, a, r, t):
+        calls.append((r, t))
+        return torch.full_like(a, t)
+    actor.euler_steps = 3
+    a = torch.zeros(2, 1)
+    torch.testing.assert_close(fmq.flow(actor, None, a, 0.4), a + 0.36)
+    assert calls == pytest.approx([(0.4, 0.4), (0.6, 0.6), (0.8, 0.8)])
+    torch.testing.assert_close(fmq.flow(actor, None, a, 0.4, steps=0), a + 0.6)
+
+
+@pytest.mark.parametrize("sampler,calls,nfe", [("onestep", 10, 10), ("best-of-n", 10, 40), ("qgbs", 20, 200)])
+def test_euler_steps_reach_every_sampler_and_the_td_target(sampler, calls, nfe):
+    """One function (`one_step` -> `flow`) draws every candidate: with --euler-steps 10 acting, evaluation (each
+    sampler), the TD target and MVP's a* all take 10 diagonal steps (QGBS: 10 from 0, then 10 from t')."""
+    seen = []
+
+    def actor(obs, a, r, t):
+        seen.append((r, t))
+        return torch.zeros_like(a)
+    actor.act_dim, actor.euler_steps = 4, 10
+    args = fmq.Args(best_of_n=4, euler_steps=10, online_target="flow-map")
+    agent = SimpleNamespace(actor=actor, critic=CURRENT, critic_target=TARGET, u_off=object())
+    grid = [k / 10 for k in range(10)]
+    for draw in (lambda: fmq.td_target(agent, td_batch(), 0.9, 3, "mean", 4), lambda: fmq.mvp_target(
+            agent, torch.zeros(3, 6), args), lambda: fmq.select_action(agent, torch.zeros(2, 6), sampler, args)):
+        seen.clear()
+        draw()
+        assert all(r == t for r, t in seen) and [r for r, _ in seen[:10]] == pytest.approx(grid)
+    assert len(seen) == calls and fmq.sampler_nfe(sampler, args) == nfe
+    if sampler == "qgbs":
+        t_prime = args.qgbs_rho / (1 + args.qgbs_rho)
+        assert [r for r, _ in seen[10:]] == pytest.approx([t_prime + (1 - t_prime) * g for g in grid])
+
+
+def test_fmq_needs_a_flow_map():
+    for bad in (dict(flow_map_loss="none"), dict(euler_steps=10)):
+        with pytest.raises(fmq.FMQError, match="fmq needs a flow map"):
+            fmq.validate(fmq.Args(**bad))
+    fmq.validate(fmq.Args(online_target="flow-map", flow_map_loss="none", euler_steps=10, time_dim=0))
+
+
+def test_sparse_flag_composes_with_the_env_table_reward():
+    """Official main.py: robomimic r - 1, then --sparse (r != 0) * -1, for any task; without it the table's."""
+    rm, cube, scene1 = (fmq.env_spec(e) for e in ("can", "cube-dbl-t3", "scene-play-singletask-task1-v0"))
+    np.testing.assert_array_equal(fmq.reward_fn(rm, True)(np.array([1.0, 0.0])), [0.0, -1.0])
+    np.testing.assert_array_equal(fmq.reward_fn(rm, False)(np.array([1.0, 0.0])), [0.0, -1.0])
+    np.testing.assert_array_equal(fmq.reward_fn(cube, False)(np.array([-2.0, 0.0])), [-2.0, 0.0])
+    np.testing.assert_array_equal(fmq.reward_fn(cube, True)(np.array([-2.0, -1.0, 0.0])), [-1.0, -1.0, 0.0])
+    np.testing.assert_array_equal(fmq.reward_fn(scene1, True)(np.array([-3.0, 0.0])), [-1.0, 0.0])
+
+
+# ---------------------------------------------------------------- what CUDA and bf16 change, seen on the CPU
+def test_resumed_rng_states_stay_cpu_byte_tensors(tmp_path):
+    """torch.load(map_location=<training device>) would move the saved RNG states to the GPU, where
+    torch.set_rng_state refuses them ("RNG state must be a torch.ByteTensor"). An agent on 'meta' shows it on CPU."""
+    args, agent, _ = small_agent()
+    state = {k: getattr(agent, k).state_dict() for k in fmq.NETS}
+    path = fmq.save_checkpoint(tmp_path, dict(state, step=3, args=dataclasses.asdict(args), u_off=None,
+                                              rng=dict(torch=torch.get_rng_state())), keep=1)
+    ckpt = fmq.load_checkpoint(path, args, fmq.make_agent(args, 6, 10, "meta"))
+    assert ckpt["rng"]["torch"].device.type == "cpu"
+    torch.set_rng_state(ckpt["rng"]["torch"])  # what --resume does
+
+
+def critic_near(q0, args, obs_dim=6, act_dim=10):
+    """Critics whose Q sits near q0 (last bias q0, small last weights), for the --amp precision checks."""
+    torch.manual_seed(0)
+    critic = fmq.Critics(obs_dim, act_dim, args)
+    with torch.no_grad():
+        critic.net[-1].weight.mul_(0.05)
+        critic.net[-1].bias.fill_(q0)
+    return critic
+
+
+def test_amp_ranks_actions_whose_q_differ_by_005_near_minus_100():
+    """bf16 holds Q in steps of 0.5 near |Q| = 100: both actions would round to -100 and best-of-N would keep the first.
+    The critics' last layer runs in fp32 under --amp, so the ranking and the values hold to ~1e-2."""
+    args = fmq.Args(hidden_dim=32, num_layers=2, amp=True)
+    critic, obs = critic_near(0.0, args), torch.zeros(2, 6)
+    a = torch.stack([-0.5 * torch.ones(10), 0.5 * torch.ones(10)])
+    with torch.no_grad():
+        raw = critic(obs, a).mean(0)
+        critic.net[-1].weight.mul_(0.05 / (raw[1] - raw[0]))  # Q(a_1) - Q(a_0) = +0.05 ...
+        critic.net[-1].bias.add_(-100.005 - critic(obs, a).mean(0).mean())  # ... at -100.03 and -99.98
+        fp32 = fmq.q_agg(critic, "mean")(obs, a)
+        with torch.autocast("cpu", torch.bfloat16):
+            amp = fmq.q_agg(critic, "mean")(obs, a)
+    torch.testing.assert_close(fp32, torch.tensor([-100.03, -99.98]), atol=1e-3, rtol=0)
+    assert amp.dtype == torch.float32 and amp[1] > amp[0] and (amp - fp32).abs().max() < 0.01
+
+
+def test_amp_td_target_equals_the_fp32_one_near_minus_300():
+    """At |Q| ~ 300 bf16's step is 2; with the fp32 last layer the --amp TD target is the fp32 one to 1e-3 relative."""
+    args, agent, batch = small_agent()
+    agent.critic, agent.critic_target = critic_near(-300.0, args), critic_near(-299.0, args)
+    targets = []
+    for amp in (False, True):
+        torch.manual_seed(1)
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=amp):
+            targets.append(fmq.td_target(agent, batch, 0.99, 5, "min", 32))
+    assert targets[1].dtype == torch.float32
+    assert ((targets[1] - targets[0]).abs() / targets[0].abs()).max() < 1e-3
+
+
+def test_update_and_sampling_make_no_tensor_off_the_data_device():
+    """Under torch.device('meta') a tensor made without device= lands on meta and mixing it with the (CPU) data fails
+    loudly: what would put a CPU tensor next to CUDA data. The updates of every phase and target, each sampler, the
+    replay buffer's sampling and sample_r_t with a Python step make none."""
+    args, agent, batch = small_agent()
+    buf, step = circular_buffer(), torch.tensor(10)  # the loop passes the step as a device tensor
+    fill(buf, 3)
+    with torch.device("meta"):
+        r, t = fmq.sample_r_t(8, 100, args, "cpu")
+        assert r.device.type == t.device.type == "cpu"
+        assert buf.sample(4, 0.9)["obs"].device.type == "cpu"
+        for target in ("fmq", "mvp", "flow-map"):
+            a = dataclasses.replace(args, online_target=target)
+            info = fmq.update(agent, batch, 10, a, fmq.make_losses())
+            assert all(v.device.type == "cpu" for v in info.values())
+        agent.u_off = None
+        fmq.update(agent, batch, step, args, fmq.make_losses())
+        for sampler in ("onestep", "best-of-n", "qgbs"):
+            assert fmq.select_action(agent, batch["obs"], sampler, args).device.type == "cpu"
+
+
+def test_dataset_actions_are_clipped_as_the_official_loaders(monkeypatch):
+    """Q-chunking's env_utils.make_env_and_datasets clips dataset actions to +-(1 - 1e-5), for every suite."""
+    import ogbench
+    raw = dict(observations=np.zeros((3, 2), np.float32), actions=np.array([[1.0], [-1.0], [0.5]], np.float32),
+               terminals=np.array([0, 0, 1], np.float32))
+    monkeypatch.setattr(ogbench, "make_env_and_datasets", lambda *a, **k: (None, dict(raw), None))
+    data, _ = fmq.load_dataset(fmq.env_spec("scene-t5"), "/nonexistent")
+    np.testing.assert_array_equal(data["actions"][:, 0], np.float32([1 - 1e-5, -1 + 1e-5, 0.5]))
+    np.testing.assert_array_equal(data["ends"], raw["terminals"])
+
+
 # ---------------------------------------------------------------- env ids and settings
 def test_env_table_and_unknown_id():
     assert fmq.env_spec("scene-t5")["name"] == "scene-play-singletask-task5-v0"
@@ -553,7 +795,11 @@ def test_env_table_and_unknown_id():
     # official README table: the mazes are sparse; main.py / config.yaml: discount 0.99 and mean offline for every task
     assert fmq.env_spec("amaze-gnt-t4") == dict(suite="ogbench", name="antmaze-giant-navigate-singletask-task4-v0",
                                                 reward="sparse")
-    assert (fmq.Args().discount, fmq.Args().offline_q_agg, fmq.Args().online_q_agg) == (0.99, "mean", "min")
+    assert (fmq.Args().discount, fmq.Args().offline_q_agg) == (0.99, "mean")
+    aggs = {t: [fmq.critic_agg(fmq.Args(online_target=t), online) for online in (False, True)]
+            for t in ("fmq", "mvp", "flow-map")}
+    assert aggs == {"fmq": ["mean", "min"], "mvp": ["mean", "mean"], "flow-map": ["mean", "mean"]}
+    assert fmq.critic_agg(fmq.Args(online_target="flow-map", online_q_agg="min"), True) == "min"
     # sparse = (r != 0) * -1: scene's dense -3..0 becomes -1 / 0; the navigate tasks' -1 / 0 is left as it is
     np.testing.assert_array_equal(fmq.REWARDS["sparse"](np.array([-3.0, -1.0, 0.0])), [-1.0, -1.0, 0.0])
     assert fmq.env_spec("puzzle-3x3-play-singletask-task1-v0")["reward"] is None
@@ -587,11 +833,11 @@ def test_tiny_run_end_to_end_and_deterministic(tmp_path, ogb):
     assert strip_timing(read_csv(run_b / "eval.csv")) == strip_timing(evals)
 
 
-def test_online_from_offline_checkpoint_with_qgbs_and_best_of_n_target(tmp_path, ogb):
+def test_online_from_offline_checkpoint_with_qgbs_and_mvp_target(tmp_path, ogb):
     fmq.main(tiny_args(tmp_path, ogb, online_steps=0, offline_steps=10, eval_interval=10))
     ckpt = tmp_path / "runs" / "scene-t5__fmq__0" / "checkpoints" / "step_000000010.pt"
     args = tiny_args(tmp_path, ogb, exp_name="online", offline_steps=0, online_steps=10, eval_interval=10,
-                     load_checkpoint=str(ckpt), sampler="qgbs", online_target="best-of-n")
+                     load_checkpoint=str(ckpt), sampler="qgbs", online_target="mvp")
     fmq.main(args)
     evals = read_csv(tmp_path / "runs" / "scene-t5__online__0" / "eval.csv")
     assert [(r["sampler"], r["nfe"]) for r in evals] == [("qgbs", "20")] * 2
@@ -1356,6 +1602,26 @@ def test_robomimic_end_to_end(rm_data, task, tmp_path, monkeypatch):
         (0, "offline"), (10, "online"), (20, "online")]
     assert all(0.0 <= float(r["success"]) <= 1.0 and np.isfinite(float(r["return"])) for r in evals)
     assert all(np.isfinite(float(r["critic/loss"])) for r in read_csv(run / "train.csv"))
+
+
+def test_robomimic_dones_end_chunks_as_the_official_terminals(rm_data, tmp_path):
+    """Official robomimic loader: terminals = dones (and masks = 1 - dones), so a done inside a demo ends chunks there
+    too; each demo's last step ends them anyway."""
+    import h5py
+    import shutil
+    path = rm_file(tmp_path, "can")
+    path.parent.mkdir(parents=True)
+    shutil.copy(rm_file(rm_data[0], "can"), path)
+    with h5py.File(path, "r+") as f:
+        dones = f["data/demo_1/dones"][:]
+        dones[10] = 1
+        f["data/demo_1/dones"][...] = dones
+        dones = [f[f"data/demo_{i}/dones"][:] for i in range(len(f["data"]))]  # demo 0 (solved): 1 from success on
+    data, _ = fmq.load_dataset(fmq.env_spec("can"), tmp_path)
+    ends = set(np.flatnonzero(data["ends"]).tolist())
+    assert ends == set(np.flatnonzero(np.concatenate(dones)).tolist()) | {int(n) - 1 for n in np.cumsum(
+        [len(d) for d in dones])}
+    assert len(dones[0]) + 10 in ends and data["masks"][len(dones[0]) + 10] == 0.0
 
 
 def test_robomimic_file_of_another_robosuite_stops_before_training(rm_data, tmp_path):

@@ -22,6 +22,7 @@ from scipy import stats
 
 PAPER_ENV_IDS = ["can", "square", "cube-dbl-t3", "cube-dbl-t4", "cube-trl-t3", "cube-trl-t4",
                  "scene-t4", "scene-t5", "hmaze-med-t3", "hmaze-med-t4", "amaze-gnt-t4", "amaze-gnt-t5"]
+COLUMNS = ["qc", "mvp", "mvp/qgbs", "fmq", "fmq/qgbs"]  # the paper's columns: QC, MVP, MVP + QGBS, FMQ, FMQ + QGBS
 QS = (0.5, 0.75, 0.9, 1.0)  # speedup targets: xi = q * (best online mean success of the baseline)
 STD_DDOF = 0  # table std over seeds: population std (np.std default)
 
@@ -189,9 +190,10 @@ def plot_speedup(agg, ref, base, path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs-dir", default="runs", help="folder holding the run folders (default: runs)")
-    p.add_argument("--methods", nargs="+", default=None, help="methods (exp names) to show, in order (default: all)")
+    p.add_argument("--methods", nargs="+", default=None,
+                   help="methods (exp names) to show, in order (default: all; the paper's columns first, in its order)")
     p.add_argument("--ref-method", default="fmq", help="method whose speedup is measured (default: fmq)")
-    p.add_argument("--baseline", default="mvp-bon", help="baseline of the speedup figure (default: mvp-bon)")
+    p.add_argument("--baseline", default="mvp", help="baseline of the speedup figure (default: mvp, as the paper)")
     p.add_argument("--reps", type=int, default=50000, help="bootstrap resamples (default: 50000)")
     p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
     p.add_argument("--fig-dir", default="docs", help="where the PNG figures go (default: docs)")
@@ -199,7 +201,8 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     df = load_runs(args.runs_dir)
-    methods = args.methods or sorted(set(df.get("method", [])), key=lambda m: (m != args.ref_method, m))
+    present = set(df.get("method", []))
+    methods = args.methods or [m for m in COLUMNS if m in present] + sorted(present - set(COLUMNS))
     df = df[df.method.isin(methods)] if len(df) else df
     if df.empty:
         print(f"no eval.csv rows of methods {methods or 'any'} under {args.runs_dir}")

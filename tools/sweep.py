@@ -5,9 +5,13 @@ Each run is `python fmq.py --env-id ENV --seed S --exp-name METHOD [method flags
 and lives in {runs_dir}/{ENV}__{METHOD}__{S}. Finished runs (final.json exists) are skipped and killed
 runs resume from their last checkpoint, so re-running the same sweep command is always safe.
 
-  python tools/sweep.py --dry-run
-  python tools/sweep.py --env-ids can square --seeds 0 1 --workers 2 --method fmq=
-      --method mvp-bon="--online-target best-of-n" -- --offline-steps 1000   (one command line)
+The paper's columns are named methods (METHODS below: the one place that says which fmq.py flags each column
+trains with); `--method NAME=FLAGS` adds any other. The "+ QGBS" columns need no runs of their own: the mvp and fmq
+runs evaluate with QGBS too (--extra-samplers qgbs), and tools/report.py shows those rows as mvp/qgbs, fmq/qgbs.
+
+  python tools/sweep.py --dry-run                       # the paper's grid: 12 tasks x 5 seeds x qc, mvp, fmq
+  python tools/sweep.py --env-ids can square --seeds 0 1 --workers 2 --method fmq --method mvp
+      --method fmq-eta05="--eta 0.5" -- --offline-steps 1000   (one command line)
   python tools/sweep.py --launcher slurm --slurm-partition gpu
 """
 import argparse
@@ -20,6 +24,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
+# name -> fmq.py flags. Sources: README "The paper's table, column by column".
+METHODS = {
+    "qc": "--online-target flow-map --flow-map-loss none --euler-steps 10 --time-dim 0",  # QC (Li et al., 2025)
+    "mvp": "--online-target mvp --extra-samplers qgbs",  # MVP (Zhan et al., 2026), and MVP + QGBS (mvp/qgbs)
+    "fmq": "--extra-samplers qgbs",  # FMQ (Alg. 1), and FMQ + QGBS (fmq/qgbs)
+    "flow-map": "--online-target flow-map",  # the official code without --fmq_online (not a column of the table)
+}
+PAPER_METHODS = ["qc", "mvp", "fmq"]
 PAPER_ENV_IDS = ["can", "square", "cube-dbl-t3", "cube-dbl-t4", "cube-trl-t3", "cube-trl-t4",
                  "scene-t4", "scene-t5", "hmaze-med-t3", "hmaze-med-t4", "amaze-gnt-t4", "amaze-gnt-t5"]
 
@@ -44,9 +56,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--env-ids", nargs="+", default=PAPER_ENV_IDS, help="env ids (default: the 12 paper tasks)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="seeds (default: 0 1 2 3 4)")
-    p.add_argument("--method", action="append", dest="methods", metavar="NAME=FLAGS",
-                   help='repeatable; NAME is the exp name, FLAGS extra fmq.py flags, e.g. '
-                        'mvp-bon="--online-target best-of-n" (default: fmq=)')
+    p.add_argument("--method", action="append", dest="methods", metavar="NAME[=FLAGS]",
+                   help=f"repeatable; a named method ({', '.join(METHODS)}) or NAME=FLAGS: the exp name and its "
+                        f"fmq.py flags, e.g. fmq-eta05=\"--eta 0.5\" (default: {' '.join(PAPER_METHODS)})")
     p.add_argument("--runs-dir", default="runs", help="where run folders live, passed to fmq.py (default: runs)")
     p.add_argument("--launcher", choices=["local", "slurm"], default="local", help="where to run (default: local)")
     p.add_argument("--workers", type=int, default=None,
@@ -60,7 +72,10 @@ def parse_args(argv=None):
     p.add_argument("--slurm-cpus", type=int, default=8, help="CPUs per SLURM job (default: %(default)s)")
     p.add_argument("--slurm-mem-gb", type=int, default=64, help="memory per SLURM job in GB (default: %(default)s)")
     args = p.parse_args(argv)
-    args.methods, args.extra = args.methods or ["fmq="], extra
+    args.methods, args.extra = args.methods or PAPER_METHODS, extra
+    unknown = [m for m in args.methods if "=" not in m and m not in METHODS]
+    if unknown:
+        p.error(f"unknown method {unknown[0]!r}: name one of {', '.join(METHODS)} or give NAME=FLAGS")
     return args
 
 
@@ -69,7 +84,7 @@ def build_runs(args):
     runs = []
     for env_id in args.env_ids:
         for method in args.methods:
-            name, _, flags = method.partition("=")
+            name, _, flags = method.partition("=") if "=" in method else (method, "", METHODS[method])
             for seed in args.seeds:
                 cmd = [args.python, args.script, "--env-id", env_id, "--seed", str(seed), "--exp-name", name,
                        "--runs-dir", str(args.runs_dir), *shlex.split(flags), *args.extra, "--resume", "auto"]
