@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+import tyro
 
 ROOT = Path(__file__).resolve().parent
 TOOLS = ROOT / "tools"
@@ -1296,14 +1297,14 @@ def make_grid(runs_dir):
     for env_id, finals in FINALS.items():
         for seed, final in enumerate(finals):
             make_run(runs_dir, env_id, "fmq", seed, final, online_ramp=40)
-            make_run(runs_dir, env_id, "mvp-bon", seed, final, online_ramp=80)
+            make_run(runs_dir, env_id, "mvp", seed, final, online_ramp=80)
 
 
 def test_final_scores_iqm_and_ci(tmp_path):
     make_grid(tmp_path)
     finals = report.final_scores(report.load_runs(tmp_path))
     assert len(finals) == 24 and (finals.step == 200).all()
-    scores = report.score_matrices(finals, ["fmq", "mvp-bon"])
+    scores = report.score_matrices(finals, ["fmq", "mvp"])
     assert scores["fmq"].shape == (4, 3)
     np.testing.assert_allclose(scores["fmq"][:, 0], FINALS["can"])  # columns in paper task order
     agg = report.aggregate(scores, reps=300)["fmq"]
@@ -1315,11 +1316,11 @@ def test_final_scores_iqm_and_ci(tmp_path):
 
 def test_missing_seed_uses_common_tasks_and_seeds(tmp_path, capsys):
     make_grid(tmp_path)
-    for f in (tmp_path / "square__mvp-bon__3").iterdir():
+    for f in (tmp_path / "square__mvp__3").iterdir():
         f.unlink()
-    (tmp_path / "square__mvp-bon__3").rmdir()
-    scores = report.score_matrices(report.final_scores(report.load_runs(tmp_path)), ["fmq", "mvp-bon"])
-    assert scores["fmq"].shape == scores["mvp-bon"].shape == (3, 3)
+    (tmp_path / "square__mvp__3").rmdir()
+    scores = report.score_matrices(report.final_scores(report.load_runs(tmp_path)), ["fmq", "mvp"])
+    assert scores["fmq"].shape == scores["mvp"].shape == (3, 3)
     assert "warning" in capsys.readouterr().out
 
 
@@ -1354,11 +1355,20 @@ def test_report_main_table_json_and_figures(tmp_path, capsys):
         assert cell in out
     res = json.loads((tmp_path / "out.json").read_text())
     assert res["aggregate"]["fmq"]["iqm"] == pytest.approx(3.4 / 6)
-    # fmq ramps linearly to the final success by 40 online env steps, mvp-bon by 80 -> 2x at every target
+    # fmq ramps linearly to the final success by 40 online env steps, mvp by 80 -> 2x at every target
     assert res["speedup"]["1.0"]["mean"] == pytest.approx(2.0) and res["speedup"]["0.5"]["mean"] == pytest.approx(2.0)
     assert res["speedup"]["1.0"]["n"] == 3
     for png in ("learning_curves.png", "speedup.png"):
         assert (tmp_path / "figs" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_prints_the_paper_columns_in_its_order(tmp_path, capsys):
+    for method in ("zzz", "fmq", "mvp", "qc"):
+        make_run(tmp_path / "runs", "can", method, 0, 0.5, 50,
+                 extra_rows=["140,online,40,0.9,0,0,qgbs,20,50,0"] if method in ("fmq", "mvp") else ())
+    assert report.main(["--runs-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path), "--reps", "10"]) == 0
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("task"))
+    assert header.split() == ["task", "qc", "mvp", "mvp/qgbs", "fmq", "fmq/qgbs", "zzz"]
 
 
 def test_report_skips_speedup_without_baseline(tmp_path, capsys):
@@ -1373,23 +1383,33 @@ def test_sweep_dry_run_commands_and_skip(tmp_path):
     (runs / "can__fmq__1").mkdir(parents=True)
     (runs / "can__fmq__1" / "final.json").write_text("{}")
     argv = ["--dry-run", "--env-ids", "can", "square", "--seeds", "0", "1", "--runs-dir", str(runs),
-            "--method", "fmq=", "--method", "mvp-bon=--online-target best-of-n", "--python", "py",
+            "--method", "fmq", "--method", "eta05=--eta 0.5", "--method", "qc", "--python", "py",
             "--script", "fmq.py", "--", "--offline-steps", "1000"]
     out = subprocess.run([sys.executable, str(TOOLS / "sweep.py"), *argv], capture_output=True, text=True,
                          check=True).stdout
     lines = out.splitlines()
     assert "# skip (finished): can__fmq__1" in lines
-    assert (f"py fmq.py --env-id square --seed 1 --exp-name mvp-bon --runs-dir {shlex.quote(str(runs))} "
-            "--online-target best-of-n --offline-steps 1000 --resume auto") in lines
-    assert sum(line.startswith("py fmq.py") for line in lines) == 7
+    assert (f"py fmq.py --env-id square --seed 1 --exp-name eta05 --runs-dir {shlex.quote(str(runs))} "
+            "--eta 0.5 --offline-steps 1000 --resume auto") in lines
+    assert (f"py fmq.py --env-id can --seed 0 --exp-name qc --runs-dir {shlex.quote(str(runs))} --online-target "
+            "flow-map --flow-map-loss none --euler-steps 10 --time-dim 0 --offline-steps 1000 --resume auto") in lines
+    assert sum(line.startswith("py fmq.py") for line in lines) == 11
     assert not any("can --seed 1 --exp-name fmq " in line for line in lines)
     assert sorted(p.name for p in runs.iterdir()) == ["can__fmq__1"]  # nothing created, nothing run
     assert not list(runs.rglob("stdout.log"))
     # build_runs is importable and gives the full grid (finished runs included)
     names = [name for name, _ in sweep.build_runs(sweep.parse_args(argv))]
-    assert len(names) == 8 and names[0] == "can__fmq__0" and names[-1] == "square__mvp-bon__1"
+    assert len(names) == 12 and names[0] == "can__fmq__0" and names[-1] == "square__qc__1"
+    # every named method's flags parse as fmq.py flags, and the paper's columns are qc, mvp, fmq (+ their qgbs rows)
+    for name, flags in sweep.METHODS.items():
+        fmq.validate(tyro.cli(fmq.Args, args=shlex.split(flags)))
+    assert sweep.PAPER_METHODS == ["qc", "mvp", "fmq"] and report.COLUMNS[2::2] == ["mvp/qgbs", "fmq/qgbs"]
+    rc = subprocess.run([sys.executable, str(TOOLS / "sweep.py"), "--method", "mvp-bon"], capture_output=True,
+                        text=True)
+    assert rc.returncode == 2 and "unknown method 'mvp-bon'" in rc.stderr
     default = sweep.parse_args([])
-    assert default.env_ids == sweep.PAPER_ENV_IDS and default.seeds == [0, 1, 2, 3, 4] and default.methods == ["fmq="]
+    assert default.env_ids == sweep.PAPER_ENV_IDS and default.seeds == [0, 1, 2, 3, 4] and default.methods == [
+        "qc", "mvp", "fmq"]
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, ogb):

@@ -94,7 +94,7 @@ def synthetic_buffer(obs_dim, act_dim, horizon, device, rows=100_000, episode_le
                 actions=rng.uniform(-1, 1, (rows, act_dim)).astype(np.float32),
                 rewards=-(rng.random(rows) < 0.9).astype(np.float32), masks=np.ones(rows, np.float32),
                 ends=(np.arange(rows) % episode_len == episode_len - 1).astype(np.float32))
-    return fmq.ReplayBuffer(data, online, horizon, device)
+    return fmq.ReplayBuffer(data, rows + online, horizon, device)
 
 
 def env_step_ms(env, steps=300):
@@ -132,11 +132,8 @@ def online_loop_ms(agent, env, buffer, update, step, args, steps):
 
 
 def euler_flow(actor, obs, steps=10):
-    """A plain flow policy of the same network: a_{k+1} = a_k + dt u(a_k, t_k, t_k), `steps` NFE."""
-    a = torch.randn(len(obs), actor.act_dim, device=obs.device)
-    for k in range(steps):
-        a = a + actor(obs, a, k / steps, k / steps) / steps
-    return a.clamp(-1.0, 1.0)
+    """The same network as a flow policy (QC's sampler): `steps` Euler steps of u(a, t, t), `steps` NFE."""
+    return fmq.flow(actor, obs, torch.randn(len(obs), actor.act_dim, device=obs.device), 0.0, steps).clamp(-1, 1)
 
 
 def main(argv=None):

@@ -82,16 +82,22 @@ BUGS = [
     bug("replay_chunks_cross_episode_ends", "offline chunks may start anywhere, crossing trajectory ends",
         "ok = i[c[i + horizon - 1] - c[i] == 0]", "ok = i"),
     bug("online_chunks_cross_episode_ends", "online chunks ignore episode boundaries",
-        "if self.ep_len >= self.h:", "if self.size - self.n_off >= self.h:"),
+        "if self.ep_len >= self.h:", "if self.written - self.n_off >= self.h:"),
+    bug("replay_overwrite_keeps_chunks", "circular buffer: an overwritten row's chunk stays sampleable",
+        "if v >= cap and self.n_starts and self.starts_host[self.head] == v - cap:", "if False:"),
     bug("next_obs_off_by_one", "s' of a chunk taken one step too late",
-        'next_observations"][idx + self.h - 1]', 'next_observations"][idx + self.h]'),
+        'next_observations"][seq[:, -1]]', 'next_observations"][(seq[:, -1] + 1) % self.cap]'),
     bug("truncation_as_terminal", "time-limit truncation stored as terminal (mask 0)",
         "1.0 - term, next_obs", "1.0 - (term or trunc), next_obs"),
     # --- sampling
     bug("actions_not_clipped", "one-step actions are not clipped to [-1, 1]",
-        "return (a_0 + actor(obs, a_0, 0.0, 1.0)).clamp(-1.0, 1.0)", "return a_0 + actor(obs, a_0, 0.0, 1.0)"),
-    bug("one_step_r_t_swapped", "one-step sampling calls u(a_0, r=1, t=0): (r, t) order swapped",
-        "actor(obs, a_0, 0.0, 1.0)", "actor(obs, a_0, 1.0, 0.0)"),
+        "return flow(actor, obs, a_0).clamp(-1.0, 1.0)", "return flow(actor, obs, a_0)"),
+    bug("one_step_r_t_swapped", "the flow-map jump calls u(a_r, 1, r): (r, t) order swapped",
+        "return a_r + (1.0 - r) * actor(obs, a_r, r, 1.0)", "return a_r + (1.0 - r) * actor(obs, a_r, 1.0, r)"),
+    bug("euler_right_endpoints", "Euler steps evaluate u at the right end of each step",
+        "t = r + (1.0 - r) * k / steps", "t = r + (1.0 - r) * (k + 1) / steps"),
+    bug("euler_step_size", "Euler steps of 1 / K from any r (the steps overshoot t = 1)",
+        "a_r = a_r + (1.0 - r) / steps * actor", "a_r = a_r + 1.0 / steps * actor"),
     bug("best_of_n_argmin", "best-of-N keeps the lowest-Q sample",
         ".view(len(obs), n).max(1)", ".view(len(obs), n).min(1)"),
     bug("time_features_scale", "time features of 1000 t (diffusion-style timestep scale), not 1 down to 1e-4 rad",
@@ -136,8 +142,23 @@ BUGS = [
         "return u_ref + eta * grad_q / (norm + kappa1)", "return u_ref - eta * grad_q / (norm + kappa1)"),
     bug("kappa1_outside_norm", "kappa1 added to the step, not to the gradient norm",
         "eta * grad_q / (norm + kappa1)", "eta * grad_q / norm + kappa1"),
-    bug("bon_target_reversed", "best-of-N baseline flow-matches toward a_0 - a_best",
-        "r, 1.0), a_best - a_0)", "r, 1.0), a_0 - a_best)"),
+    # --- the baselines: MVP, the official no-FMQ path (flow-map), QC
+    bug("mvp_trains_on_data", "MVP's online loss takes the buffer's actions, not the best-of-N action a*",
+        'a_1 = mvp_target(agent, batch["obs"], args) if online and args.online_target == "mvp" else batch["actions"]',
+        'a_1 = batch["actions"]'),
+    bug("flow_map_trains_on_a_star", "the official no-FMQ path trains toward a*, not the buffer's actions",
+        'if online and args.online_target == "mvp" else batch["actions"]', 'if online else batch["actions"]'),
+    bug("baseline_agg_min", "every method aggregates the critics by min online (official FlowMapPolicy, QC: mean)",
+        'return args.online_q_agg or ("min" if args.online_target == "fmq" else "mean")', 'return args.online_q_agg or "min"'),
+    bug("sparse_replaces_table_reward", "--sparse replaces the table's transform instead of following it (robomimic)",
+        'REWARDS["sparse" if sparse else None](REWARDS[spec["reward"]](r))', 'REWARDS["sparse" if sparse else spec["reward"]](r)'),
+    # --- what CUDA, bf16 and the loaders change
+    bug("amp_q_in_bf16", "under --amp the critics' output layer runs in bf16 (Q in steps of 0.5 near 100)",
+        "with torch.autocast(h.device.type, enabled=False):", "if True:"),
+    bug("resume_rng_on_device", "torch.load maps the RNG states to the training device",
+        'map_location="cpu", weights_only=False)', "map_location=next(agent.actor.parameters()).device, weights_only=False)"),
+    bug("dataset_actions_unclipped", "dataset actions not clipped to +-(1 - 1e-5) as the official loaders",
+        'data["actions"] = data["actions"].clip(-1 + 1e-5, 1 - 1e-5)', "pass"),
     # --- QGBS (Alg. 2)
     bug("qgbs_t_prime_inverted", "t' = 1 / (1 + rho) instead of rho / (1 + rho)",
         "t_prime = rho / (1.0 + rho)", "t_prime = 1.0 / (1.0 + rho)", file="qgbs.py"),
@@ -164,7 +185,7 @@ SLOW = ("test_tiny_run_end_to_end", "test_online_from_offline_checkpoint", "test
         "test_cli_smoke", "test_bad_flags_give_one_clear_line", "test_horizon_longer_than_episode",
         "test_dataset_that_does_not_match_the_env", "test_nan_stops_the_run", "test_sigkill_and_resume",
         "test_sigterm_saves_a_checkpoint", "bimodal_policy[eulerian-True]", "along_the_q_gradient[True]")
-LAST = ("learns_a_one_step", "moves_actions_by_eta")  # training tests (seconds each): run after the unit tests
+LAST = ("learns_a_one_step", "moves_actions_by_eta", "keep_both_modes", "give_both_modes")  # training tests (seconds each): run after the unit tests
 
 
 # ---------------------------------------------------------------- pytest plugin (loaded in the child with -p mutate)
