@@ -1614,7 +1614,8 @@ def test_import_official_outputs_match_the_official_code(tmp_path, name, prefix)
             out[f"u_{who}"] = u(x["obs"], x["a"], x["r"], x["t"])
             out[f"u0_{who}"] = u(x["obs"], x["a0"], 0.0, 1.0)
             out[f"a1_{who}"] = (x["a0"] + out[f"u0_{who}"]).clamp(-1.0, 1.0)  # the one-step action
-    assert {prefix + k for k in out} == {k for k in ref.files if k not in x and k.startswith("offline_") == bool(prefix)}
+    outputs = {k for k in ref.files if k not in x and k.startswith("offline_") == (prefix == "offline_")}
+    assert {prefix + k for k in out} == outputs
     for k, v in out.items():
         np.testing.assert_allclose(v.numpy(), ref[prefix + k], rtol=0, atol=1e-5, err_msg=prefix + k)
     assert {k: ckpt["args"][k] for k in fmq.ARCH} == TINY_ARCH

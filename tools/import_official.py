@@ -118,9 +118,10 @@ def expected_tree(agent):
         for layer, name in layers(module.net).items():
             for leaf in ("kernel", "bias") if layer.startswith("Dense") else ("scale", "bias"):
                 shape = tuple(params[f"net.{name}.{LEAF[leaf]}"].shape)
-                ensemble = len(shape) == 3
-                official = shape if ensemble and leaf == "kernel" else (shape[0], shape[2]) if ensemble else (
-                    shape[::-1] if leaf == "kernel" else shape)
+                if len(shape) == 3:  # critic ensembles: kernels [n, in, out] as is, the rest [n, 1, d] from [n, d]
+                    official = shape if leaf == "kernel" else (shape[0], shape[2])
+                else:  # actor: kernels [in, out] = weight.T
+                    official = shape[::-1] if leaf == "kernel" else shape
                 out[f"{prefix}/{layer}/{leaf}"] = (net, f"net.{name}.{LEAF[leaf]}", official)
     return out
 
@@ -133,8 +134,9 @@ def architecture(flat, env_id, horizon):
         if flat[key].ndim != ndim:
             raise ConversionError(f"{key} has shape {flat[key].shape}, expected {ndim} dimensions")
     depth = max(int(m[1]) for k in flat if (m := re.fullmatch(rf"{ACTOR}/Dense_(\d+)/\w+", k)))  # Dense_0..Dense_depth
-    (actor_in, hidden), (n, critic_in, _) = flat[f"{ACTOR}/Dense_0/kernel"].shape, flat[f"{CRITIC}/Dense_0/kernel"].shape
-    times = actor_in - critic_in  # 2 * Fourier features of r and t, or 2: raw r and t (official code without config.yaml)
+    actor_in, hidden = flat[f"{ACTOR}/Dense_0/kernel"].shape
+    n, critic_in, _ = flat[f"{CRITIC}/Dense_0/kernel"].shape
+    times = actor_in - critic_in  # 2 x Fourier features of r and t, or 2: raw r, t (official code without config.yaml)
     time_dim = 0 if times == 2 else times // 2 if times > 2 and times % 4 == 0 else fmq.Args.time_dim
     return fmq.Args(env_id=env_id, horizon=horizon, hidden_dim=hidden, num_layers=max(depth, 1), time_dim=time_dim,
                     num_critics=n, actor_layer_norm=f"{ACTOR}/LayerNorm_0/scale" in flat,
@@ -147,6 +149,10 @@ def convert(tree, env_id, obs_dim, act_dim, horizon=5):
         raise ConversionError(f"expected {{'agent': ...}} (flax state dict of an official agent), got "
                               f"{sorted(tree) if isinstance(tree, dict) else type(tree).__name__}")
     flat = flatten(tree)
+    leaf = next((k for k, v in flat.items() if not isinstance(v, np.ndarray)), None)
+    if leaf is not None or horizon < 1:
+        raise ConversionError(f"{leaf} is a {type(flat[leaf]).__name__}, not an array" if leaf else
+                              "--horizon must be >= 1")
     args = architecture(flat, env_id, horizon)
     agent = fmq.make_agent(args, obs_dim, act_dim * horizon, "cpu")
     online = any(k.startswith("agent/frozen_actor_params/") for k in flat)
@@ -173,8 +179,9 @@ def convert(tree, env_id, obs_dim, act_dim, horizon=5):
         x = torch.from_numpy(np.array(flat[k], np.float32))
         x = x.T.contiguous() if x.dim() == 2 and k.endswith("kernel") else x.reshape(
             getattr(agent, net).get_parameter(param).shape)
-        moment = MAPPING[k.rsplit("/", 2)[0]][1]
-        (moments.setdefault((net, moment), {}) if moment else state.setdefault(net, {}))[param] = x
+        moment = MAPPING[k.rsplit("/", 2)[0]][1]  # None: a network parameter; exp_avg / exp_avg_sq: Adam's
+        target = moments.setdefault((net, moment), {}) if moment else state.setdefault(net, {})
+        target[param] = x
     for net, sd in state.items():
         getattr(agent, net).load_state_dict(sd, strict=True)
     count = int(flat[COUNT])
