@@ -1833,3 +1833,204 @@ def test_time_limit_truncation_is_stored_as_alive(tmp_path, ogbench_data, monkey
     masks, ends = np.array([m for m, _, _ in stored]), np.array([e for _, _, e in stored])
     assert len(stored) == 30 and ends.sum() == 1 and ends[19]  # one time-limit end, after 20 steps
     assert (masks == 1.0).all()
+
+
+# ---------------------------------------------------------------- official checkpoints (tools/import_official.py)
+# tools/fixtures/official_tiny: params_offline.pkl (FlowMapPolicy after 20 updates) and params_online.pkl (FMQAgent
+# after 5 more), written by the official JAX code's save_agent, with reference_tiny.npz: 16 fixed inputs and the
+# official networks' outputs on them. Tiny nets (hidden (32, 32), Fourier 64) on obs 40, action chunk 5 x 5: the
+# sizes of scene-t5 with horizon 5.
+import pickle  # noqa: E402
+
+import import_official  # noqa: E402
+import qgbs_sweep  # noqa: E402
+
+OFFICIAL = TOOLS / "fixtures" / "official_tiny"
+TINY_ARCH = dict(env_id="scene-t5", horizon=5, hidden_dim=32, num_layers=2, time_dim=64, num_critics=2,
+                 actor_layer_norm=False, critic_layer_norm=True)
+
+
+def official_agent(tmp_path, name="params_online.pkl", tree=None):
+    """Converts an official checkpoint (or tree), saves it, and loads it the way fmq.py does."""
+    tree = import_official.load_official(OFFICIAL / name) if tree is None else tree
+    ckpt = import_official.convert(tree, "scene-t5", 40, 5)
+    path = tmp_path / "official.pt"
+    torch.save(ckpt, path)
+    args = fmq.Args(**ckpt["args"])
+    agent = fmq.make_agent(args, 40, 25, "cpu")
+    fmq.load_checkpoint(path, args, agent)
+    return agent, ckpt, path
+
+
+def official_tree(agent, count=0):
+    """The inverse mapping: an fmq agent's weights in the official checkpoint layout (Adam moments 0)."""
+    flat = {import_official.COUNT: np.array(count, np.int32), "agent/network/step": np.array(count + 1, np.int32)}
+    for k, (net, param, shape) in import_official.expected_tree(agent).items():
+        x = getattr(agent, net).get_parameter(param).detach()
+        x = (x.T if x.dim() == 2 and k.endswith("kernel") else x).reshape(shape).numpy()
+        flat[k] = np.zeros_like(x) if "/opt_state/" in k else x
+    tree = {}
+    for k, v in flat.items():
+        *path, leaf = k.split("/")
+        node = tree
+        for p in path:
+            node = node.setdefault(p, {})
+        node[leaf] = v
+    return tree
+
+
+def one_line_exit(argv):
+    with pytest.raises(SystemExit) as e:
+        import_official.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("import_official: error: ") and "\n" not in message
+    return message
+
+
+@pytest.mark.parametrize("name,prefix", [("params_online.pkl", ""), ("params_offline.pkl", "offline_")],
+                         ids=["online", "offline"])
+def test_import_official_outputs_match_the_official_code(tmp_path, name, prefix):
+    agent, ckpt, _ = official_agent(tmp_path, name)
+    ref = np.load(OFFICIAL / "reference_tiny.npz")
+    x = {k: torch.from_numpy(ref[k]) for k in ("obs", "a", "r", "t", "a0")}
+    actors = dict(online=agent.actor, **(dict(frozen=agent.u_off) if prefix == "" else {}))
+    with torch.no_grad():
+        out = dict(q_critic=agent.critic(x["obs"], x["a"]), q_target=agent.critic_target(x["obs"], x["a"]))
+        for who, u in actors.items():
+            out[f"u_{who}"] = u(x["obs"], x["a"], x["r"], x["t"])
+            out[f"u0_{who}"] = u(x["obs"], x["a0"], 0.0, 1.0)
+            out[f"a1_{who}"] = (x["a0"] + out[f"u0_{who}"]).clamp(-1.0, 1.0)  # the one-step action
+    outputs = {k for k in ref.files if k not in x and k.startswith("offline_") == (prefix == "offline_")}
+    assert {prefix + k for k in out} == outputs
+    for k, v in out.items():
+        np.testing.assert_allclose(v.numpy(), ref[prefix + k], rtol=0, atol=1e-5, err_msg=prefix + k)
+    assert {k: ckpt["args"][k] for k in fmq.ARCH} == TINY_ARCH
+    assert ckpt["args"] == dataclasses.asdict(fmq.Args(**TINY_ARCH))  # everything else: fmq's defaults
+    assert ckpt["step"] == (25 if prefix == "" else 20)  # the official Adam count: 20 offline + 5 online updates
+    assert (ckpt["u_off"] is None) == (prefix == "offline_")
+
+
+@pytest.mark.parametrize("name,sampler,nfe,agg", [("params_online.pkl", "best-of-n", "32", "min"),
+                                                  ("params_online.pkl", "qgbs", "20", "min"),
+                                                  ("params_offline.pkl", "best-of-n", "32", "mean")])
+def test_import_official_checkpoint_evaluates_in_fmq_main(tmp_path, ogb, monkeypatch, capsys, name, sampler, nfe, agg):
+    """Evaluation only; critics aggregate as the official agents': FMQAgent (u_off) by min, FlowMapPolicy by mean."""
+    out = tmp_path / "official.pt"
+    import_official.main([str(OFFICIAL / name), "--env-id", "scene-t5", "--out", str(out)])
+    assert f"--hidden-dim 32 --num-layers 2 --load-checkpoint {out} --offline-steps 0" in capsys.readouterr().out
+    seen = []
+    monkeypatch.setattr(fmq, "q_agg", lambda critic, how, real=fmq.q_agg: seen.append(how) or real(critic, how))
+    final = fmq.main(fmq.Args(env_id="scene-t5", load_checkpoint=str(out), offline_steps=0, online_steps=0,
+                              eval_episodes=2, eval_envs=2, hidden_dim=32, num_layers=2, dataset_dir=ogb,
+                              runs_dir=str(tmp_path / "runs"), device="cpu", sampler=sampler))
+    evals = read_csv(tmp_path / "runs" / "scene-t5__fmq__0" / "eval.csv")
+    assert [(r["step"], r["sampler"], r["nfe"], r["episodes"]) for r in evals] == [("0", sampler, nfe, "2")]
+    assert 0.0 <= float(evals[0]["success"]) <= 1.0 and final["step"] == 0
+    assert set(seen) == {agg}
+
+
+def test_import_official_checkpoint_runs_in_qgbs_sweep(tmp_path, monkeypatch):
+    import ogbench
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None: ogbench.make_env_and_datasets(
+        spec["name"], env_only=True, max_episode_steps=10))  # the real env, cut short
+    monkeypatch.setattr(qgbs_sweep, "latency_ms", lambda *a, **k: 0.0)
+    _, _, path = official_agent(tmp_path, "params_offline.pkl")
+    rows = qgbs_sweep.main([str(path), "--episodes", "1", "--device", "cpu"])
+    assert [r["nfe"] for r in rows] == [32, 20, 24, 32, 36, 144]
+
+
+def test_import_official_refuses_a_foreign_pickle_without_running_it(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+    evil = tmp_path / "evil.pkl"
+    evil.write_bytes(pickle.dumps({"agent": Payload()}))
+    with pytest.raises(pickle.UnpicklingError, match=f"refusing global {os.system.__module__}.system"):
+        import_official.load_official(evil)
+    code = subprocess.run([sys.executable, str(TOOLS / "import_official.py"), str(evil), "--env-id", "scene-t5",
+                           "--out", str(tmp_path / "x.pt")], capture_output=True, text=True, timeout=600)
+    assert code.returncode != 0 and code.stderr.count("\n") == 1 and "Traceback" not in code.stderr
+    assert code.stderr.startswith(f"import_official: error: {evil}: refusing global ")
+    assert not marker.exists() and not (tmp_path / "x.pt").exists()
+
+
+CRITIC_KEY = "agent/network/params/modules_critic/value_net"
+TARGET_KEY = "agent/network/params/modules_target_critic/value_net"
+ACTOR_KEY = "agent/network/params/modules_actor_bc_flow/mlp"
+
+
+def parent(tree, key):
+    """The dict that holds `key`'s leaf."""
+    for p in key.split("/")[:-1]:
+        tree = tree[p]
+    return tree
+
+
+@pytest.mark.parametrize("edit,env_id,message", [
+    (lambda t: parent(t, f"{CRITIC_KEY}/LayerNorm_1/scale").pop("scale"), "scene-t5",
+     f"missing {CRITIC_KEY}/LayerNorm_1/scale"),
+    (lambda t: parent(t, f"{TARGET_KEY}/Dense_1/kernel").update(kernel=np.zeros((2, 32, 31), np.float32)),
+     "scene-t5", f"{TARGET_KEY}/Dense_1/kernel has shape (2, 32, 31), but scene-t5 (obs 40, action 5 x horizon 5) "
+                 f"with 2 hidden layers of 32, time features 64, 2 critics needs (2, 32, 32)"),
+    (None, "cube-dbl-t3", f"{ACTOR_KEY}/Dense_0/kernel has shape (193, 32), but cube-dbl-t3 (obs 37, action 5 x "
+                          f"horizon 5) with 2 hidden layers of 32, time features 64, 2 critics needs (190, 32)"),
+    (lambda t: t["agent"]["network"]["params"].update(modules_actor_bc_flow_encoder={"w": np.zeros(3, np.float32)}),
+     "scene-t5", "unknown key agent/network/params/modules_actor_bc_flow_encoder/w: not in the official FMQ tree"),
+], ids=["missing-key", "wrong-shape", "other-env", "unknown-key"])
+def test_import_official_mismatched_tree_gives_one_line(tmp_path, edit, env_id, message):
+    tree = import_official.load_official(OFFICIAL / "params_online.pkl")
+    if edit:
+        edit(tree)
+    path = tmp_path / "edited.pkl"
+    path.write_bytes(pickle.dumps(tree))  # plain numpy arrays: the unpickler reads them too
+    err = one_line_exit([str(path), "--env-id", env_id, "--out", str(tmp_path / "x.pt")])
+    assert message in err, err
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_import_official_adam_state_steps_as_optax(tmp_path):
+    """Official: one optax.adam over all params (count, mu, nu); here actor_opt and critic_opt. After the mapping
+    one fmq.update must be the step optax would take: m = b1 mu + (1 - b1) g, v = b2 nu + (1 - b2) g^2,
+    p -= lr m_hat / (sqrt(v_hat) + eps), bias corrections at count + 1."""
+    flat = import_official.flatten(import_official.load_official(OFFICIAL / "params_online.pkl"))
+    agent, ckpt, _ = official_agent(tmp_path)
+    opt = lambda k: f"agent/network/opt_state/0/{k}/modules_"
+    layer = lambda net, kind, i: [m for m in net.net if isinstance(m, kind)][i]  # the i-th layer of that kind
+    pairs = [(agent.actor_opt, "actor_bc_flow/mlp/Dense_1/kernel", layer(agent.actor, torch.nn.Linear, 1).weight),
+             (agent.actor_opt, "actor_bc_flow/mlp/Dense_2/bias", layer(agent.actor, torch.nn.Linear, 2).bias),
+             (agent.critic_opt, "critic/value_net/Dense_0/kernel", layer(agent.critic, fmq.EnsembleLinear, 0).weight),
+             (agent.critic_opt, "critic/value_net/LayerNorm_1/scale",
+              layer(agent.critic, fmq.EnsembleLayerNorm, 1).weight)]
+    before = []
+    for optim, key, p in pairs:
+        mu, nu = (torch.from_numpy(flat[opt(m) + key]) for m in ("mu", "nu"))
+        mu, nu = (x.T if key.startswith("actor") and x.dim() == 2 else x.reshape(p.shape) for x in (mu, nu))
+        state = optim.state[p]
+        assert float(state["step"]) == 25 == int(flat["agent/network/opt_state/0/count"])
+        assert torch.equal(state["exp_avg"], mu) and torch.equal(state["exp_avg_sq"], nu) and mu.abs().sum() > 0
+        before.append((p.detach().clone(), mu, nu))
+    torch.manual_seed(0)
+    batch = dict(obs=torch.randn(16, 40), actions=torch.rand(16, 25) * 2 - 1, R=-torch.rand(16), mask=torch.ones(16),
+                 next_obs=torch.randn(16, 40))
+    args = dataclasses.replace(fmq.Args(**ckpt["args"]), best_of_n=4)
+    fmq.update(agent, batch, ckpt["step"], args, fmq.make_losses())
+    for (optim, _, p), (p0, mu, nu) in zip(pairs, before):
+        m, v = 0.9 * mu + 0.1 * p.grad, 0.999 * nu + 0.001 * p.grad ** 2
+        step = 3e-4 * (m / (1 - 0.9 ** 26)) / ((v / (1 - 0.999 ** 26)).sqrt() + 1e-8)
+        assert float(optim.state[p]["step"]) == 26 and step.abs().max() > 1e-5
+        torch.testing.assert_close(optim.state[p]["exp_avg"], m)
+        torch.testing.assert_close(p.detach() - p0, -step, rtol=1e-3, atol=1e-7)
+
+
+def test_import_official_other_architectures_round_trip():
+    """Raw r, t inputs (official code without config.yaml: time_dim 0), an actor LayerNorm, 3 critics, 3 layers."""
+    arch = dict(hidden_dim=16, num_layers=3, time_dim=0, num_critics=3, actor_layer_norm=True, critic_layer_norm=False)
+    agent = fmq.make_agent(fmq.Args(**arch), 40, 25, "cpu")
+    ckpt = import_official.convert(official_tree(agent, count=7), "scene-t5", 40, 5)
+    assert {k: ckpt["args"][k] for k in fmq.ARCH} == dict(TINY_ARCH, **arch)
+    assert ckpt["u_off"] is None and ckpt["step"] == 7
+    for k in ("actor", "critic", "critic_target"):
+        assert ckpt[k].keys() == getattr(agent, k).state_dict().keys()
+        assert all(torch.equal(v, getattr(agent, k).state_dict()[n]) for n, v in ckpt[k].items())
