@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -1432,6 +1433,39 @@ def test_buffer_that_does_not_fit_is_reported_before_training():
     with pytest.raises(fmq.FMQError, match=r"the replay buffer needs .* GiB on cpu but only .* GiB is free"):
         fmq.preallocation_check(10 ** 12, 87, torch.device("cpu"))
     fmq.preallocation_check(1000, 87, torch.device("cpu"))
+
+
+# ---------------------------------------------------------------- tools/gpu_check.py (the GPU check, here at toy sizes)
+def test_gpu_check_runs_every_step_at_tiny_sizes(tmp_path):
+    """The lease's one command, on the CPU: tests, bench, made data, a run SIGKILLed past the phase switch and
+    resumed to its end. Its summary names the device and holds the update and real-loop times."""
+    import gpu_check
+    assert gpu_check.main(["--tiny", "--out", str(tmp_path)]) == 0
+    summary = json.loads((tmp_path / "bench_gpu.json").read_text())
+    assert summary["ok"] and summary["device"] and set(summary["steps"]) == {
+        "tests", "bench eager", "data", "run (killed)", "run (resumed)"}
+    assert summary["steps"]["run (killed)"]["rc"] == -signal.SIGKILL
+    assert all(summary["bench eager"][k] > 0 for k in ("offline update", "online update", "online step, real loop"))
+    run = summary["run"]
+    assert run["final"]["step"] == 80 and run["eval_steps_unique"] and run["losses_finite"]
+    assert [int(r["step"]) for r in read_csv(tmp_path / "runs" / "scene-t5__fmq__0" / "eval.csv")] == [0, 40, 80]
+    assert "==== run (resumed)" in (tmp_path / "gpu_check.log").read_text()
+
+
+def test_gpu_check_strips_unused_assets_from_a_wheel(tmp_path):
+    """dm_control's wheel is 56 MB, 47 of them locomotion/suite assets that ogbench never loads: without them the
+    wheels a bare torch machine lacks fit a 64 MB lease. The RECORD loses the same lines."""
+    import gpu_check
+    whl = tmp_path / "pkg-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        for name in ("dm_control/mjcf/a.py", "dm_control/suite/b.xml", "dm_control/locomotion/c.png"):
+            z.writestr(name, "x")
+        z.writestr("pkg-1.0.dist-info/RECORD", "dm_control/mjcf/a.py,,\ndm_control/suite/b.xml,,\n"
+                                               "dm_control/locomotion/c.png,,\n")
+    gpu_check.strip_wheel(whl, gpu_check.STRIP)
+    with zipfile.ZipFile(whl) as z:
+        assert z.namelist() == ["dm_control/mjcf/a.py", "pkg-1.0.dist-info/RECORD"]
+        assert z.read("pkg-1.0.dist-info/RECORD") == b"dm_control/mjcf/a.py,,\n"
 
 
 # ---------------------------------------------------------------- RoboMimic v1.5: files the tests record, the env guard

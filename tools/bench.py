@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--cudagraphs", action="store_true", help="replay each update as one CUDA graph (Args.cudagraphs)")
     p.add_argument("--hidden-dim", type=int, default=fmq.Args.hidden_dim, help="MLP width (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=fmq.Args.batch_size, help="batch size (default: %(default)s)")
+    p.add_argument("--num-layers", type=int, default=fmq.Args.num_layers, help="hidden layers (default: %(default)s)")
+    p.add_argument("--best-of-n", type=int, default=fmq.Args.best_of_n, help="N of best-of-N (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=None, help="timed updates (default: 10 with --quick, else 100); "
                    "action selection gets 5x as many, up to 2 s (--quick) or 10 s per row")
     return p.parse_args(argv)
@@ -146,7 +148,8 @@ def main(argv=None):
     spec = fmq.env_spec(cli.env_id)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as fmq.main
     args = dataclasses.replace(fmq.Args(), env_id=cli.env_id, amp=cli.amp, compile=cli.compile,
-                               cudagraphs=cli.cudagraphs, hidden_dim=cli.hidden_dim, batch_size=cli.batch_size)
+                               cudagraphs=cli.cudagraphs, hidden_dim=cli.hidden_dim, batch_size=cli.batch_size,
+                               num_layers=cli.num_layers, best_of_n=cli.best_of_n)
     torch.manual_seed(0)
     env = None if spec["suite"] == "robomimic" else fmq.make_env(spec)
     if env is None:
