@@ -73,14 +73,13 @@ class Args:
     online_q_agg: Optional[Literal["mean", "min"]] = None  # online (and QGBS): None = the method's (see critic_agg)
     horizon: int = 5  # action chunk length, executed open-loop
     best_of_n: int = 32  # N of the best-of-N action: TD bootstrap action, and the best-of-n sampler
-    flow_map_loss: Literal["eulerian", "lagrangian", "progressive", "none"] = "eulerian"  # self-distillation; none:
-    # the diagonal (flow-matching) loss only, as QC's behaviour flow
+    flow_map_loss: Literal["eulerian", "lagrangian", "progressive", "none"] = "eulerian"  # none: diagonal only (QC)
     euler_steps: int = 0  # 0: the flow map's one jump X_{0,1}; K: K Euler steps of u(a, t, t) (QC: 10), everywhere
     curriculum_start: int = 5000  # offline step where self-distillation starts and [r, t] starts growing from r = t
     curriculum_end: int = 50000  # offline step where the (r, t) curriculum is complete (see sample_r_t)
     start_training: int = 5000  # online updates start at online env step start_training (official main.py)
-    online_target: Literal["fmq", "mvp", "flow-map"] = "fmq"  # online actor loss: FMQ (Alg. 1); mvp: the offline
-    # loss toward the best-of-N action (MVP); flow-map: the offline loss on replay data (official code without FMQ)
+    online_target: Literal["fmq", "mvp", "flow-map"] = "fmq"  # online actor loss: FMQ (Alg. 1), MVP, or the offline
+    # loss kept on replay data (flow-map: the official code without --fmq_online; QC); see `update`
     eta: float = 1.0  # trust-region radius eta (Thm 3.2)
     beta: float = 0.3  # critic-disagreement damping in eta_eff = eta / (1 + beta * delta_critic)
     kappa1: float = 1e-8  # gradient-norm floor kappa1 in g = grad Q / (||grad Q|| + kappa1)
@@ -334,8 +333,7 @@ class ReplayBuffer:
         self.written, self.ep_len = v + 1, self.ep_len + 1
         if self.ep_len >= self.h:  # a chunk ending at this step now lies inside the episode
             tail = (self.head + self.n_starts) % cap
-            self.starts_host[tail] = v + 1 - self.h
-            self.starts[tail] = v + 1 - self.h
+            self.starts_host[tail] = self.starts[tail] = v + 1 - self.h
             self.n_starts += 1
         self.ring_t[0], self.ring_t[1] = self.head, self.n_starts
         if end:
@@ -355,19 +353,18 @@ class ReplayBuffer:
     def online_state(self):
         """What a checkpoint holds: the rows written online that are still here, and the chunk-start ring."""
         kept = min(self.written - self.n_off, self.cap)
-        ring = self.starts_host[(self.head + np.arange(self.n_starts)) % self.cap]
         return dict(rows={k: self.rows(k, self.written - kept, self.written).cpu() for k in self.FIELDS},
-                    written=self.written, starts=ring, ep_len=self.ep_len)
+                    written=self.written, ring=(self.starts_host.copy(), self.head, self.n_starts), ep_len=self.ep_len)
 
     def load_online_state(self, state):
-        w, n = state["written"], len(state["starts"])
-        idx = torch.arange(w - len(state["rows"]["rewards"]), w, device=self.device) % self.cap
+        if "ring" not in state:
+            raise FMQError("the checkpoint was written by an older fmq.py (linear replay buffer); resume it with that")
+        w, kept = state["written"], len(state["rows"]["rewards"])
         for k, x in state["rows"].items():
-            self.data[k][idx] = x.to(self.device)
-        self.starts_host[:n] = state["starts"]
-        self.starts[:n] = torch.as_tensor(state["starts"], device=self.device)
-        self.written, self.head, self.n_starts, self.ep_len = w, 0, n, state["ep_len"]
-        self.ring_t[0], self.ring_t[1] = 0, n
+            self.data[k][torch.arange(w - kept, w, device=self.device) % self.cap] = x.to(self.device)
+        self.starts_host[:], self.head, self.n_starts = state["ring"]
+        self.starts.copy_(torch.from_numpy(self.starts_host))
+        self.written, self.ep_len, self.ring_t[0], self.ring_t[1] = w, state["ep_len"], self.head, self.n_starts
 
 
 # ---------------------------------------------------------------- networks
@@ -456,9 +453,7 @@ def q_agg(critic, how):
 def critic_agg(args, online):
     """Aggregation of TD target, best-of-N and QGBS: offline_q_agg offline; online --online-q-agg, else the method's:
     min for FMQ (official FMQAgent), mean for flow-map (official FlowMapPolicy kept online, QC) and mvp."""
-    if not online:
-        return args.offline_q_agg
-    return args.online_q_agg or ("min" if args.online_target == "fmq" else "mean")
+    return (args.online_q_agg or ("min" if args.online_target == "fmq" else "mean")) if online else args.offline_q_agg
 
 
 def make_agent(args, obs_dim, act_dim, device):
@@ -572,8 +567,9 @@ FLOW_MAP_TARGETS = dict(eulerian=eulerian_target, lagrangian=lagrangian_target, 
 
 
 def sample_r_t(n, step, args, device):
-    """(r, t), each [n, 1] on `device`, 0 <= r <= t <= 1 (official `flow_utils.sample_r_t`): two sorted uniforms, their
-    interval shrunk about its midpoint by a factor 0 up to `curriculum_start`, rising linearly to 1 at `curriculum_end`."""
+    """(r, t), each [n, 1] on `device`, 0 <= r <= t <= 1 (official `flow_utils.sample_r_t`): two sorted uniforms,
+    their interval shrunk about its midpoint by a factor 0 up to `curriculum_start`, rising linearly to 1 at
+    `curriculum_end`."""
     step = torch.as_tensor(step, dtype=torch.float32, device=device)
     lo, hi = torch.rand(2, n, 1, device=device).sort(0).values
     scale = ((step - args.curriculum_start) / max(args.curriculum_end - args.curriculum_start, 1)).clamp(0.0, 1.0)
@@ -584,8 +580,7 @@ def sample_r_t(n, step, args, device):
 def flow_map_loss(actor, obs, a_data, step, args):
     """Offline pretraining with no multi-step teacher (official `FlowMapPolicy.actor_loss`): the diagonal (flow
     matching) loss ||u(a_t, t, t) - (a_1 - a_0)||^2, plus, after `curriculum_start` steps, a self-distillation loss
-    ||u(a_r, r, t) - sg(target)||^2 on its own noise (none with --flow-map-loss none: QC's behaviour flow). `step`
-    may be a tensor (a compiled loss is not recompiled). Online, flow-map and mvp keep it (see `update`)."""
+    ||u(a_r, r, t) - sg(target)||^2 on its own noise (not with --flow-map-loss none). `step` may be a tensor."""
     B, step = len(a_data), torch.as_tensor(step, device=a_data.device)
     a_0, t = torch.randn_like(a_data), torch.rand(B, 1, device=a_data.device)
     diag = F.mse_loss(actor(obs, (1 - t) * a_0 + t * a_data, t, t), a_data - a_0)
@@ -620,9 +615,8 @@ def fmq_loss(agent, obs, a_data, args):
 
 
 def mvp_target(agent, obs, args):
-    """MVP's generate and select (Zhan et al. 2026): a* = the best of N one-step samples under the critics, the
-    same draw that acting makes; `update` trains the flow map toward a* with the offline loss (MeanFlow + the
-    instantaneous velocity constraint, i.e. the diagonal loss at weight 1)."""
+    """MVP's generate and select (Zhan et al. 2026): a* = the best of N samples under the critics, drawn as acting
+    draws; `update` fits a* with the offline loss (MeanFlow + the instantaneous velocity constraint = diagonal loss)."""
     with torch.no_grad():
         return best_of_n(agent.actor, q_agg(agent.critic, critic_agg(args, True)), obs, args.best_of_n)[0]
 
@@ -810,8 +804,7 @@ def validate(args):
         (args.qgbs_rho <= 0, "--qgbs-rho must be > 0"),
         (args.online_target == "fmq" and (args.flow_map_loss == "none" or args.euler_steps > 0),
          "--online-target fmq needs a flow map (u(a_r, r, 1), one jump): not --flow-map-loss none or --euler-steps"),
-        (args.euler_steps < 0, "--euler-steps must be >= 0"),
-        (args.time_dim < 0 or args.time_dim % 2 == 1, "--time-dim must be 0 (raw times) or even"),
+        (min(args.euler_steps, args.time_dim) < 0 or args.time_dim % 2, "need --euler-steps >= 0, --time-dim 0/even"),
         (args.num_critics < 2, "--num-critics must be >= 2 (FMQ's delta_critic is the critics' spread)"),
         (args.best_of_n < 1 or args.batch_size < 1, "--best-of-n and --batch-size must be >= 1"),
         (min(args.eval_episodes, args.eval_envs, args.log_interval, args.eval_interval, args.save_interval,
@@ -879,8 +872,6 @@ def main(args: Args):
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, args, agent)
         step, ep = ckpt["step"], ckpt["episode"]
-        if "written" not in ckpt["buffer"]:
-            raise FMQError(f"{resume_from} was written by an older fmq.py (linear replay buffer); resume it with that")
         buffer.load_online_state(ckpt["buffer"])
         rng = ckpt["rng"]
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
@@ -906,8 +897,8 @@ def main(args: Args):
     obs, _ = env.reset(seed=episode_seed(ep["index"]))
     for a in buffer.rows("actions", ep["start"], buffer.written).cpu().numpy():  # resume: replay the current episode
         obs = env.step(a)[0]
-    if buffer.written > ep["start"] and not np.allclose(obs, buffer.rows("next_observations", buffer.written - 1,
-                                                                          buffer.written)[0].cpu()):
+    stored = buffer.rows("next_observations", ep["start"], buffer.written)
+    if len(stored) and not np.allclose(obs, stored[-1].cpu()):
         raise FMQError("replaying the interrupted episode did not reproduce its observations (env or version changed?)")
     queue = list(ep.get("queue", []))
     eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time(), (step, time.time())
@@ -915,7 +906,8 @@ def main(args: Args):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
 
-    phase_of = lambda s: "offline" if s < args.offline_steps or args.online_steps == 0 else "online"
+    offline_only = args.online_steps == 0 and agent.u_off is None  # (evaluating an online checkpoint alone: online)
+    phase_of = lambda s: "offline" if s < args.offline_steps or offline_only else "online"
 
     def checkpoint(s):
         guard.check(last_ckpt)  # a bad state is never saved over the last good one

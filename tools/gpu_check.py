@@ -155,7 +155,8 @@ def main(argv=None):
         for name, flags in [("bench eager", []), ("bench graphs", ["--compile", "--cudagraphs"])][:1 + cuda]:
             if check.run(name, [py, "tools/bench.py", "--quick", *size["nets"], *size["bench"],
                                 "--out", out / f"{name.replace(' ', '_')}.json", *flags], 240):
-                rows = {r["name"]: r["ms"] for r in json.loads((out / f"{name.replace(' ', '_')}.json").read_text())["rows"]}
+                bench = json.loads((out / f"{name.replace(' ', '_')}.json").read_text())
+                rows = {r["name"]: r["ms"] for r in bench["rows"]}
                 summary[name] = {k: rows.get(k) for k in ("offline update", "online update", "env step",
                                                           "online step, real loop")}
     if "run" not in a.skip:
