@@ -328,8 +328,10 @@ class ReplayBuffer:
         v, cap = self.written, self.cap
         if v >= cap and self.n_starts and self.starts_host[self.head] == v - cap:  # its first row goes now
             self.head, self.n_starts = (self.head + 1) % cap, self.n_starts - 1
-        for k, x in zip(self.FIELDS, (obs, action, reward, mask, next_obs)):
-            self.data[k][v % cap] = torch.as_tensor(x, dtype=torch.float32)
+        row = torch.as_tensor(np.hstack([obs, action, reward, mask, next_obs]), dtype=torch.float32,
+                              device=self.device)  # one host-to-device copy (each copy waits for the GPU)
+        for k, x in zip(self.FIELDS, row.split([self.data[k][0].numel() for k in self.FIELDS])):
+            self.data[k][v % cap] = x.view(self.data[k].shape[1:])
         self.written, self.ep_len = v + 1, self.ep_len + 1
         if self.ep_len >= self.h:  # a chunk ending at this step now lies inside the episode
             tail = (self.head + self.n_starts) % cap

@@ -149,7 +149,7 @@ BUGS = [
     bug("flow_map_trains_on_a_star", "the official no-FMQ path trains toward a*, not the buffer's actions",
         'if online and args.online_target == "mvp" else batch["actions"]', 'if online else batch["actions"]'),
     bug("baseline_agg_min", "every method aggregates the critics by min online (official FlowMapPolicy, QC: mean)",
-        'return args.online_q_agg or ("min" if args.online_target == "fmq" else "mean")', 'return args.online_q_agg or "min"'),
+        'args.online_q_agg or ("min" if args.online_target == "fmq" else "mean")', 'args.online_q_agg or "min"'),
     bug("sparse_replaces_table_reward", "--sparse replaces the table's transform instead of following it (robomimic)",
         'REWARDS["sparse" if sparse else None](REWARDS[spec["reward"]](r))', 'REWARDS["sparse" if sparse else spec["reward"]](r)'),
     # --- what CUDA, bf16 and the loaders change
