@@ -162,10 +162,11 @@ def plot_learning_curves(df, methods, path):
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(tasks):]:
         ax.axis("off")
-    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="lower center", ncol=len(methods), frameon=False)
     fig.suptitle("Offline-to-online learning curves (mean, 95% CI over seeds)")
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
-    fig.savefig(path, dpi=120)
+    fig.tight_layout()
+    fig.legend(*axes.flat[0].get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, 0),
+               ncol=min(len(methods), 3 * ncols), frameon=False)  # below the axes, in rows that fit the width
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
