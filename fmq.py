@@ -56,7 +56,9 @@ class Args:
     load_checkpoint: Optional[str] = None  # start from this checkpoint's nets (e.g. offline, with --offline-steps 0)
     # --- algorithm ---
     offline_steps: int = int(1e6)  # offline pretraining steps (flow map + critics on the dataset)
-    online_steps: int = int(1e6)  # online steps: one env step and one update each
+    online_steps: int = int(1e6)  # online steps: one env step and --utd-ratio updates each
+    utd_ratio: int = 1  # official utd_ratio: updates per online env step, each on its own batch (offline: 1 per step)
+    dataset_proportion: float = 1.0  # official: train on the first int(rows * p) rows of the dataset
     buffer_size: int = int(2e6)  # replay rows: max(this, dataset + 1), circular (official); full: oldest overwritten
     sparse: bool = False  # official --sparse: rewards (r != 0) * -1 (after the ENVS table's), dataset and online
     batch_size: int = 256  # batch size
@@ -808,7 +810,8 @@ def validate(args):
          "--online-target fmq needs a flow map (u(a_r, r, 1), one jump): not --flow-map-loss none or --euler-steps"),
         (min(args.euler_steps, args.time_dim) < 0 or args.time_dim % 2, "need --euler-steps >= 0, --time-dim 0/even"),
         (args.num_critics < 2, "--num-critics must be >= 2 (FMQ's delta_critic is the critics' spread)"),
-        (args.best_of_n < 1 or args.batch_size < 1, "--best-of-n and --batch-size must be >= 1"),
+        (min(args.best_of_n, args.batch_size, args.utd_ratio) < 1, "need --best-of-n, --batch-size, --utd-ratio >= 1"),
+        (not 0 < args.dataset_proportion <= 1, "--dataset-proportion must be in (0, 1]"),
         (min(args.eval_episodes, args.eval_envs, args.log_interval, args.eval_interval, args.save_interval,
              args.keep_checkpoints) < 1, "eval/log/save intervals and counts must be >= 1"),
         (min(args.offline_steps, args.online_steps, args.start_training) < 0, "step counts must be >= 0"),
@@ -853,6 +856,7 @@ def main(args: Args):
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # JAX's default GPU precision
 
     data, env_args = load_dataset(spec, args.dataset_dir)
+    data = {k: v[:int(len(v) * args.dataset_proportion)] for k, v in data.items()}  # official dataset_proportion
     env = make_env(spec, env_args)
     obs_dim, act_dim, limit = env.observation_space.shape[0], env.action_space.shape[0], env.spec.max_episode_steps
     if data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,):
@@ -949,8 +953,9 @@ def main(args: Args):
                 obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []
         info = {}  # online warm-up: the first start_training - 1 online steps only collect data (official main.py)
         if step < args.offline_steps or step - args.offline_steps + 1 >= args.start_training:
-            info = update_fn(step)  # Alg. 1, lines 4-9, on a fresh batch
-            guard.track(info, step)
+            for _ in range(1 if step < args.offline_steps else args.utd_ratio):
+                info = update_fn(step)  # Alg. 1, lines 4-9, on a fresh batch
+                guard.track(info, step)
         step += 1
         pbar.update(1)
         if step == args.offline_steps and args.online_steps > 0:  # phase switch: freeze u_off (Alg. 1 input)

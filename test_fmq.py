@@ -2071,3 +2071,39 @@ def test_import_official_other_architectures_round_trip():
     for k in ("actor", "critic", "critic_target"):
         assert ckpt[k].keys() == getattr(agent, k).state_dict().keys()
         assert all(torch.equal(v, getattr(agent, k).state_dict()[n]) for n, v in ckpt[k].items())
+
+
+# ---------------------------------------------------------------- official main.py flags: --utd-ratio, --dataset-proportion
+@pytest.mark.parametrize("utd", [1, 3])
+def test_utd_ratio_is_k_updates_per_online_step_each_on_its_own_batch(tmp_path, monkeypatch, ogb, utd):
+    """Official utd_ratio: after the warm-up, K updates per online env step, each on a fresh batch; offline one per
+    step. 5 offline and 10 online steps, start_training 4: 5 + 7 K updates, which both Adams count (K = 1: the
+    loop as before, see test_no_online_update_before_start_training)."""
+    real, calls = fmq.update, []
+
+    def counting(agent, batch, step, *a):
+        calls.append((int(step), float(batch["obs"].sum())))
+        return real(agent, batch, step, *a)
+    monkeypatch.setattr(fmq, "update", counting)
+    fmq.main(tiny_args(tmp_path, ogb, offline_steps=5, online_steps=10, start_training=4, eval_interval=100,
+                       log_interval=5, utd_ratio=utd))
+    assert [s for s, _ in calls] == [0, 1, 2, 3, 4] + [s for s in range(8, 15) for _ in range(utd)]
+    assert len({batch for _, batch in calls}) == len(calls)  # no batch used twice
+    ckpt = torch.load(tmp_path / "runs" / "scene-t5__fmq__0" / "checkpoints" / "step_000000015.pt",
+                      weights_only=False)
+    for opt in ("actor_opt", "critic_opt"):
+        assert {float(s["step"]) for s in ckpt[opt]["state"].values()} == {5 + 7 * utd}
+
+
+def test_dataset_proportion_keeps_the_first_rows(tmp_path, monkeypatch, ogb):
+    """Official dataset_proportion: the first int(rows * p) rows (597 rows loaded, p 0.35: 208), every field alike."""
+    real, seen = fmq.ReplayBuffer, []
+    monkeypatch.setattr(fmq, "ReplayBuffer", lambda data, *a: seen.append(dict(data)) or real(data, *a))
+    fmq.main(tiny_args(tmp_path, ogb, dataset_proportion=0.35, offline_steps=2, online_steps=0, eval_episodes=1,
+                       eval_envs=1))
+    full, _ = fmq.load_dataset(fmq.env_spec("scene-t5"), ogb)
+    assert len(full["observations"]) == 597 and {len(v) for v in seen[0].values()} == {208}
+    for k in ("observations", "actions", "next_observations", "masks", "ends"):
+        assert np.array_equal(seen[0][k], full[k][:208]), k
+    with pytest.raises(fmq.FMQError, match="--dataset-proportion must be in"):
+        fmq.main(tiny_args(tmp_path, ogb, dataset_proportion=0.0))
