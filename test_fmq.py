@@ -2107,3 +2107,45 @@ def test_dataset_proportion_keeps_the_first_rows(tmp_path, monkeypatch, ogb):
         assert np.array_equal(seen[0][k], full[k][:208]), k
     with pytest.raises(fmq.FMQError, match="--dataset-proportion must be in"):
         fmq.main(tiny_args(tmp_path, ogb, dataset_proportion=0.0))
+
+
+# ---------------------------------------------------------------- released checkpoints by env id (tools/import_official.py)
+def test_released_checkpoint_table_covers_every_paper_task():
+    assert set(import_official.RELEASED) == set(fmq.ENVS)
+    assert [import_official.RELEASED[k] for k in ("cube-trl-t4", "cube-dbl-t3", "scene-t5", "amaze-gnt-t4",
+                                                  "hmaze-med-t3", "square")] == ["ctrp4", "cdp3", "sc5", "ag4", "hm3",
+                                                                                 "square"]
+
+
+@pytest.mark.parametrize("prefix", ["checkpoints/", ""], ids=["repo-layout", "folders-only"])
+def test_import_official_finds_the_released_file_by_env_id_and_seed(tmp_path, prefix, capsys):
+    """--env-id scene-t5 --seed 3 reads <dir>/[checkpoints/]sc5/params_online_sd003.pkl (here the online tiny
+    fixture), not the other seed's or the other task's file beside it (here the offline one, which has no u_off)."""
+    import shutil
+    for folder, seed, name in (("sc5", 3, "params_online.pkl"), ("sc5", 0, "params_offline.pkl"),
+                               ("sc4", 3, "params_offline.pkl")):
+        path = tmp_path / "hf" / f"{prefix}{folder}" / f"params_online_sd{seed:03d}.pkl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(OFFICIAL / name, path)
+    out = tmp_path / "sc5_sd003.pt"
+    import_official.main(["--env-id", "scene-t5", "--seed", "3", "--official-dir", str(tmp_path / "hf"), "--out",
+                          str(out)])
+    ckpt = torch.load(out, weights_only=False)
+    want = import_official.convert(import_official.load_official(OFFICIAL / "params_online.pkl"), "scene-t5", 40, 5)
+    assert ckpt["u_off"] is not None and ckpt["step"] == want["step"]
+    assert all(torch.equal(v, want["actor"][k]) for k, v in ckpt["actor"].items())
+    assert "online FMQAgent" in capsys.readouterr().out
+    assert "seeds 0-4" in one_line_exit(["--env-id", "scene-t5", "--seed", "5", "--out", str(out)])
+
+
+@pytest.mark.slow
+def test_import_official_offline_and_not_found_says_what_to_fetch(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1")
+    code = subprocess.run([sys.executable, str(TOOLS / "import_official.py"), "--env-id", "cube-trl-t4", "--seed", "2",
+                           "--official-dir", str(tmp_path / "none"), "--out", str(tmp_path / "x.pt")],
+                          capture_output=True, text=True, env=env)
+    rel = "checkpoints/ctrp4/params_online_sd002.pkl"
+    assert code.returncode == 1 and code.stderr.count("\n") == 1, code.stderr
+    assert code.stderr.startswith(f"import_official: error: cube-trl-t4: {rel} is not under {tmp_path / 'none'}")
+    assert f"hf_hub_download('christoszi/flow-map-policies', '{rel}'" in code.stderr
+    assert str(tmp_path / "none" / rel) in code.stderr and not (tmp_path / "x.pt").exists()

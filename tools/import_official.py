@@ -1,5 +1,6 @@
 """Convert a checkpoint of the official FMQ code (JAX, chziakas/flow_map_policy) into an fmq.py checkpoint.
 
+  python tools/import_official.py --env-id cube-trl-t4 --seed 0 --out official_cube-trl-t4.pt
   python tools/import_official.py params_online_sd000.pkl --env-id cube-trl-t4 --out official_cube-trl-t4.pt
   python fmq.py --env-id cube-trl-t4 --load-checkpoint official_cube-trl-t4.pt --offline-steps 0 --online-steps 0
   python tools/qgbs_sweep.py official_cube-trl-t4.pt
@@ -9,6 +10,10 @@ allows only the globals in ALLOWED and calls nothing else. Widths, depth, time f
 come from the arrays; obs and action sizes from the env (robomimic ids build it from the dataset file: --dataset-dir).
 Every array goes where MAPPING says. A tree with an unknown key, a missing one, or a shape that does not fit the env
 stops with one line. An FMQAgent (online) checkpoint has frozen_actor_params: they become u_off.
+
+Without a file, --env-id and --seed name a released checkpoint (HF_REPO, RELEASED): found under --official-dir (laid
+out as the Hugging Face repo, checkpoints/<folder>/params_online_sd00<seed>.pkl, with or without the leading
+checkpoints/), else that one file is downloaded there with huggingface_hub.
 """
 import argparse
 import pickle
@@ -24,6 +29,33 @@ import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fmq  # noqa: E402
+
+# ---------------------------------------------------------------- the released checkpoints (official README)
+HF_REPO = "christoszi/flow-map-policies"  # snapshot_download(HF_REPO, local_dir='.') gives checkpoints/<folder>/...
+RELEASED = {"cube-trl-t4": "ctrp4", "cube-trl-t3": "ctrp3", "cube-dbl-t4": "cdp4", "cube-dbl-t3": "cdp3",
+            "scene-t4": "sc4", "scene-t5": "sc5", "amaze-gnt-t4": "ag4", "amaze-gnt-t5": "ag5", "hmaze-med-t3": "hm3",
+            "hmaze-med-t4": "hm4", "can": "can", "square": "square"}  # fmq.py env id -> folder; seeds 0-4 each
+
+
+def find_released(env_id, seed, official_dir=None):
+    """The path of the released online checkpoint of env_id and seed: under official_dir, else downloaded there."""
+    if env_id not in RELEASED or seed not in range(5):
+        raise ConversionError(f"no released checkpoint for --env-id {env_id} --seed {seed}: released are seeds 0-4 of "
+                              f"{', '.join(RELEASED)}; pass the file itself for others")
+    rel, root = f"checkpoints/{RELEASED[env_id]}/params_online_sd{seed:03d}.pkl", Path(official_dir or ".")
+    for path in (root / rel, root / rel.split("/", 1)[1]):
+        if path.is_file():
+            return path
+    try:
+        import huggingface_hub
+        return Path(huggingface_hub.hf_hub_download(HF_REPO, rel, local_dir=str(root)))
+    except Exception as e:  # not installed, offline, not found: all say the same thing to do
+        why = "pip install huggingface_hub" if isinstance(e, ImportError) else type(e).__name__
+        raise ConversionError(f"{rel} is not under {root} and could not be downloaded ({why}); on a machine with "
+                              f"internet run `python -c \"import huggingface_hub as h; h.hf_hub_download('{HF_REPO}', "
+                              f"'{rel}', local_dir='.')\"` (all of them: h.snapshot_download('{HF_REPO}', "
+                              f"local_dir='.')) and copy the file to {root / rel}") from None
+
 
 # ---------------------------------------------------------------- reading the pickle without jax
 try:
@@ -218,18 +250,22 @@ def eval_command(args, out):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", help="an official checkpoint (params_offline.pkl, params_online_sd000.pkl, ...)")
+    p.add_argument("checkpoint", nargs="?", help="an official checkpoint file (params_offline.pkl, ...); default: the "
+                   "released one of --env-id and --seed")
     p.add_argument("--env-id", required=True, help="the fmq.py env id it was trained on (e.g. cube-trl-t4)")
+    p.add_argument("--seed", type=int, default=0, help="without a file: the released seed (0-4)")
+    p.add_argument("--official-dir", default=None, help="without a file: where the released checkpoints are, or go")
     p.add_argument("--out", required=True, help="where to write the fmq.py checkpoint (.pt)")
     p.add_argument("--horizon", type=int, default=5, help="action chunk length it was trained with")
     p.add_argument("--dataset-dir", default=None, help="robomimic ids: the folder of the dataset file (see fmq.py)")
     a = p.parse_args(argv)
     try:
+        a.checkpoint = a.checkpoint or find_released(a.env_id, a.seed, a.official_dir)
         tree = load_official(a.checkpoint)
         obs_dim, act_dim = env_shapes(a.env_id, a.dataset_dir)
         ckpt = convert(tree, a.env_id, obs_dim, act_dim, a.horizon)
     except (OSError, pickle.UnpicklingError, ConversionError, fmq.FMQError) as e:
-        sys.exit(f"import_official: error: {a.checkpoint}: {e}")
+        sys.exit(f"import_official: error: {a.checkpoint or a.env_id}: {e}")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     torch.save(ckpt, a.out)
     args = fmq.Args(**ckpt["args"])
