@@ -44,8 +44,10 @@ class Args:
     dataset_dir: Optional[str] = None  # dataset folder; default ~/.ogbench/data or ~/.robomimic (see README)
     # --- logging & checkpoints ---
     runs_dir: str = "runs"  # where run folders go (config.json, train.csv, eval.csv, TensorBoard events, checkpoints/)
-    track: bool = False  # also log to Weights & Biases (needs `pip install wandb`)
+    track: bool = False  # also log to Weights & Biases; --resume continues the same W&B run
     wandb_project: str = "fmq"  # W&B project name, with --track
+    wandb_entity: Optional[str] = None  # W&B entity (user or team), with --track; None: your default
+    wandb_group: Optional[str] = None  # W&B run group (official run_group), with --track
     log_interval: int = 5000  # steps between train.csv / TensorBoard rows (and NaN checks)
     eval_interval: int = int(1e5)  # steps between evaluations (also at step 0 of each phase and at the end)
     eval_episodes: int = 50  # evaluation episodes
@@ -780,6 +782,30 @@ def csv_logger(path, fields, resume_step=None):
     return (lambda row: (writer.writerow(row), f.flush())), rows
 
 
+def wandb_logger(args, run_dir, resumed):
+    """With --track, log(row, step) to a W&B run that --resume continues: its id and the last step it was sent live in
+    run_dir/wandb.json; a resumed run passes the id back (resume="allow") and skips the steps that W&B already holds
+    (those redone after the checkpoint). A Path in a row is a video. Without --track, log does nothing."""
+    if not args.track:
+        return lambda row, step: None
+    try:
+        import wandb
+    except ImportError:
+        raise FMQError("--track logs to Weights & Biases: `pip install wandb` first") from None
+    path = run_dir / "wandb.json"
+    state = json.loads(path.read_text()) if resumed and path.exists() else dict(id=os.urandom(4).hex(), step=-1)
+    wandb.init(project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group, name=run_dir.name,
+               id=state["id"], resume="allow", config=asdict(args))
+    done = state["step"]
+
+    def log(row, step):
+        if step > done:  # the step is recorded first: a kill in between loses a row, never logs one twice
+            path.with_suffix(".tmp").write_text(json.dumps(dict(state, step=step)))
+            os.replace(path.with_suffix(".tmp"), path)
+            wandb.log({k: wandb.Video(str(v)) if isinstance(v, Path) else v for k, v in row.items()}, step=step)
+    return log
+
+
 class NonFiniteGuard:
     """Remembers, on the device, the first step where a logged loss or gradient norm was NaN/inf; `check` syncs."""
 
@@ -888,12 +914,7 @@ def main(args: Args):
     update_fn = make_update(agent, buffer, args, losses)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
     (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
-    if args.track:
-        try:
-            import wandb
-        except ImportError:
-            raise FMQError("--track logs to Weights & Biases: `pip install wandb` first") from None
-        wandb.init(project=args.wandb_project, name=run_dir.name, config=asdict(args), sync_tensorboard=True)
+    log_wandb = wandb_logger(args, run_dir, resume_from is not None)
     writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume_from else None)
     resume_step = step if resume_from else None
     log_train, _ = csv_logger(run_dir / "train.csv", TRAIN_FIELDS, resume_step)
@@ -933,7 +954,8 @@ def main(args: Args):
             log_eval(dict(step=s, phase=phase_of(s), env_steps=max(s - args.offline_steps, 0), sampler=sampler,
                           nfe=sampler_nfe(sampler, args), episodes=args.eval_episodes,
                           time=round(time.time() - t0, 1), **res))
-            writer.add_scalar("eval/success" + ("" if sampler == args.sampler else f"_{sampler}"), res["success"], s)
+            key = "eval/success" + ("" if sampler == args.sampler else f"_{sampler}")
+            writer.add_scalar(key, res["success"], s), log_wandb({key: res["success"]}, s)
         return results[args.sampler]
 
     if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None:  # online from an offline ckpt
@@ -968,6 +990,7 @@ def main(args: Args):
             row = {**{k: float(v) for k, v in info.items()}, **ep.get("last", {})}
             for k, v in row.items():
                 writer.add_scalar(k, v, step)
+            log_wandb(row, step)
             log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0),
                            sps=round(sps, 1)))
             pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=result.get("success", "-"))
@@ -982,6 +1005,8 @@ def main(args: Args):
             raise FMQError(f"stopped by signal at step {step}; saved {last_ckpt}; continue with --resume {run_dir}")
     pbar.close()
     writer.close()
+    if args.track:
+        sys.modules["wandb"].finish()
     final = dict(step=step, success=result.get("success"), sampler=args.sampler)
     (run_dir / "final.json").write_text(json.dumps(final))
     return final

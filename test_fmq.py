@@ -2073,7 +2073,7 @@ def test_import_official_other_architectures_round_trip():
         assert all(torch.equal(v, getattr(agent, k).state_dict()[n]) for n, v in ckpt[k].items())
 
 
-# ---------------------------------------------------------------- official main.py flags: --utd-ratio, --dataset-proportion
+# ---------------------------------------------------------------- official main.py flags: utd_ratio, dataset_proportion
 @pytest.mark.parametrize("utd", [1, 3])
 def test_utd_ratio_is_k_updates_per_online_step_each_on_its_own_batch(tmp_path, monkeypatch, ogb, utd):
     """Official utd_ratio: after the warm-up, K updates per online env step, each on a fresh batch; offline one per
@@ -2109,7 +2109,7 @@ def test_dataset_proportion_keeps_the_first_rows(tmp_path, monkeypatch, ogb):
         fmq.main(tiny_args(tmp_path, ogb, dataset_proportion=0.0))
 
 
-# ---------------------------------------------------------------- released checkpoints by env id (tools/import_official.py)
+# ---------------------------------------------------------------- released checkpoints by env id (import_official.py)
 def test_released_checkpoint_table_covers_every_paper_task():
     assert set(import_official.RELEASED) == set(fmq.ENVS)
     assert [import_official.RELEASED[k] for k in ("cube-trl-t4", "cube-dbl-t3", "scene-t5", "amaze-gnt-t4",
@@ -2149,3 +2149,72 @@ def test_import_official_offline_and_not_found_says_what_to_fetch(tmp_path):
     assert code.stderr.startswith(f"import_official: error: cube-trl-t4: {rel} is not under {tmp_path / 'none'}")
     assert f"hf_hub_download('christoszi/flow-map-policies', '{rel}'" in code.stderr
     assert str(tmp_path / "none" / rel) in code.stderr and not (tmp_path / "x.pt").exists()
+
+
+# ---------------------------------------------------------------- Weights & Biases: --track, --resume continues the run
+def wandb_records(run_file):
+    """The records of an offline W&B run's .wandb file: LevelDB's log format after a 7-byte header, 32 KiB blocks of
+    records, each with a 7-byte header (crc, length, type: 1 full, 2 first, 3 middle, 4 last). A record still being
+    written ends the read."""
+    import struct
+    from wandb.proto import wandb_internal_pb2
+    raw, pos, part, out = run_file.read_bytes(), 7, b"", []
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _, n, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        if kind == 0 or pos + 7 + n > len(raw):
+            break
+        part, pos = part + raw[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):
+            out.append(wandb_internal_pb2.Record.FromString(part))
+            part = b""
+    return out
+
+
+def wandb_runs(wandb_dir):
+    """[(run id, entity/group, name, [(history step, keys)])] of each offline run under wandb_dir, oldest first."""
+    runs = []
+    for f in sorted(Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb")):
+        recs = wandb_records(f)
+        run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
+        rows = [(r.history.step.num, {i.key or "/".join(i.nested_key) for i in r.history.item}) for r in recs
+                if r.WhichOneof("record_type") == "history"]
+        runs.append((run.run_id, f"{run.entity}/{run.run_group}", run.display_name, rows))
+    return runs
+
+
+@pytest.mark.slow
+def test_wandb_run_killed_and_resumed_is_one_run_with_no_step_twice(tmp_path, ogb, monkeypatch):
+    """--track, offline: run a is SIGKILLed after logging step 130 or more with its checkpoint at step 100, and resumed.
+    W&B then holds one run id (kept in runs/<run>/wandb.json) and each step of 0, 10, ..., 320 at most once: the
+    steps redone after the checkpoint that a had sent are skipped; the rest come from the resumed run."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB__TRANSACTION_LOG_FLUSH_INTERVAL", "0.1")  # the killed run's rows reach its file
+    flags = [*resume_flags(ogb), "--runs-dir", str(tmp_path / "runs"), "--save-interval", "100", "--track",
+             "--wandb-entity", "lab", "--wandb-group", "g1"]
+    run = tmp_path / "runs" / "scene-t5__fmq__0"
+
+    def logged():
+        files = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+        return max((r.history.step.num for r in wandb_records(files[0]) if r.WhichOneof("record_type") == "history"),
+                   default=-1) if files else -1
+    with Child(*flags, watch=tmp_path) as child:
+        child.wait_until(lambda: logged() >= 130, "W&B history of step 130 in the offline run")
+        child.proc.send_signal(signal.SIGKILL)
+        child.proc.wait()
+    assert checkpoint_step(run) == 100 and not (run / "final.json").exists()
+    sent = json.loads((run / "wandb.json").read_text())
+    assert sent["step"] >= 130
+    code, err = run_cli(*flags)
+    assert code == 0, err[-2000:]
+    (id_a, group_a, name_a, rows_a), (id_b, group_b, name_b, rows_b) = wandb_runs(tmp_path)
+    assert id_a == id_b == sent["id"] == json.loads((run / "wandb.json").read_text())["id"]
+    assert group_a == group_b == "lab/g1" and name_a == name_b == "scene-t5__fmq__0"
+    steps_a, steps_b = [s for s, _ in rows_a], [s for s, _ in rows_b]
+    assert steps_a == list(range(0, steps_a[-1] + 1, 10)) and steps_a[-1] > 100  # a sent steps after its checkpoint
+    assert steps_b == list(range(sent["step"] + 10, 321, 10))  # b: none of those again, then on to the end
+    assert {"critic/loss", "eval/success"} <= dict(rows_b)[320] and "eval/success" in dict(rows_a)[20]
