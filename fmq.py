@@ -12,6 +12,7 @@ import random
 import signal
 import sys
 import time
+from ctypes.util import find_library
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +29,9 @@ from tqdm import tqdm
 import qgbs as qgbs_lib  # Algorithm 2 (Q-Guided Beam Search), a separate file that others copy alone
 
 Sampler = Literal["onestep", "best-of-n", "qgbs"]
+if "MUJOCO_GL" not in os.environ:  # headless rendering (videos); mujoco and robosuite read it once, at their import
+    os.environ["MUJOCO_GL"] = ("egl" if torch.cuda.is_available() and find_library("EGL") else
+                               "osmesa" if find_library("OSMesa") else "")  # osmesa: Debian's libosmesa6
 
 
 @dataclass
@@ -52,6 +56,8 @@ class Args:
     eval_interval: int = int(1e5)  # steps between evaluations (also at step 0 of each phase and at the end)
     eval_episodes: int = 50  # evaluation episodes
     eval_envs: int = 10  # parallel eval envs stepped in lockstep, in waves (an OGBench env holds ~160 MB)
+    video_episodes: int = 0  # official: episodes rendered after each evaluation's, not counted (runs/<run>/videos/)
+    video_frame_skip: int = 3  # official: a video frame every this many env steps (and at each episode's end)
     save_interval: int = int(1e5)  # steps between checkpoints (also at each evaluation and at the phase switch)
     keep_checkpoints: int = 3  # how many recent checkpoints to keep
     resume: Optional[str] = None  # continue a run: its folder, or 'auto' (this run's folder, if it has a checkpoint)
@@ -127,6 +133,7 @@ ENVS = {
     "amaze-gnt-t4": _ogb("antmaze-giant-navigate-singletask-task4-v0", reward="sparse"),
     "amaze-gnt-t5": _ogb("antmaze-giant-navigate-singletask-task5-v0", reward="sparse"),
 }
+VIDEO_SIZE = (200, 200)  # width, height of video frames (even: H.264)
 REWARDS = {None: lambda r: r, "sparse": lambda r: np.where(r != 0, -1.0, 0.0), "minus_one": lambda r: r - 1.0}
 RM_KEYS = ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")  # robomimic low-dim keys
 RM_TOL = dict(obs=0.01, replay=0.1, reward=1e-6)  # env guard tolerances, see robomimic_mismatch
@@ -148,11 +155,11 @@ class RoboMimicEnv:
     """robosuite 1.5 env built from a robomimic file's env_args as robomimic >= 0.4's EnvRobosuite does, with its
     low-dim keys and gymnasium's step API (robomimic itself is not used: PyPI has only 0.3, of robosuite 1.4)."""
 
-    def __init__(self, env_args, max_episode_steps):
+    def __init__(self, env_args, max_episode_steps, render=False):
         import gymnasium
         import robosuite
         from robosuite.controllers.composite.composite_controller_factory import refactor_composite_controller_config
-        kwargs = dict(env_args["env_kwargs"], has_renderer=False, has_offscreen_renderer=False, ignore_done=True,
+        kwargs = dict(env_args["env_kwargs"], has_renderer=False, has_offscreen_renderer=render, ignore_done=True,
                       use_object_obs=True, use_camera_obs=False, camera_depths=False)
         cc = dict(kwargs.get("controller_configs") or {})
         if "body_parts_controller_configs" in cc:  # robosuite 1.5.0's name for body_parts (arms nested)
@@ -176,6 +183,9 @@ class RoboMimicEnv:
             self.env.rng = np.random.default_rng(seed)
         self.t = 0
         return self.observe(self.env.reset()), {}
+
+    def render(self):  # robomimic's agentview camera, upright
+        return self.env.sim.render(width=VIDEO_SIZE[0], height=VIDEO_SIZE[1], camera_name="agentview")[::-1]
 
     def step(self, action):
         ob, reward, _, _ = self.env.step(action)  # reward(): what the file's rewards hold (the guard checks)
@@ -223,12 +233,14 @@ def robomimic_mismatch(f, env):
                 replay=missed / max(moved, 0.01), reward=reward_err)  # 1 cm: an arm at rest tells no gains apart
 
 
-def make_env(spec, env_args=None):
-    """One env with gymnasium's API; `env_args` is the robomimic file's env metadata."""
+def make_env(spec, env_args=None, render=False):
+    """One env with gymnasium's API; `env_args` is the robomimic file's env metadata. render: env.render() gives
+    VIDEO_SIZE frames (OGBench's renderer, robosuite's offscreen one)."""
     if spec["suite"] == "robomimic":
-        return RoboMimicEnv(env_args, spec["max_episode_steps"])
+        return RoboMimicEnv(env_args, spec["max_episode_steps"], render)
     import ogbench
-    return ogbench.make_env_and_datasets(spec["name"], env_only=True)
+    size = dict(render_mode="rgb_array", width=VIDEO_SIZE[0], height=VIDEO_SIZE[1]) if render else {}
+    return ogbench.make_env_and_datasets(spec["name"], env_only=True, **size)
 
 
 def load_dataset(spec, dataset_dir):
@@ -703,13 +715,17 @@ def make_losses(compile=False):
 
 
 # ---------------------------------------------------------------- evaluate
-def evaluate(agent, envs, args, sampler):
+def evaluate(agent, envs, args, sampler, frames=None):
     """Success rate over args.eval_episodes seeded episodes, run in lockstep in `envs`, one batched policy
-    call per chunk. Episode i resets with seed args.seed + 10_000 + i; the policy noise is seeded too."""
+    call per chunk. Episode i resets with seed args.seed + 10_000 + i; the policy noise is seeded too. With a list
+    `frames` (envs that render), the args.video_episodes episodes after those instead, which the official `evaluate`
+    renders and does not count: a frame every --video-frame-skip env steps and at each episode's end."""
     gen = torch.Generator(next(agent.actor.parameters()).device).manual_seed(args.seed + 10_000)
     success, returns, lengths = [], [], []
-    for first in range(0, args.eval_episodes, len(envs)):
-        wave = envs[:min(len(envs), args.eval_episodes - first)]
+    start, stop = (args.eval_episodes, args.eval_episodes + args.video_episodes) if frames is not None else (
+        0, args.eval_episodes)
+    for first in range(start, stop, len(envs)):
+        wave = envs[:min(len(envs), stop - first)]
         obs = np.stack([e.reset(seed=args.seed + 10_000 + first + i)[0] for i, e in enumerate(wave)])
         live, ret, length, succ = np.ones(len(wave), bool), *np.zeros((3, len(wave)))
         while live.any():
@@ -721,8 +737,23 @@ def evaluate(agent, envs, args, sampler):
                         obs[i], r, term, trunc, info = wave[i].step(chunk[j, k])
                         ret[i], length[i] = ret[i] + r, length[i] + 1
                         succ[i], live[i] = info["success"], not (term or trunc)
+                        if frames is not None and (length[i] % args.video_frame_skip == 0 or not live[i]):
+                            frames.append(wave[i].render().copy())
         success, returns, lengths = success + list(succ), returns + list(ret), lengths + list(length)
     return {"success": float(np.mean(success)), "return": float(np.mean(returns)), "length": float(np.mean(lengths))}
+
+
+def write_video(path, frames, writer, log_wandb, step, fps=15):
+    """Frames [T, H, W, 3] to an mp4 (imageio's ffmpeg), to TensorBoard (the animated GIF image summary add_video
+    writes, without its moviepy) and, with --track, to W&B."""
+    import imageio.v3 as iio
+    from tensorboard.compat.proto.summary_pb2 import Summary
+    path.parent.mkdir(exist_ok=True)
+    iio.imwrite(path, frames, plugin="FFMPEG", fps=fps, macro_block_size=1)
+    gif = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
+    image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3, encoded_image_string=gif)
+    writer.file_writer.add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), step)
+    log_wandb({"eval/video": path}, step)
 
 
 # ---------------------------------------------------------------- checkpoints & logs
@@ -839,7 +870,8 @@ def validate(args):
         (min(args.best_of_n, args.batch_size, args.utd_ratio) < 1, "need --best-of-n, --batch-size, --utd-ratio >= 1"),
         (not 0 < args.dataset_proportion <= 1, "--dataset-proportion must be in (0, 1]"),
         (min(args.eval_episodes, args.eval_envs, args.log_interval, args.eval_interval, args.save_interval,
-             args.keep_checkpoints) < 1, "eval/log/save intervals and counts must be >= 1"),
+             args.keep_checkpoints, args.video_episodes + 1, args.video_frame_skip) < 1,
+         "eval/log/save intervals and counts must be >= 1 (--video-episodes >= 0)"),
         (min(args.offline_steps, args.online_steps, args.start_training) < 0, "step counts must be >= 0"),
         (args.cudagraphs and not (torch.cuda.is_available() and "cpu" not in args.device), "--cudagraphs needs CUDA"),
         (args.offline_steps == 0 and not (args.load_checkpoint or args.resume),
@@ -884,6 +916,14 @@ def main(args: Args):
     data, env_args = load_dataset(spec, args.dataset_dir)
     data = {k: v[:int(len(v) * args.dataset_proportion)] for k, v in data.items()}  # official dataset_proportion
     env = make_env(spec, env_args)
+    try:  # videos: a first frame now, not at the first evaluation hours later
+        video_env = make_env(spec, env_args, render=True) if args.video_episodes else None
+        if video_env:
+            video_env.reset(seed=0), video_env.render()
+    except Exception as e:
+        raise FMQError(f"--video-episodes: rendering with MUJOCO_GL={os.environ['MUJOCO_GL'] or 'glfw'} failed ("
+                       f"{type(e).__name__}: {str(e).strip()[:200]}); headless, use MUJOCO_GL=egl on a GPU machine or "
+                       f"MUJOCO_GL=osmesa (apt-get install libosmesa6)") from None
     obs_dim, act_dim, limit = env.observation_space.shape[0], env.action_space.shape[0], env.spec.max_episode_steps
     if data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,):
         raise FMQError(f"dataset shapes (obs {data['observations'].shape[1:]}, actions {data['actions'].shape[1:]}) "
@@ -956,6 +996,9 @@ def main(args: Args):
                           time=round(time.time() - t0, 1), **res))
             key = "eval/success" + ("" if sampler == args.sampler else f"_{sampler}")
             writer.add_scalar(key, res["success"], s), log_wandb({key: res["success"]}, s)
+        if args.video_episodes:  # the run's sampler; official: rendered episodes are not counted
+            evaluate(agent, [video_env], args, args.sampler, frames := [])
+            write_video(run_dir / "videos" / f"step_{s:09d}.mp4", np.stack(frames), writer, log_wandb, s)
         return results[args.sampler]
 
     if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None:  # online from an offline ckpt

@@ -2095,6 +2095,16 @@ def test_utd_ratio_is_k_updates_per_online_step_each_on_its_own_batch(tmp_path, 
         assert {float(s["step"]) for s in ckpt[opt]["state"].values()} == {5 + 7 * utd}
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_utd_ratio_with_cudagraphs_replays_k_updates_per_online_step(tmp_path, ogb):
+    """--cudagraphs: each of the K updates is a replay of the captured one; the capturable Adams count 5 + 7 K."""
+    fmq.main(tiny_args(tmp_path, ogb, device="cuda", cudagraphs=True, deterministic=False, offline_steps=5,
+                       online_steps=10, start_training=4, eval_interval=100, log_interval=5, utd_ratio=3))
+    ckpt = torch.load(tmp_path / "runs" / "scene-t5__fmq__0" / "checkpoints" / "step_000000015.pt",
+                      map_location="cpu", weights_only=False)
+    for opt in ("actor_opt", "critic_opt"):
+        assert {float(s["step"]) for s in ckpt[opt]["state"].values()} == {5 + 7 * 3}
+
 def test_dataset_proportion_keeps_the_first_rows(tmp_path, monkeypatch, ogb):
     """Official dataset_proportion: the first int(rows * p) rows (597 rows loaded, p 0.35: 208), every field alike."""
     real, seen = fmq.ReplayBuffer, []
@@ -2179,7 +2189,7 @@ def wandb_runs(wandb_dir):
     for f in sorted(Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb")):
         recs = wandb_records(f)
         run = next(r.run for r in recs if r.WhichOneof("record_type") == "run")
-        rows = [(r.history.step.num, {i.key or "/".join(i.nested_key) for i in r.history.item}) for r in recs
+        rows = [(r.history.step.num, {i.key or i.nested_key[0] for i in r.history.item}) for r in recs
                 if r.WhichOneof("record_type") == "history"]
         runs.append((run.run_id, f"{run.entity}/{run.run_group}", run.display_name, rows))
     return runs
@@ -2218,3 +2228,79 @@ def test_wandb_run_killed_and_resumed_is_one_run_with_no_step_twice(tmp_path, og
     assert steps_a == list(range(0, steps_a[-1] + 1, 10)) and steps_a[-1] > 100  # a sent steps after its checkpoint
     assert steps_b == list(range(sent["step"] + 10, 321, 10))  # b: none of those again, then on to the end
     assert {"critic/loss", "eval/success"} <= dict(rows_b)[320] and "eval/success" in dict(rows_a)[20]
+
+
+# ---------------------------------------------------------------- videos of evaluation rollouts (--video-episodes)
+def short_episodes(monkeypatch, steps):
+    """Every env fmq.py makes ends its episodes after `steps` steps (gymnasium's TimeLimit), frames 64 x 48."""
+    import gymnasium
+    real = fmq.make_env
+    monkeypatch.setattr(fmq, "make_env", lambda *a, **k: gymnasium.wrappers.TimeLimit(real(*a, **k), steps))
+    monkeypatch.setattr(fmq, "VIDEO_SIZE", (64, 48))
+
+
+def frames_change(frames):
+    """Each frame differs from the one before (mean |difference| over pixels > 1 of 255) and none is blank."""
+    diffs = np.abs(np.diff(np.asarray(frames, np.float32), axis=0)).mean(axis=(1, 2, 3))
+    return diffs.min() > 1.0 and min(f.std() for f in frames) > 5.0
+
+
+@pytest.mark.slow
+def test_video_episodes_are_rendered_written_and_not_counted(tmp_path, ogb, monkeypatch):
+    """--video-episodes 2 --video-frame-skip 5, 12-step episodes: frames after steps 5, 10 and 12 of each, 6 per
+    evaluation, in runs/<run>/videos/step_XXXXXXXXX.mp4 (decoded: 6 frames of 64 x 48), TensorBoard's eval/video
+    and W&B's (offline); eval.csv is the one of the same run without videos."""
+    import imageio.v3 as iio
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    short_episodes(monkeypatch, 12)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    kw = dict(offline_steps=10, online_steps=10, eval_interval=10, log_interval=10, save_interval=10)
+    fmq.main(tiny_args(tmp_path / "plain", ogb, **kw))
+    fmq.main(tiny_args(tmp_path / "video", ogb, video_episodes=2, video_frame_skip=5, track=True, **kw))
+    plain, run = (tmp_path / d / "runs" / "scene-t5__fmq__0" for d in ("plain", "video"))
+    assert strip_timing(read_csv(run / "eval.csv")) == strip_timing(read_csv(plain / "eval.csv"))
+    steps = [0, 10, 20]
+    assert sorted(p.name for p in (run / "videos").iterdir()) == [f"step_{s:09d}.mp4" for s in steps]
+    for s in steps:
+        frames = iio.imread(run / "videos" / f"step_{s:09d}.mp4", plugin="FFMPEG", index=None)
+        assert frames.shape == (6, 48, 64, 3) and frames_change(frames[:3]) and frames_change(frames[3:])
+    images = EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Images("eval/video")
+    assert [(i.step, i.width, i.height) for i in images] == [(s, 64, 48) for s in steps]
+    assert iio.imread(images[0].encoded_image_string, extension=".gif", index=None).shape == (6, 48, 64, 3)
+    [(_, _, _, rows)] = wandb_runs(tmp_path)
+    assert [s for s, keys in rows if "eval/video" in keys] == steps
+
+
+@pytest.mark.slow
+def test_robomimic_video_frames_from_the_offscreen_renderer(rm_data, tmp_path, monkeypatch):
+    """can through robosuite's offscreen renderer (agentview): a 7-step episode, skip 3: frames after steps 3, 6, 7."""
+    import imageio.v3 as iio
+    monkeypatch.setattr(fmq, "VIDEO_SIZE", (64, 48))
+    spec = dict(fmq.env_spec("can"), max_episode_steps=7)
+    env_args = fmq.load_dataset(spec, rm_data[0])[1]
+    env = fmq.make_env(spec, env_args, render=True)
+    args = fmq.Args(env_id="can", hidden_dim=32, num_layers=2, time_dim=8, best_of_n=4, eval_episodes=1,
+                    video_episodes=1, video_frame_skip=3, device="cpu")
+    agent = fmq.make_agent(args, env.observation_space.shape[0], env.action_space.shape[0] * args.horizon, "cpu")
+    frames = []
+    fmq.evaluate(agent, [env], args, "onestep", frames)
+    assert len(frames) == 3 and frames[0].shape == (48, 64, 3) and frames[0].dtype == np.uint8
+    assert frames_change(frames)
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(tmp_path))
+    fmq.write_video(tmp_path / "videos" / "step_000000000.mp4", np.stack(frames), writer, lambda *a: None, 0)
+    assert iio.imread(tmp_path / "videos" / "step_000000000.mp4", plugin="FFMPEG", index=None).shape == (3, 48, 64, 3)
+
+
+@pytest.mark.slow
+def test_video_episodes_without_a_working_renderer_stop_before_training(tmp_path, ogb):
+    """No display, MUJOCO_GL=glfw (what mujoco falls back to without EGL or OSMesa): one line, no run folder."""
+    env = {k: v for k, v in os.environ.items() if k != "DISPLAY"}
+    code = subprocess.run([sys.executable, str(ROOT / "fmq.py"), "--dataset-dir", str(ogb), "--runs-dir",
+                           str(tmp_path / "runs"), "--video-episodes", "1", "--device", "cpu"],
+                          capture_output=True, text=True, env=dict(env, MUJOCO_GL="glfw", OMP_NUM_THREADS="1"))
+    assert code.returncode == 1 and code.stderr.strip().splitlines()[-1].startswith(
+        "fmq: error: --video-episodes: rendering with MUJOCO_GL=glfw failed ("), code.stderr[-2000:]
+    assert "MUJOCO_GL=osmesa (apt-get install libosmesa6)" in code.stderr and not (tmp_path / "runs").exists()
