@@ -2197,14 +2197,14 @@ def wandb_runs(wandb_dir):
 
 @pytest.mark.slow
 def test_wandb_run_killed_and_resumed_is_one_run_with_no_step_twice(tmp_path, ogb, monkeypatch):
-    """--track, offline: run a is SIGKILLed after logging step 130 or more with its checkpoint at step 100, and resumed.
-    W&B then holds one run id (kept in runs/<run>/wandb.json) and each step of 0, 10, ..., 320 at most once: the
+    """--track, offline: run a is SIGKILLed after logging step 130 or more, its last checkpoint at step 20 (the phase
+    switch; the next is at 300), and resumed. W&B then holds one run id (kept in runs/<run>/wandb.json) and each step of 0, 10, ..., 320 at most once: the
     steps redone after the checkpoint that a had sent are skipped; the rest come from the resumed run."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.setenv("WANDB__TRANSACTION_LOG_FLUSH_INTERVAL", "0.1")  # the killed run's rows reach its file
-    flags = [*resume_flags(ogb), "--runs-dir", str(tmp_path / "runs"), "--save-interval", "100", "--track",
+    flags = [*resume_flags(ogb), "--runs-dir", str(tmp_path / "runs"), "--save-interval", "300", "--track",
              "--wandb-entity", "lab", "--wandb-group", "g1"]
     run = tmp_path / "runs" / "scene-t5__fmq__0"
 
@@ -2216,7 +2216,7 @@ def test_wandb_run_killed_and_resumed_is_one_run_with_no_step_twice(tmp_path, og
         child.wait_until(lambda: logged() >= 130, "W&B history of step 130 in the offline run")
         child.proc.send_signal(signal.SIGKILL)
         child.proc.wait()
-    assert checkpoint_step(run) == 100 and not (run / "final.json").exists()
+    assert checkpoint_step(run) == 20 and not (run / "final.json").exists()
     sent = json.loads((run / "wandb.json").read_text())
     assert sent["step"] >= 130
     code, err = run_cli(*flags)
@@ -2225,7 +2225,7 @@ def test_wandb_run_killed_and_resumed_is_one_run_with_no_step_twice(tmp_path, og
     assert id_a == id_b == sent["id"] == json.loads((run / "wandb.json").read_text())["id"]
     assert group_a == group_b == "lab/g1" and name_a == name_b == "scene-t5__fmq__0"
     steps_a, steps_b = [s for s, _ in rows_a], [s for s, _ in rows_b]
-    assert steps_a == list(range(0, steps_a[-1] + 1, 10)) and steps_a[-1] > 100  # a sent steps after its checkpoint
+    assert steps_a == list(range(0, steps_a[-1] + 1, 10)) and steps_a[-1] > 20  # a sent steps after its checkpoint
     assert steps_b == list(range(sent["step"] + 10, 321, 10))  # b: none of those again, then on to the end
     assert {"critic/loss", "eval/success"} <= dict(rows_b)[320] and "eval/success" in dict(rows_a)[20]
 
