@@ -2198,8 +2198,9 @@ def wandb_runs(wandb_dir):
 @pytest.mark.slow
 def test_wandb_run_killed_and_resumed_is_one_run_with_no_step_twice(tmp_path, ogb, monkeypatch):
     """--track, offline: run a is SIGKILLed after logging step 130 or more, its last checkpoint at step 20 (the phase
-    switch; the next is at 300), and resumed. W&B then holds one run id (kept in runs/<run>/wandb.json) and each step of 0, 10, ..., 320 at most once: the
-    steps redone after the checkpoint that a had sent are skipped; the rest come from the resumed run."""
+    switch; the next is at 300), and resumed. W&B then holds one run id (kept in runs/<run>/wandb.json) and each step
+    of 0, 10, ..., 320 at most once: the steps redone after the checkpoint that a had sent are skipped; the rest come
+    from the resumed run."""
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     monkeypatch.setenv("WANDB_SILENT", "true")
