@@ -2085,6 +2085,7 @@ def test_utd_ratio_is_k_updates_per_online_step_each_on_its_own_batch(tmp_path, 
         calls.append((int(step), float(batch["obs"].sum())))
         return real(agent, batch, step, *a)
     monkeypatch.setattr(fmq, "update", counting)
+    short_episodes(monkeypatch, 12)  # quick evaluations
     fmq.main(tiny_args(tmp_path, ogb, offline_steps=5, online_steps=10, start_training=4, eval_interval=100,
                        log_interval=5, utd_ratio=utd))
     assert [s for s, _ in calls] == [0, 1, 2, 3, 4] + [s for s in range(8, 15) for _ in range(utd)]
@@ -2109,6 +2110,7 @@ def test_dataset_proportion_keeps_the_first_rows(tmp_path, monkeypatch, ogb):
     """Official dataset_proportion: the first int(rows * p) rows (597 rows loaded, p 0.35: 208), every field alike."""
     real, seen = fmq.ReplayBuffer, []
     monkeypatch.setattr(fmq, "ReplayBuffer", lambda data, *a: seen.append(dict(data)) or real(data, *a))
+    short_episodes(monkeypatch, 12)  # a quick evaluation
     fmq.main(tiny_args(tmp_path, ogb, dataset_proportion=0.35, offline_steps=2, online_steps=0, eval_episodes=1,
                        eval_envs=1))
     full, _ = fmq.load_dataset(fmq.env_spec("scene-t5"), ogb)
