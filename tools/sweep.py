@@ -30,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-# name -> fmq.py flags. Sources: README "The paper's table, column by column".
+# name -> fmq.py flags. Sources: docs/fidelity.md, "The paper's table, column by column".
 METHODS = {
     "qc": "--online-target flow-map --flow-map-loss none --euler-steps 10 --time-dim 0",  # QC (Li et al., 2025)
     "mvp": "--online-target mvp --extra-samplers qgbs",  # MVP (Zhan et al., 2026), and MVP + QGBS (mvp/qgbs)
