@@ -1,6 +1,5 @@
-"""FMQ (Flow Map Q-Guidance): offline-to-online RL with one-step flow map policies. Trains offline on the task's
-dataset, then online in its env; writes runs/{env_id}__{exp_name}__{seed}/. Paper: "Aligning Flow Map Policies with
-Optimal Q-Guidance", Ziakas, Russo, Bose (2026), arXiv:2605.12416.
+"""FMQ (Flow Map Q-Guidance, "Aligning Flow Map Policies with Optimal Q-Guidance", Ziakas, Russo, Bose, 2026): trains
+a one-step flow map policy offline on the task's dataset, then online in its env (runs/{env_id}__{exp_name}__{seed}).
 
 examples:
   python fmq.py --exp-name quick --offline-steps 1000 --online-steps 1000 --hidden-dim 64   # a short check
@@ -715,11 +714,9 @@ def make_losses(compile=False):
 
 # ---------------------------------------------------------------- evaluate
 def evaluate(agent, envs, args, sampler, reward=REWARDS[None]):
-    """Means over args.eval_episodes seeded episodes, run in lockstep in `envs`, one batched policy call per chunk:
-    success, return_train (the rewards as training sees them, `reward`: reward_fn), return_env (the env's rewards)
-    and length. Episode i resets with seed args.seed + 10_000 + i; the policy noise is seeded too."""
-    gen = torch.Generator(next(agent.actor.parameters()).device).manual_seed(args.seed + 10_000)
-    episodes = []
+    """Success, return_train (rewards as training sees them: `reward`, reward_fn), return_env and length, means over
+    args.eval_episodes episodes run in lockstep in `envs`; episode i resets with seed args.seed + 10_000 + i."""
+    gen, episodes = torch.Generator(next(agent.actor.parameters()).device).manual_seed(args.seed + 10_000), []
     for first in range(0, args.eval_episodes, len(envs)):
         wave = envs[:min(len(envs), args.eval_episodes - first)]
         obs = np.stack([e.reset(seed=args.seed + 10_000 + first + i)[0] for i, e in enumerate(wave)])
@@ -761,8 +758,7 @@ def save_checkpoint(run_dir, state, keep):
 
 
 def latest_checkpoint(run_dir):
-    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
-    return ckpts[-1] if ckpts else None
+    return max((Path(run_dir) / "checkpoints").glob("step_*.pt"), default=None)  # zero-padded step numbers
 
 
 def load_checkpoint(path, args, agent):
@@ -906,11 +902,9 @@ def main(args: Args):
             raise FMQError("--track logs to Weights & Biases: `pip install wandb` first") from None
         wandb.init(project=args.wandb_project, name=run_dir.name, config=asdict(args), sync_tensorboard=True)
     writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume_from else None)
-    hparams = "\n".join(f"|{k}|{v}|" for k, v in asdict(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{hparams}")  # TensorBoard's text tab, as CleanRL
-    resume_step = step if resume_from else None
-    log_train, _ = csv_logger(run_dir / "train.csv", TRAIN_FIELDS, resume_step)
-    log_eval, evals = csv_logger(run_dir / "eval.csv", EVAL_FIELDS, resume_step)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|" + "".join(f"\n|{k}|{v}|" for k, v in vars(args).items()))
+    log_train, _ = csv_logger(run_dir / "train.csv", TRAIN_FIELDS, step if resume_from else None)
+    log_eval, evals = csv_logger(run_dir / "eval.csv", EVAL_FIELDS, step if resume_from else None)
 
     episode_seed = lambda i: args.seed * 1_000_003 + i  # the training env's episode i starts from this seed
     obs, _ = env.reset(seed=episode_seed(ep["index"]))
@@ -952,9 +946,8 @@ def main(args: Args):
 
     if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None:  # online from an offline ckpt
         freeze_offline_copy(agent)
-    print(f"fmq: run {run_dir} on {device}, dataset {n_off} rows; {args.offline_steps} offline steps, then "
-          f"{args.online_steps} online (updates from online step {args.start_training}), evaluations every "
-          f"{args.eval_interval} steps" + (f"; resuming at step {step}" if resume_from else ""), flush=True)
+    print(f"fmq: run {run_dir} on {device}, dataset {n_off} rows; {args.offline_steps} offline + {args.online_steps} "
+          f"online steps (updates from online step {args.start_training}), starting at step {step}", flush=True)
     results = run_eval(step) if resume_from is None else {r["sampler"]: float(r["success"]) for r in evals}
     pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
     while step < total:

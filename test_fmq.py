@@ -895,8 +895,8 @@ def test_run_prints_its_plan_and_result_and_logs_the_last_offline_step(tmp_path,
     run = tmp_path / "runs" / "scene-t5__fmq__0"
     out = capsys.readouterr().out.splitlines()
     n = len(fmq.load_dataset(fmq.env_spec("scene-t5"), ogb)[0]["observations"])
-    assert out[0] == (f"fmq: run {run} on cpu, dataset {n} rows; 13 offline steps, then 7 online (updates from "
-                      f"online step 1), evaluations every 20 steps")
+    assert out[0] == (f"fmq: run {run} on cpu, dataset {n} rows; 13 offline + 7 online steps (updates from online "
+                      f"step 1), starting at step 0")
     evals = read_csv(run / "eval.csv")
     assert [(int(r["step"]), r["sampler"]) for r in evals][-2:] == [(20, "best-of-n"), (20, "qgbs")]
     assert out[-1] == (f"fmq: done at step 20; success best-of-n {float(evals[-2]['success']):.2f}, qgbs "
