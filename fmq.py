@@ -80,7 +80,7 @@ class Args:
     tau: float = 0.005  # Polyak averaging rate of the target critics
     num_critics: int = 2  # number of critics (at least 2: FMQ damps its step by their disagreement)
     offline_q_agg: Literal["mean", "min"] = "mean"  # how the critics combine offline (TD target, best-of-N choice)
-    online_q_agg: Optional[Literal["mean", "min"]] = None  # same online and in QGBS; None: min for fmq, else mean
+    online_q_agg: Optional[Literal["mean", "min"]] = None  # online/QGBS critic aggregation; None: min if fmq, else mean
     horizon: int = 5  # action chunk length: actions per policy call, executed open-loop
     best_of_n: int = 32  # candidates of the best-of-N action (the TD target's next action, the best-of-n sampler)
     flow_map_loss: FlowMapLoss = "eulerian"  # offline self-distillation loss of the flow map; none: flow matching only
@@ -93,7 +93,7 @@ class Args:
     beta: float = 0.3  # critic-disagreement damping in eta_eff = eta / (1 + beta * delta_critic)
     kappa1: float = 1e-8  # gradient-norm floor kappa1 in g = grad Q / (||grad Q|| + kappa1)
     official_eta: bool = False  # the official code's eta_eff = 1 / (1 + beta * delta_critic): ignores --eta
-    guidance_critic: Literal["q1", "mean"] = "q1"  # critic whose action gradient guides: the first (Alg. 1) or mean
+    guidance_critic: Literal["q1", "mean"] = "q1"  # critic whose gradient guides FMQ: the first (Alg. 1) or mean
     # --- acting & QGBS ---
     sampler: Sampler = "best-of-n"  # evaluation sampler: best-of-n (the paper's FMQ column), qgbs (FMQ + QGBS)
     extra_samplers: Samplers = ()  # more samplers evaluated each time, in eval.csv rows of their own (e.g. qgbs)
