@@ -19,9 +19,9 @@ import signal
 import sys
 import time
 import warnings
+from ctypes.util import find_library
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from ctypes.util import find_library
 from types import SimpleNamespace
 from typing import Annotated, Literal, Optional
 
