@@ -1,5 +1,11 @@
-# fmq.py: Flow Map Q-Guidance (FMQ), offline-to-online RL with one-step flow map policies.
-# Paper: "Aligning Flow Map Policies with Optimal Q-Guidance", Ziakas, Russo, Bose (2026), arXiv:2605.12416.
+"""FMQ (Flow Map Q-Guidance, "Aligning Flow Map Policies with Optimal Q-Guidance", Ziakas, Russo, Bose, 2026): trains
+a one-step flow map policy offline on the task's dataset, then online in its env (runs/{env_id}__{exp_name}__{seed}).
+
+examples:
+  python fmq.py --exp-name quick --offline-steps 1000 --online-steps 1000 --hidden-dim 64   # a short check
+  python fmq.py --env-id cube-dbl-t3 --extra-samplers qgbs --cudagraphs   # a paper run (FMQ, FMQ + QGBS) on a GPU
+  python fmq.py --env-id cube-dbl-t3 --resume auto                         # continue that run after a stop
+"""
 # Read top to bottom: Args -> envs & datasets -> networks -> losses & updates -> evaluate -> main.
 import copy
 import csv
@@ -12,11 +18,12 @@ import random
 import signal
 import sys
 import time
+import warnings
 from ctypes.util import find_library
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 import numpy as np
 import torch
@@ -29,83 +36,81 @@ from tqdm import tqdm
 import qgbs as qgbs_lib  # Algorithm 2 (Q-Guided Beam Search), a separate file that others copy alone
 
 Sampler = Literal["onestep", "best-of-n", "qgbs"]
-if "MUJOCO_GL" not in os.environ:  # headless rendering (videos); mujoco and robosuite read it once, at their import
-    os.environ["MUJOCO_GL"] = ("egl" if torch.cuda.is_available() and find_library("EGL") else
-                               "osmesa" if find_library("OSMesa") else "")  # osmesa: Debian's libosmesa6
+FlowMapLoss = Literal["eulerian", "lagrangian", "progressive", "none"]
+Samplers = Annotated[tuple[Sampler, ...], tyro.conf.arg(help_behavior_hint="(default: none)")]  # tyro shows ()
 
 
 @dataclass
 class Args:
     # --- experiment ---
-    env_id: str = "scene-t5"  # a paper id from ENVS (e.g. scene-t5, cube-dbl-t3, can) or any OGBench singletask name
+    env_id: str = "scene-t5"  # task: a paper id (scene-t5, cube-dbl-t3, can, ...) or any OGBench singletask name
     exp_name: str = "fmq"  # experiment name; the run folder is {runs_dir}/{env_id}__{exp_name}__{seed}
-    seed: int = 0  # seed of python, numpy, torch and the training env (evaluation uses seed + 10_000)
-    deterministic: bool = False  # torch.use_deterministic_algorithms: identical reruns on the same device
-    device: str = "auto"  # 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'
-    compile: bool = False  # torch.compile the losses (opt-in; pays off on a GPU for long runs)
-    amp: bool = False  # bf16 autocast for network forward passes
-    cudagraphs: bool = False  # CUDA: capture each phase's whole update as one CUDA graph and replay it (LeanRL-style)
-    dataset_dir: Optional[str] = None  # dataset folder; default ~/.ogbench/data or ~/.robomimic (see README)
+    seed: int = 0  # seed of python, numpy, torch and the training env (evaluation episodes use seed + 10000 on)
+    deterministic: bool = False  # deterministic torch kernels: a rerun on the same device gives the same numbers
+    device: str = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'
+    compile: bool = False  # compile the losses with torch.compile (pays off on a GPU for long runs)
+    amp: bool = False  # run the networks' forward passes in bfloat16 autocast
+    cudagraphs: bool = False  # GPU only: capture each phase's whole update as one CUDA graph and replay it (fastest)
+    dataset_dir: Optional[str] = None  # dataset folder; None: ~/.ogbench/data (OGBench) or ~/.robomimic (RoboMimic)
     # --- logging & checkpoints ---
     runs_dir: str = "runs"  # where run folders go (config.json, train.csv, eval.csv, TensorBoard events, checkpoints/)
-    track: bool = False  # also log to Weights & Biases; --resume continues the same W&B run
-    wandb_project: str = "fmq"  # W&B project name, with --track
-    wandb_entity: Optional[str] = None  # W&B entity (user or team), with --track; None: your default
-    wandb_group: Optional[str] = None  # W&B run group (official run_group), with --track
-    log_interval: int = 5000  # steps between train.csv / TensorBoard rows (and NaN checks)
-    eval_interval: int = int(1e5)  # steps between evaluations (also at step 0 of each phase and at the end)
-    eval_episodes: int = 50  # evaluation episodes
-    eval_envs: int = 10  # parallel eval envs stepped in lockstep, in waves (an OGBench env holds ~160 MB)
-    video_episodes: int = 0  # official: episodes rendered after each evaluation's, not counted (runs/<run>/videos/)
-    video_frame_skip: int = 3  # official: a video frame every this many env steps (and at each episode's end)
-    save_interval: int = int(1e5)  # steps between checkpoints (also at each evaluation and at the phase switch)
-    keep_checkpoints: int = 3  # how many recent checkpoints to keep
-    resume: Optional[str] = None  # continue a run: its folder, or 'auto' (this run's folder, if it has a checkpoint)
-    load_checkpoint: Optional[str] = None  # start from this checkpoint's nets (e.g. offline, with --offline-steps 0)
+    track: bool = False  # also log to Weights & Biases (a resumed run continues the same W&B run)
+    wandb_project: str = "fmq"  # Weights & Biases project name, used with --track
+    wandb_entity: Optional[str] = None  # Weights & Biases entity (user or team), with --track; None: yours
+    wandb_group: Optional[str] = None  # Weights & Biases run group (official run_group), with --track
+    log_interval: int = 5000  # steps between rows of train.csv and TensorBoard (and checks for NaN losses)
+    eval_interval: int = int(1e5)  # steps between evaluations (there is one also at step 0, phase switch and end)
+    eval_episodes: int = 50  # episodes per evaluation, for each evaluated sampler
+    eval_envs: int = 10  # evaluation envs stepped together, in waves (an OGBench env holds ~160 MB of memory)
+    video_episodes: int = 0  # episodes rendered to runs/<run>/videos/ after each evaluation, not counted
+    video_frame_skip: int = 3  # a video frame every this many env steps (and at each episode's end)
+    save_interval: int = int(1e5)  # steps between checkpoints (one is also saved at each evaluation)
+    keep_checkpoints: int = 3  # how many of the most recent checkpoints to keep on disk
+    resume: Optional[str] = None  # continue a stopped run: its folder, or 'auto' for this command's run folder
+    load_checkpoint: Optional[str] = None  # start from this checkpoint file's networks (e.g. with --offline-steps 0)
     # --- algorithm ---
-    offline_steps: int = int(1e6)  # offline pretraining steps (flow map + critics on the dataset)
-    online_steps: int = int(1e6)  # online steps: one env step and --utd-ratio updates each
-    utd_ratio: int = 1  # official utd_ratio: updates per online env step, each on its own batch (offline: 1 per step)
-    dataset_proportion: float = 1.0  # official: train on the first int(rows * p) rows of the dataset
-    buffer_size: int = int(2e6)  # replay rows: max(this, dataset + 1), circular (official); full: oldest overwritten
-    sparse: bool = False  # official --sparse: rewards (r != 0) * -1 (after the ENVS table's), dataset and online
-    batch_size: int = 256  # batch size
-    hidden_dim: int = 512  # MLP width (actor and critics)
-    num_layers: int = 4  # hidden layers (actor and critics)
-    time_dim: int = 64  # Fourier features for each of r and t (official fourier_feature_dim); 0: raw r and t (QC)
-    actor_layer_norm: bool = False  # LayerNorm in the actor
-    critic_layer_norm: bool = True  # LayerNorm in the critics
+    offline_steps: int = int(1e6)  # offline pretraining steps: flow map and critics trained on the dataset
+    online_steps: int = int(1e6)  # online fine-tuning steps: one env step and --utd-ratio updates each
+    utd_ratio: int = 1  # updates per online env step, each on its own batch (offline: one per step)
+    dataset_proportion: float = 1.0  # train on the first int(rows * p) rows of the dataset only
+    buffer_size: int = int(2e6)  # replay buffer rows (at least dataset + 1); when full, the oldest are overwritten
+    sparse: bool = False  # rewards become (r != 0) * -1, after the task's own transform, offline and online
+    batch_size: int = 256  # minibatch size of each update
+    hidden_dim: int = 512  # width of the hidden layers of the actor and the critics
+    num_layers: int = 4  # number of hidden layers of the actor and the critics
+    time_dim: int = 64  # Fourier features for each of the times r and t; 0 feeds r and t in raw (as Q-chunking)
+    actor_layer_norm: bool = False  # LayerNorm after each hidden layer of the actor
+    critic_layer_norm: bool = True  # LayerNorm after each hidden layer of the critics
     lr: float = 3e-4  # Adam learning rate (actor and critics)
-    discount: float = 0.99  # discount per env step (official --discount, every task)
-    tau: float = 0.005  # Polyak rate of the target critics
-    num_critics: int = 2  # critic ensemble size (twin critics)
-    offline_q_agg: Literal["mean", "min"] = "mean"  # offline critic aggregation: TD target, best-of-N (config q_agg)
-    online_q_agg: Optional[Literal["mean", "min"]] = None  # online (and QGBS): None = the method's (see critic_agg)
-    horizon: int = 5  # action chunk length, executed open-loop
-    best_of_n: int = 32  # N of the best-of-N action: TD bootstrap action, and the best-of-n sampler
-    flow_map_loss: Literal["eulerian", "lagrangian", "progressive", "none"] = "eulerian"  # none: diagonal only (QC)
-    euler_steps: int = 0  # 0: the flow map's one jump X_{0,1}; K: K Euler steps of u(a, t, t) (QC: 10), everywhere
-    curriculum_start: int = 5000  # offline step where self-distillation starts and [r, t] starts growing from r = t
-    curriculum_end: int = 50000  # offline step where the (r, t) curriculum is complete (see sample_r_t)
-    start_training: int = 5000  # online updates start at online env step start_training (official main.py)
-    online_target: Literal["fmq", "mvp", "flow-map"] = "fmq"  # online actor loss: FMQ (Alg. 1), MVP, or the offline
-    # loss kept on replay data (flow-map: the official code without --fmq_online; QC); see `update`
-    eta: float = 1.0  # trust-region radius eta (Thm 3.2)
+    discount: float = 0.99  # discount factor per env step
+    tau: float = 0.005  # Polyak averaging rate of the target critics
+    num_critics: int = 2  # number of critics (at least 2: FMQ damps its step by their disagreement)
+    offline_q_agg: Literal["mean", "min"] = "mean"  # how the critics combine offline (TD target, best-of-N choice)
+    online_q_agg: Optional[Literal["mean", "min"]] = None  # online/QGBS critic aggregation; None: min if fmq, else mean
+    horizon: int = 5  # action chunk length: actions per policy call, executed open-loop
+    best_of_n: int = 32  # candidates of the best-of-N action (the TD target's next action, the best-of-n sampler)
+    flow_map_loss: FlowMapLoss = "eulerian"  # offline self-distillation loss of the flow map; none: flow matching only
+    euler_steps: int = 0  # 0: an action is one flow-map jump; K > 0: K Euler steps of the velocity (Q-chunking: 10)
+    curriculum_start: int = 5000  # offline step where self-distillation starts and the (r, t) gaps start to widen
+    curriculum_end: int = 50000  # offline step where the (r, t) gaps reach their full width
+    start_training: int = 5000  # online updates start at this online env step (the steps before only collect data)
+    online_target: Literal["fmq", "mvp", "flow-map"] = "fmq"  # online actor loss: FMQ (Alg. 1), MVP, or the offline one
+    eta: float = 1.0  # trust-region radius eta of the Q-guided step (Thm 3.2)
     beta: float = 0.3  # critic-disagreement damping in eta_eff = eta / (1 + beta * delta_critic)
     kappa1: float = 1e-8  # gradient-norm floor kappa1 in g = grad Q / (||grad Q|| + kappa1)
-    official_eta: bool = False  # official config: eta_eff = 1 / (1 + beta * delta_critic), eta dropped (same at eta 1)
-    guidance_critic: Literal["q1", "mean"] = "q1"  # critic whose action-gradient guides: Q_phi1 (Alg. 1) or mean
+    official_eta: bool = False  # the official code's eta_eff = 1 / (1 + beta * delta_critic): ignores --eta
+    guidance_critic: Literal["q1", "mean"] = "q1"  # critic whose gradient guides FMQ: the first (Alg. 1) or mean
     # --- acting & QGBS ---
-    sampler: Sampler = "best-of-n"  # evaluation sampler: best-of-n is the paper's FMQ column, qgbs FMQ + QGBS
-    extra_samplers: tuple[Sampler, ...] = ()  # also evaluated at each evaluation, own eval.csv rows (e.g. qgbs)
-    train_sampler: Sampler = "best-of-n"  # online acting sampler: official best-of-N; Alg. 1, line 2 is onestep
+    sampler: Sampler = "best-of-n"  # evaluation sampler: best-of-n (the paper's FMQ column), qgbs (FMQ + QGBS)
+    extra_samplers: Samplers = ()  # more samplers evaluated each time, in eval.csv rows of their own (e.g. qgbs)
+    train_sampler: Sampler = "best-of-n"  # sampler that acts online: best-of-n (official code), onestep (Alg. 1)
     qgbs_m: int = 4  # QGBS beam size M
     qgbs_k: int = 1  # QGBS renoising rounds K
     qgbs_b: int = 4  # QGBS branches B per beam member
     qgbs_rho: float = 1.5  # QGBS signal-to-noise ratio rho: renoise to t' = rho / (1 + rho)
     qgbs_eta: float = 0.3  # QGBS trust-region step eta
-    qgbs_completion: Literal["flow-map", "euler"] = "euler"  # official one Euler step, or Alg. 2's jump X_{t',1}
-    qgbs_k0_step: bool = True  # official: with K = 0, still one eta step (Alg. 2 with K = 0 is best-of-M)
+    qgbs_completion: Literal["euler", "flow-map"] = "euler"  # QGBS completion: an Euler step (official), Alg. 2's jump
+    qgbs_k0_step: bool = True  # with --qgbs-k 0, still take one eta step (official); off: Alg. 2, i.e. best-of-M
 
 
 class FMQError(Exception):
@@ -141,6 +146,11 @@ RM_HINT = ("use robomimic's v1.5 file, made with robosuite 1.5 (pip install hugg
            "huggingface_hub; huggingface_hub.hf_hub_download('robomimic/robomimic_datasets', 'v1.5/{name}/mh/"
            "low_dim_v15.hdf5', repo_type='dataset', local_dir='{root}')\")")
 logging.getLogger("robosuite_logs").addFilter(lambda r: r.levelno >= logging.ERROR)  # robosuite's import chatter
+warnings.filterwarnings("ignore", r".*(X11: The DISPLAY environment variable is missing|Box (low|high)'s precision)")
+
+GL = "egl" if torch.cuda.is_available() and find_library("EGL_nvidia") else "osmesa" if find_library("OSMesa") else None
+if GL and "MUJOCO_GL" not in os.environ:  # render headless (dm_control would try GLFW, which needs a display)
+    os.environ["MUJOCO_GL"] = GL
 
 
 def env_spec(env_id):
@@ -715,19 +725,18 @@ def make_losses(compile=False):
 
 
 # ---------------------------------------------------------------- evaluate
-def evaluate(agent, envs, args, sampler, frames=None):
-    """Success rate over args.eval_episodes seeded episodes, run in lockstep in `envs`, one batched policy
-    call per chunk. Episode i resets with seed args.seed + 10_000 + i; the policy noise is seeded too. With a list
-    `frames` (envs that render), the args.video_episodes episodes after those instead, which the official `evaluate`
-    renders and does not count: a frame every --video-frame-skip env steps and at each episode's end."""
-    gen = torch.Generator(next(agent.actor.parameters()).device).manual_seed(args.seed + 10_000)
-    success, returns, lengths = [], [], []
+def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None):
+    """Success, return_train (rewards as training sees them: `reward`, reward_fn), return_env and length, means over
+    args.eval_episodes episodes run in lockstep in `envs`; episode i resets with seed args.seed + 10_000 + i. With a
+    list `frames` (envs that render), the args.video_episodes episodes after those instead, which the official
+    `evaluate` renders and does not count: a frame every --video-frame-skip env steps and at each episode's end."""
+    gen, episodes = torch.Generator(next(agent.actor.parameters()).device).manual_seed(args.seed + 10_000), []
     start, stop = (args.eval_episodes, args.eval_episodes + args.video_episodes) if frames is not None else (
         0, args.eval_episodes)
     for first in range(start, stop, len(envs)):
         wave = envs[:min(len(envs), stop - first)]
         obs = np.stack([e.reset(seed=args.seed + 10_000 + first + i)[0] for i, e in enumerate(wave)])
-        live, ret, length, succ = np.ones(len(wave), bool), *np.zeros((3, len(wave)))
+        live, (succ, ret_train, ret_env, length) = np.ones(len(wave), bool), np.zeros((4, len(wave)))
         while live.any():
             idx = np.flatnonzero(live)
             chunk = act(agent, obs[idx], sampler, args, gen)
@@ -735,12 +744,12 @@ def evaluate(agent, envs, args, sampler, frames=None):
                 for j, i in enumerate(idx):
                     if live[i]:
                         obs[i], r, term, trunc, info = wave[i].step(chunk[j, k])
-                        ret[i], length[i] = ret[i] + r, length[i] + 1
+                        ret_train[i], ret_env[i], length[i] = ret_train[i] + reward(r), ret_env[i] + r, length[i] + 1
                         succ[i], live[i] = info["success"], not (term or trunc)
                         if frames is not None and (length[i] % args.video_frame_skip == 0 or not live[i]):
                             frames.append(wave[i].render().copy())
-        success, returns, lengths = success + list(succ), returns + list(ret), lengths + list(length)
-    return {"success": float(np.mean(success)), "return": float(np.mean(returns)), "length": float(np.mean(lengths))}
+        episodes += zip(succ, ret_train, ret_env, length)
+    return dict(zip(("success", "return_train", "return_env", "length"), map(float, np.mean(episodes, 0))))
 
 
 def write_video(path, frames, writer, log_wandb, step, fps=15):
@@ -759,7 +768,8 @@ def write_video(path, frames, writer, log_wandb, step, fps=15):
 # ---------------------------------------------------------------- checkpoints & logs
 ARCH = ("env_id", "horizon", "hidden_dim", "num_layers", "time_dim", "num_critics", "actor_layer_norm",
         "critic_layer_norm")
-EVAL_FIELDS = ("step", "phase", "env_steps", "success", "return", "length", "sampler", "nfe", "episodes", "time")
+EVAL_FIELDS = ("step", "phase", "env_steps", "success", "return_train", "return_env", "length", "sampler", "nfe",
+               "episodes", "time")
 TRAIN_FIELDS = ("step", "phase", "env_steps", "sps", "critic/loss", "critic/q", "critic/target", "critic/grad_norm",
                 "actor/diag_loss", "actor/distill_loss", "actor/fmq_loss", "actor/eta_eff",
                 "actor/q_grad_norm", "actor/grad_norm", "env/episode_return", "env/episode_success")
@@ -779,8 +789,7 @@ def save_checkpoint(run_dir, state, keep):
 
 
 def latest_checkpoint(run_dir):
-    ckpts = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"))
-    return ckpts[-1] if ckpts else None
+    return max((Path(run_dir) / "checkpoints").glob("step_*.pt"), default=None)  # zero-padded step numbers
 
 
 def load_checkpoint(path, args, agent):
@@ -883,10 +892,8 @@ def validate(args):
 
 def preallocation_check(n_rows, row_floats, device):
     need = n_rows * (row_floats * 4 + 8)
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    free = (torch.cuda.mem_get_info(device)[0] if device.type == "cuda"
+            else os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     if need > 0.9 * free:
         raise FMQError(f"the replay buffer needs {need / 2**30:.1f} GiB on {device} but only {free / 2**30:.1f} GiB "
                        f"is free; use fewer --online-steps or another device")
@@ -921,7 +928,7 @@ def main(args: Args):
         if video_env:
             video_env.reset(seed=0), video_env.render()
     except Exception as e:
-        raise FMQError(f"--video-episodes: rendering with MUJOCO_GL={os.environ['MUJOCO_GL'] or 'glfw'} failed ("
+        raise FMQError(f"--video-episodes: rendering with MUJOCO_GL={os.environ.get('MUJOCO_GL') or 'glfw'} failed ("
                        f"{type(e).__name__}: {str(e).strip()[:200]}); headless, use MUJOCO_GL=egl on a GPU machine or "
                        f"MUJOCO_GL=osmesa (apt-get install libosmesa6)") from None
     obs_dim, act_dim, limit = env.observation_space.shape[0], env.action_space.shape[0], env.spec.max_episode_steps
@@ -956,9 +963,9 @@ def main(args: Args):
     (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
     log_wandb = wandb_logger(args, run_dir, resume_from is not None)
     writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume_from else None)
-    resume_step = step if resume_from else None
-    log_train, _ = csv_logger(run_dir / "train.csv", TRAIN_FIELDS, resume_step)
-    log_eval, evals = csv_logger(run_dir / "eval.csv", EVAL_FIELDS, resume_step)
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|" + "".join(f"\n|{k}|{v}|" for k, v in vars(args).items()))
+    log_train, _ = csv_logger(run_dir / "train.csv", TRAIN_FIELDS, step if resume_from else None)
+    log_eval, evals = csv_logger(run_dir / "eval.csv", EVAL_FIELDS, step if resume_from else None)
 
     episode_seed = lambda i: args.seed * 1_000_003 + i  # the training env's episode i starts from this seed
     obs, _ = env.reset(seed=episode_seed(ep["index"]))
@@ -990,20 +997,23 @@ def main(args: Args):
         eval_envs = eval_envs or [make_env(spec, env_args) for _ in range(min(args.eval_envs, args.eval_episodes))]
         results = {}
         for sampler in dict.fromkeys((args.sampler, *args.extra_samplers)):  # the first is the run's own
-            results[sampler] = res = evaluate(agent, eval_envs, args, sampler)
+            res = evaluate(agent, eval_envs, args, sampler, rewards)
             log_eval(dict(step=s, phase=phase_of(s), env_steps=max(s - args.offline_steps, 0), sampler=sampler,
                           nfe=sampler_nfe(sampler, args), episodes=args.eval_episodes,
                           time=round(time.time() - t0, 1), **res))
             key = "eval/success" + ("" if sampler == args.sampler else f"_{sampler}")
             writer.add_scalar(key, res["success"], s), log_wandb({key: res["success"]}, s)
+            results[sampler] = res["success"]
         if args.video_episodes:  # the run's sampler; official: rendered episodes are not counted
-            evaluate(agent, [video_env], args, args.sampler, frames := [])
+            evaluate(agent, [video_env], args, args.sampler, frames=(frames := []))
             write_video(run_dir / "videos" / f"step_{s:09d}.mp4", np.stack(frames), writer, log_wandb, s)
-        return results[args.sampler]
+        return results
 
     if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None:  # online from an offline ckpt
         freeze_offline_copy(agent)
-    result = run_eval(step) if resume_from is None else {"success": float(evals[-1]["success"]) if evals else None}
+    print(f"fmq: run {run_dir} on {device}, dataset {n_off} rows; {args.offline_steps} offline + {args.online_steps} "
+          f"online steps (updates from online step {args.start_training}), starting at step {step}", flush=True)
+    results = run_eval(step) if resume_from is None else {r["sampler"]: float(r["success"]) for r in evals}
     pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
     while step < total:
         if step >= args.offline_steps:  # Alg. 1, lines 2-3: act (best-of-N, as the official code), store the transition
@@ -1026,21 +1036,21 @@ def main(args: Args):
         if step == args.offline_steps and args.online_steps > 0:  # phase switch: freeze u_off (Alg. 1 input)
             guard.check(last_ckpt)
             freeze_offline_copy(agent)
-        if step % args.log_interval == 0 or step == total:
+        if step % args.log_interval == 0 or step in (total, args.offline_steps):
             guard.check(last_ckpt)
             sps = (step - last_log[0]) / (time.time() - last_log[1])
             last_log = (step, time.time())
             row = {**{k: float(v) for k, v in info.items()}, **ep.get("last", {})}
-            for k, v in row.items():
+            for k, v in dict(row, **{"charts/SPS": sps}).items():
                 writer.add_scalar(k, v, step)
             log_wandb(row, step)
             log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0),
                            sps=round(sps, 1)))
-            pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=result.get("success", "-"))
+            pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=results.get(args.sampler, "-"))
         evaluated = step % args.eval_interval == 0 or step == total or step == args.offline_steps
         if evaluated:
-            result = run_eval(step)
-            pbar.set_postfix(phase=phase_of(step), success=result["success"])
+            results = run_eval(step)
+            pbar.set_postfix(phase=phase_of(step), success=results[args.sampler])
         if evaluated or step % args.save_interval == 0 or stop:
             last_ckpt = checkpoint(step)
         if stop:
@@ -1050,13 +1060,15 @@ def main(args: Args):
     writer.close()
     if args.track:
         sys.modules["wandb"].finish()
-    final = dict(step=step, success=result.get("success"), sampler=args.sampler)
+    final = dict(step=step, success=results.get(args.sampler), sampler=args.sampler)
     (run_dir / "final.json").write_text(json.dumps(final))
+    print(f"fmq: done at step {step}; success " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()) + f" "
+          f"({args.eval_episodes} episodes); files in {run_dir} (eval.csv, train.csv, TensorBoard, checkpoints/)")
     return final
 
 
 if __name__ == "__main__":
     try:
-        main(tyro.cli(Args))
+        main(tyro.cli(Args, description=__doc__))
     except FMQError as e:
         sys.exit(f"fmq: error: {e}")

@@ -661,7 +661,7 @@ def test_euler_steps_integrate_u_on_the_diagonal_from_r_to_1():
     actor.euler_steps = 3
     a = torch.zeros(2, 1)
     torch.testing.assert_close(fmq.flow(actor, None, a, 0.4), a + 0.36)
-    assert calls == pytest.approx([(0.4, 0.4), (0.6, 0.6), (0.8, 0.8)])
+    assert [x for rt in calls for x in rt] == pytest.approx([0.4, 0.4, 0.6, 0.6, 0.8, 0.8])
     torch.testing.assert_close(fmq.flow(actor, None, a, 0.4, steps=0), a + 0.6)
 
 
@@ -814,7 +814,7 @@ def test_env_table_and_unknown_id():
 
 
 # ---------------------------------------------------------------- end to end
-NUMERIC = ("critic/loss", "critic/q", "actor/grad_norm", "success", "return")
+NUMERIC = ("critic/loss", "critic/q", "actor/grad_norm", "success", "return_train", "return_env")
 
 
 def strip_timing(rows):
@@ -858,7 +858,57 @@ def test_cli_smoke_cube_double(tmp_path, ogbench_data):
                         "10", "--log-interval", "5", "--device", "cpu")
     assert code == 0, err[-2000:]
     evals = read_csv(tmp_path / "cube-dbl-t3__fmq__0" / "eval.csv")
-    assert len(evals) == 3 and all(np.isfinite(float(r["return"])) for r in evals)
+    assert len(evals) == 3 and all(np.isfinite(float(r["return_env"])) for r in evals)
+    assert "precision lowered" not in err and "DISPLAY" not in err  # gymnasium's and GLFW's warnings are filtered
+    assert all(r["return_train"] == r["return_env"] for r in evals)  # cube: the env's reward, as the ENVS table says
+
+
+# ---------------------------------------------------------------- what a run tells its user
+class TwoStepRewardEnv:
+    """Rewards -2, 0, -2, 0: success (and the episode's end) at step 4."""
+
+    def reset(self, seed=None):
+        self.t = 0
+        return np.zeros(3), {}
+
+    def step(self, action):
+        self.t += 1
+        return np.zeros(3), -2.0 * (self.t % 2), self.t == 4, False, {"success": self.t == 4}
+
+
+@pytest.mark.parametrize("env_id,return_train", [("scene-t5", -2.0), ("can", -8.0), ("cube-dbl-t3", -4.0)])
+def test_eval_returns_say_which_reward(monkeypatch, env_id, return_train):
+    """return_env sums the env's rewards (-4); return_train the ones training sees: scene's table reward is sparse,
+    (r != 0) * -1 (two nonzero rewards: -2), can's r - 1 (-4 - 4 = -8), cube's the env's own."""
+    monkeypatch.setattr(fmq, "act", lambda agent, obs, sampler, args, gen: np.zeros((len(obs), args.horizon, 1)))
+    agent = SimpleNamespace(actor=torch.nn.Linear(1, 1))
+    args = fmq.Args(horizon=2, eval_episodes=3)
+    res = fmq.evaluate(agent, [TwoStepRewardEnv(), TwoStepRewardEnv()], args, "onestep",
+                       fmq.reward_fn(fmq.env_spec(env_id), False))
+    assert res == dict(success=1.0, return_train=return_train, return_env=-4.0, length=4.0)
+
+
+def test_run_prints_its_plan_and_result_and_logs_the_last_offline_step(tmp_path, ogb, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    args = tiny_args(tmp_path, ogb, offline_steps=13, online_steps=7, eval_interval=20, extra_samplers=("qgbs",))
+    final = fmq.main(args)
+    run = tmp_path / "runs" / "scene-t5__fmq__0"
+    out = capsys.readouterr().out.splitlines()
+    n = len(fmq.load_dataset(fmq.env_spec("scene-t5"), ogb)[0]["observations"])
+    assert out[0] == (f"fmq: run {run} on cpu, dataset {n} rows; 13 offline + 7 online steps (updates from online "
+                      f"step 1), starting at step 0")
+    evals = read_csv(run / "eval.csv")
+    assert [(int(r["step"]), r["sampler"]) for r in evals][-2:] == [(20, "best-of-n"), (20, "qgbs")]
+    assert out[-1] == (f"fmq: done at step 20; success best-of-n {float(evals[-2]['success']):.2f}, qgbs "
+                       f"{float(evals[-1]['success']):.2f} (2 episodes); files in {run} (eval.csv, train.csv, "
+                       f"TensorBoard, checkpoints/)") and final["success"] == float(evals[-2]["success"])
+    train = read_csv(run / "train.csv")
+    assert [(int(r["step"]), r["phase"]) for r in train] == [(10, "offline"), (13, "offline"), (20, "online")]
+    assert train[1]["actor/diag_loss"] != "" and train[1]["critic/loss"] != ""  # a short run logs its offline losses
+    events = EventAccumulator(str(run)).Reload()
+    assert [e.step for e in events.Scalars("charts/SPS")] == [10, 13, 20]
+    text = events.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "|batch_size|16|" in text and "|env_id|scene-t5|" in text
 
 
 # ---------------------------------------------------------------- fmq.py subprocesses: wait on progress, not a clock
@@ -1272,7 +1322,8 @@ def test_beam_is_top_m_of_completions():
 
 
 # ---------------------------------------------------------------- tools/report.py and tools/sweep.py
-EVAL_HEADER = "step,phase,env_steps,success,return,length,sampler,nfe,episodes,time"
+EVAL_HEADER = "step,phase,env_steps,success,return_train,return_env,length,sampler,nfe,episodes,time"
+TOY = ["--offline-steps", "100", "--online-steps", "100", "--sampler", "onestep"]  # the toy runs' sweep flags
 # final success per task and seed (4 seeds x 3 tasks): sorted 0,.1,.2,[.5,.5,.6,.6,.6,.6],.9,1,1
 FINALS = {"can": [0.0, 0.5, 0.5, 1.0], "square": [0.6, 0.6, 0.6, 0.6], "scene-t4": [0.1, 0.2, 0.9, 1.0]}
 
@@ -1282,15 +1333,14 @@ def make_run(runs_dir, env_id, method, seed, final, online_ramp, offline_steps=1
     reaching `final` at online env step `online_ramp`."""
     run = Path(runs_dir) / f"{env_id}__{method}__{seed}"
     run.mkdir(parents=True)
-    cfg = {"env_id": env_id, "exp_name": method, "seed": seed, "offline_steps": offline_steps,
-           "online_steps": 100, "online_target": "fmq", "sampler": "onestep"}
-    (run / "config.json").write_text(json.dumps(cfg))
+    cfg = sweep.cell_config(env_id, seed, method, [*shlex.split(sweep.METHODS.get(method, "")), *TOY])
+    (run / "config.json").write_text(json.dumps(dict(cfg, offline_steps=offline_steps)))
     rows = [EVAL_HEADER]
     for step in range(0, offline_steps + 101, 20):
         env_steps = max(0, step - offline_steps)
         phase = "offline" if step <= offline_steps else "online"
         succ = 0.3 * final if phase == "offline" else final * min(1.0, env_steps / online_ramp)
-        rows.append(f"{step},{phase},{env_steps},{succ},0,0,onestep,1,50,0")
+        rows.append(f"{step},{phase},{env_steps},{succ},0,0,0,onestep,1,50,0")
     (run / "eval.csv").write_text("\n".join(rows + list(extra_rows)) + "\n")
     if finished:
         (run / "final.json").write_text(json.dumps({"step": offline_steps + 100, "success": final}))
@@ -1306,7 +1356,7 @@ def make_grid(runs_dir):
 
 def test_final_scores_iqm_and_ci(tmp_path):
     make_grid(tmp_path)
-    finals = report.final_scores(report.load_runs(tmp_path))
+    finals = report.final_scores(report.load_runs(tmp_path, TOY))
     assert len(finals) == 24 and (finals.step == 200).all()
     scores = report.score_matrices(finals, ["fmq", "mvp"])
     assert scores["fmq"].shape == (4, 3)
@@ -1323,16 +1373,16 @@ def test_missing_seed_uses_common_tasks_and_seeds(tmp_path, capsys):
     for f in (tmp_path / "square__mvp__3").iterdir():
         f.unlink()
     (tmp_path / "square__mvp__3").rmdir()
-    scores = report.score_matrices(report.final_scores(report.load_runs(tmp_path)), ["fmq", "mvp"])
+    scores = report.score_matrices(report.final_scores(report.load_runs(tmp_path, TOY)), ["fmq", "mvp"])
     assert scores["fmq"].shape == scores["mvp"].shape == (3, 3)
     assert "warning" in capsys.readouterr().out
 
 
 def test_other_sampler_and_duplicate_steps(tmp_path):
     # a resumed run re-logs step 200 (last row wins) and also logs a QGBS eval
-    make_run(tmp_path, "can", "fmq", 0, 0.5, 50, extra_rows=["200,online,100,0.7,0,0,onestep,1,50,0",
-                                                            "200,online,100,0.9,0,0,qgbs,20,50,0"])
-    finals = report.final_scores(report.load_runs(tmp_path)).set_index("method")
+    make_run(tmp_path, "can", "fmq", 0, 0.5, 50, extra_rows=["200,online,100,0.7,0,0,0,onestep,1,50,0",
+                                                            "200,online,100,0.9,0,0,0,qgbs,20,50,0"])
+    finals = report.final_scores(report.load_runs(tmp_path, TOY)).set_index("method")
     assert finals.success["fmq"] == 0.7 and finals.success["fmq/qgbs"] == 0.9
 
 
@@ -1352,7 +1402,7 @@ def test_speedup_known_ratio():
 def test_report_main_table_json_and_figures(tmp_path, capsys):
     make_grid(tmp_path / "runs")
     rc = report.main(["--runs-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path / "figs"), "--reps", "200",
-                      "--out-json", str(tmp_path / "out.json")])
+                      "--out-json", str(tmp_path / "out.json"), "--", *TOY])
     out = capsys.readouterr().out
     assert rc == 0
     for cell in ("0.50 ± 0.35", "0.60 ± 0.00", "0.55 ± 0.40", "ddof=0", "IQM [95% CI]", "0.57 ["):
@@ -1369,15 +1419,17 @@ def test_report_main_table_json_and_figures(tmp_path, capsys):
 def test_report_prints_the_paper_columns_in_its_order(tmp_path, capsys):
     for method in ("zzz", "fmq", "mvp", "qc"):
         make_run(tmp_path / "runs", "can", method, 0, 0.5, 50,
-                 extra_rows=["140,online,40,0.9,0,0,qgbs,20,50,0"] if method in ("fmq", "mvp") else ())
-    assert report.main(["--runs-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path), "--reps", "10"]) == 0
+                 extra_rows=["140,online,40,0.9,0,0,0,qgbs,20,50,0"] if method in ("fmq", "mvp") else ())
+    assert report.main(["--runs-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path), "--reps", "10", "--",
+                        *TOY]) == 0
     header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("task"))
     assert header.split() == ["task", "qc", "mvp", "mvp/qgbs", "fmq", "fmq/qgbs", "zzz"]
 
 
 def test_report_skips_speedup_without_baseline(tmp_path, capsys):
     make_run(tmp_path / "runs", "can", "fmq", 0, 0.5, 50)
-    assert report.main(["--runs-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path / "figs"), "--reps", "50"]) == 0
+    assert report.main(["--runs-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path / "figs"), "--reps", "50",
+                        "--", *TOY]) == 0
     assert "speedup: skipped" in capsys.readouterr().out
     assert (tmp_path / "figs" / "learning_curves.png").exists() and not (tmp_path / "figs" / "speedup.png").exists()
 
@@ -1385,7 +1437,9 @@ def test_report_skips_speedup_without_baseline(tmp_path, capsys):
 def test_sweep_dry_run_commands_and_skip(tmp_path):
     runs = tmp_path / "runs"
     (runs / "can__fmq__1").mkdir(parents=True)
-    (runs / "can__fmq__1" / "final.json").write_text("{}")
+    (runs / "can__fmq__1" / "final.json").write_text("{}")  # the config fmq.py writes for that cell's command
+    cfg = fmq.Args(env_id="can", seed=1, exp_name="fmq", extra_samplers=("qgbs",), offline_steps=1000, resume="auto")
+    (runs / "can__fmq__1" / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     argv = ["--dry-run", "--env-ids", "can", "square", "--seeds", "0", "1", "--runs-dir", str(runs),
             "--method", "fmq", "--method", "eta05=--eta 0.5", "--method", "qc", "--python", "py",
             "--script", "fmq.py", "--", "--offline-steps", "1000"]
@@ -1414,6 +1468,35 @@ def test_sweep_dry_run_commands_and_skip(tmp_path):
     default = sweep.parse_args([])
     assert default.env_ids == sweep.PAPER_ENV_IDS and default.seeds == [0, 1, 2, 3, 4] and default.methods == [
         "qc", "mvp", "fmq"]
+
+
+def test_sweep_and_report_count_a_folder_only_when_its_config_is_the_cells(tmp_path, capsys):
+    """A short check left in the folder of a paper cell (400 steps, the default --exp-name) is not that cell: the
+    sweep names it with the first differing setting, neither skips it as finished nor runs it; the report leaves it
+    out. The same for an mvp folder trained with fmq's loss. A cell's folder may differ in how it ran (device)."""
+    runs = tmp_path / "runs"
+    configs = {"scene-t5__fmq__0": fmq.Args(offline_steps=400, online_steps=400, extra_samplers=("qgbs",)),
+               "scene-t5__mvp__0": fmq.Args(exp_name="mvp", extra_samplers=("qgbs",)),
+               "scene-t5__fmq__1": fmq.Args(seed=1, extra_samplers=("qgbs",), device="cuda", resume="auto")}
+    for name, cfg in configs.items():
+        make_run(runs, "scene-t5", name.split("__")[1], int(name[-1]), 0.5, 50)  # then the config fmq.py wrote
+        (runs / name / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    argv = ["--dry-run", "--env-ids", "scene-t5", "--seeds", "0", "1", "--method", "fmq", "--method", "mvp",
+            "--runs-dir", str(runs)]
+    assert sweep.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[:2] == [
+        f"# not this cell, left alone: {runs / 'scene-t5__fmq__0'} holds another run (offline_steps is 400, the "
+        f"cell's 1000000); move it away to run the cell",
+        f"# not this cell, left alone: {runs / 'scene-t5__mvp__0'} holds another run (online_target is 'fmq', the "
+        f"cell's 'mvp'); move it away to run the cell"]
+    assert "# skip (finished): scene-t5__fmq__1" in lines and lines[-1] == "# 1 to run, 1 finished, 2 held by others"
+    assert [line.split("--exp-name ")[1][:6] for line in lines if "fmq.py" in line] == ["mvp --"]  # mvp, seed 1
+    df = report.load_runs(runs)
+    assert sorted(set(df.run)) == ["scene-t5__fmq__1"]
+    out = capsys.readouterr().out
+    assert f"warning: {runs / 'scene-t5__fmq__0'} not reported: it holds another run than its cell (offline_steps " \
+           f"is 400, the cell's 1000000)" in out and "scene-t5__mvp__0 not reported" in out
 
 
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, ogb):
@@ -1657,7 +1740,9 @@ def test_robomimic_end_to_end(rm_data, task, tmp_path, monkeypatch):
     evals = read_csv(run / "eval.csv")
     assert final["step"] == 20 and [(int(r["step"]), r["phase"]) for r in evals] == [
         (0, "offline"), (10, "online"), (20, "online")]
-    assert all(0.0 <= float(r["success"]) <= 1.0 and np.isfinite(float(r["return"])) for r in evals)
+    assert all(0.0 <= float(r["success"]) <= 1.0 and np.isfinite(float(r["return_env"])) for r in evals)
+    for r in evals:  # robomimic trains on r - 1 (ENVS table): one less per step
+        assert float(r["return_train"]) == pytest.approx(float(r["return_env"]) - float(r["length"]))
     assert all(np.isfinite(float(r["critic/loss"])) for r in read_csv(run / "train.csv"))
 
 

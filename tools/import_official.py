@@ -106,7 +106,7 @@ def flatten(tree, prefix=""):
     return {k: v for key, sub in tree.items() for k, v in flatten(sub, f"{prefix}{key}/").items()}
 
 
-# ---------------------------------------------------------------- the mapping (README "Official checkpoints")
+# ---------------------------------------------------------------- the mapping (docs/official_checkpoints.md)
 # Official subtree -> fmq.py module. Inside each, Dense_i is the i-th Linear of the module's `net` and LayerNorm_i its
 # i-th LayerNorm. Actor: weight = kernel.T [out, in], bias as is, LayerNorm weight = scale. Critic ensembles: kernel
 # [n, in, out] as is, bias [n, out] -> [n, 1, out], LayerNorm scale / bias [n, d] -> weight / bias [n, 1, d].

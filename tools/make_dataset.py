@@ -42,7 +42,7 @@ def suite_of(dataset):
     parts = [p for p in dataset.split("-") if p != "singletask" and not p.startswith("task")]
     if any(p in dataset for p in LOCOMOTION):
         raise DatasetError(f"{dataset} is a locomotion dataset: OGBench made it with trained expert policies, which "
-                           f"the ogbench package does not ship; download it instead (README: 'No internet?')")
+                           f"the ogbench package does not ship; download it (docs/environments.md, 'No internet?')")
     suite = "-".join(parts[:-2])
     if suite not in OFFICIAL_EPISODES or parts[-2:] != ["play", "v0"]:
         raise DatasetError(f"cannot make '{dataset}'; this tool makes the manipulation play datasets: "

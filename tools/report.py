@@ -7,11 +7,18 @@ Reads {runs_dir}/*/config.json + eval.csv and prints
 and writes learning_curves.png (Figure 2) and speedup.png (Figure 3) to --fig-dir.
 A method is a run's exp_name; eval rows logged with a sampler other than the run's own
 config sampler count as the method "{exp_name}/{sampler}".
+A run folder {env_id}__{method}__{seed} is reported only if its config.json holds that cell's settings, as
+tools/sweep.py checks them: the method's flags (sweep.METHODS) and the flags given after `--` (the ones the sweep
+appended to every run; none for the paper's); of a method not in sweep.METHODS, the env, seed, step counts and the
+`--` flags. A folder holding another run (e.g. a short check) is named, with the first differing setting, and left out.
 
   python tools/report.py --runs-dir runs --fig-dir docs --out-json docs/results.json
+  python tools/report.py --runs-dir runs-small -- --offline-steps 5000 --online-steps 10000   (as swept)
 """
 import argparse
 import json
+import shlex
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +27,8 @@ import pandas as pd
 from rliable import metrics  # numpy/scipy only; rliable.library is imported lazily in aggregate()
 from scipy import stats
 
+import sweep  # the cells' settings (METHODS, config_mismatch), next to this file
+
 PAPER_ENV_IDS = ["can", "square", "cube-dbl-t3", "cube-dbl-t4", "cube-trl-t3", "cube-trl-t4",
                  "scene-t4", "scene-t5", "hmaze-med-t3", "hmaze-med-t4", "amaze-gnt-t4", "amaze-gnt-t5"]
 COLUMNS = ["qc", "mvp", "mvp/qgbs", "fmq", "fmq/qgbs"]  # the paper's columns: QC, MVP, MVP + QGBS, FMQ, FMQ + QGBS
@@ -27,14 +36,33 @@ QS = (0.5, 0.75, 0.9, 1.0)  # speedup targets: xi = q * (best online mean succes
 STD_DDOF = 0  # table std over seeds: population std (np.std default)
 
 
-def load_runs(runs_dir):
-    """All eval rows of all runs in one DataFrame, plus env_id, method, seed, offline_steps, finished, run."""
+def cell_mismatch(run_dir, cfg, flags=()):
+    """sweep.config_mismatch of run_dir against its cell: env, method and seed from the folder's name."""
+    parts = Path(run_dir).name.split("__")
+    named = len(parts) == 3 and parts[2].isdigit()
+    env_id, name, seed = parts if named else (cfg["env_id"], cfg["exp_name"], cfg["seed"])
+    if name in sweep.METHODS:
+        expected = sweep.cell_config(env_id, seed, name, [*shlex.split(sweep.METHODS[name]), *flags])
+        return sweep.config_mismatch(run_dir, expected)
+    given, default = sweep.fmq_args(flags), sweep.fmq_args([])  # another method: its own flags are not known here
+    keys = ["env_id", "seed", "exp_name", "offline_steps", "online_steps"]
+    keys += [k for k in given if given[k] != default[k] and k not in sweep.RUN_SETTINGS and k not in keys]
+    return sweep.config_mismatch(run_dir, sweep.cell_config(env_id, seed, name, flags), keys)
+
+
+def load_runs(runs_dir, flags=()):
+    """All eval rows of the runs that hold their cell's settings (cell_mismatch; `flags`: the ones the sweep appended
+    to every run) in one DataFrame, plus env_id, method, seed, offline_steps, finished, run."""
     frames = []
     for csv in sorted(Path(runs_dir).glob("*/eval.csv")):
         if not (csv.parent / "config.json").exists():
             print(f"warning: {csv.parent} has no config.json, ignored")
             continue
         cfg, df = json.loads((csv.parent / "config.json").read_text()), pd.read_csv(csv)
+        why = cell_mismatch(csv.parent, cfg, flags)
+        if why:
+            print(f"warning: {csv.parent} not reported: it holds another run than its cell ({why})")
+            continue
         if df.empty:
             continue
         other = df["sampler"].astype(str) != str(cfg.get("sampler", df["sampler"].iloc[0]))
@@ -189,6 +217,9 @@ def plot_speedup(agg, ref, base, path):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)  # after a bare `--`: the flags the sweep appended
+    flags = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs-dir", default="runs", help="folder holding the run folders (default: runs)")
     p.add_argument("--methods", nargs="+", default=None,
@@ -201,7 +232,7 @@ def main(argv=None):
     p.add_argument("--out-json", default=None, help="also write all numbers to this JSON file")
     args = p.parse_args(argv)
 
-    df = load_runs(args.runs_dir)
+    df = load_runs(args.runs_dir, flags)
     present = set(df.get("method", []))
     methods = args.methods or [m for m in COLUMNS if m in present] + sorted(present - set(COLUMNS))
     df = df[df.method.isin(methods)] if len(df) else df

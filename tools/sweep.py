@@ -3,7 +3,10 @@
 Reproduces the paper's experiment grid ("Aligning Flow Map Policies with Optimal Q-Guidance", FMQ).
 Each run is `python fmq.py --env-id ENV --seed S --exp-name METHOD [method flags] [-- flags] --resume auto`
 and lives in {runs_dir}/{ENV}__{METHOD}__{S}. Finished runs (final.json exists) are skipped and killed
-runs resume from their last checkpoint, so re-running the same sweep command is always safe.
+runs resume from their last checkpoint, so re-running the same sweep command is always safe. A folder counts as the
+cell's only if its config.json holds the cell's settings (env, seed, method flags, step counts: every fmq.py setting
+but RUN_SETTINGS); one that holds another run (e.g. a short check under the same name) is named with the first
+setting that differs, and is neither skipped as finished nor run.
 
 The paper's columns are named methods (METHODS below: the one place that says which fmq.py flags each column
 trains with); `--method NAME=FLAGS` adds any other. The "+ QGBS" columns need no runs of their own: the mvp and fmq
@@ -15,6 +18,9 @@ runs evaluate with QGBS too (--extra-samplers qgbs), and tools/report.py shows t
   python tools/sweep.py --launcher slurm --slurm-partition gpu
 """
 import argparse
+import dataclasses
+import functools
+import json
 import os
 import queue
 import shlex
@@ -24,7 +30,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 
-# name -> fmq.py flags. Sources: README "The paper's table, column by column".
+# name -> fmq.py flags. Sources: docs/fidelity.md, "The paper's table, column by column".
 METHODS = {
     "qc": "--online-target flow-map --flow-map-loss none --euler-steps 10 --time-dim 0",  # QC (Li et al., 2025)
     "mvp": "--online-target mvp --extra-samplers qgbs",  # MVP (Zhan et al., 2026), and MVP + QGBS (mvp/qgbs)
@@ -32,6 +38,9 @@ METHODS = {
     "flow-map": "--online-target flow-map",  # the official code without --fmq_online (not a column of the table)
 }
 PAPER_METHODS = ["qc", "mvp", "fmq"]
+# fmq.py settings that say how a run was carried out, not what it computes: a cell's folder may differ in these.
+RUN_SETTINGS = {"runs_dir", "resume", "device", "compile", "amp", "cudagraphs", "deterministic", "dataset_dir", "track",
+                "wandb_project", "log_interval", "eval_envs", "save_interval", "keep_checkpoints"}
 PAPER_ENV_IDS = ["can", "square", "cube-dbl-t3", "cube-dbl-t4", "cube-trl-t3", "cube-trl-t4",
                  "scene-t4", "scene-t5", "hmaze-med-t3", "hmaze-med-t4", "amaze-gnt-t4", "amaze-gnt-t5"]
 
@@ -92,6 +101,37 @@ def build_runs(args):
     return runs
 
 
+@functools.lru_cache(maxsize=None)
+def _parse(argv):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import fmq
+    import tyro
+    return json.dumps(dataclasses.asdict(tyro.cli(fmq.Args, args=list(argv))))
+
+
+def fmq_args(argv):
+    """fmq.py's settings (config.json's dict) for the fmq.py command line argv, parsed as fmq.py parses it."""
+    return json.loads(_parse(tuple(argv)))
+
+
+def cell_config(env_id, seed, name, flags):
+    """The config.json a run of the cell (env_id, seed, method `name` with its fmq.py flags) writes."""
+    return dict(fmq_args(flags), env_id=env_id, seed=int(seed), exp_name=name)
+
+
+def config_mismatch(run_dir, expected, keys=None):
+    """None if run_dir's config.json holds the `expected` settings (`keys`, default all but RUN_SETTINGS), else the
+    first setting that differs, in words. A setting an older config.json lacks counts as fmq.py's default."""
+    path = Path(run_dir) / "config.json"
+    if not path.exists():
+        return "it has no config.json"
+    cfg, default = json.loads(path.read_text()), fmq_args([])
+    for k in keys or [k for k in expected if k not in RUN_SETTINGS]:
+        if cfg.get(k, default.get(k)) != expected[k]:
+            return f"{k} is {cfg.get(k, default.get(k))!r}, the cell's {expected[k]!r}"
+    return None
+
+
 def run_local(todo, runs_dir, workers, gpus):
     """Run each command as a subprocess, `workers` at a time, each pinned to one GPU if there are several."""
     free = queue.Queue()  # one slot per worker, each slot holding the GPU it uses (None: leave env alone)
@@ -138,15 +178,21 @@ def run_slurm(todo, args):
 def main(argv=None):
     args = parse_args(argv)
     runs_dir = Path(args.runs_dir)
-    runs = build_runs(args)
-    finished = [name for name, _ in runs if (runs_dir / name / "final.json").exists()]
-    todo = [(name, cmd) for name, cmd in runs if name not in finished]
+    runs, other = build_runs(args), {}
+    for name, cmd in runs:  # cmd[2:] is fmq.py's command line: --env-id E --seed S --exp-name N, then the flags
+        if (runs_dir / name / "config.json").exists() or (runs_dir / name / "final.json").exists():
+            why = config_mismatch(runs_dir / name, cell_config(cmd[3], cmd[5], cmd[7], cmd[8:]))
+            other.update({name: why} if why else {})
+    for name, why in other.items():
+        print(f"# not this cell, left alone: {runs_dir / name} holds another run ({why}); move it away to run the cell")
+    finished = [name for name, _ in runs if (runs_dir / name / "final.json").exists() and name not in other]
+    todo = [(name, cmd) for name, cmd in runs if name not in finished and name not in other]
     for name in finished:
         print(f"# skip (finished): {name}")
     if args.dry_run:
         for _, cmd in todo:
             print(shlex.join(cmd))
-        print(f"# {len(todo)} to run, {len(finished)} finished")
+        print(f"# {len(todo)} to run, {len(finished)} finished" + (f", {len(other)} held by others" if other else ""))
         return 0
     if not todo:
         print("all runs finished")
