@@ -1024,6 +1024,205 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, ogb):
     assert (tmp_path / "a" / "scene-t5__fmq__0" / "final.json").read_text() == (run_b / "final.json").read_text()
 
 
+# ---------------------------------------------------------------- a tiny env and a synthetic dataset: main in seconds
+# What `main` does around the updates (warm-up, the reward it stores, truncation, the phase switch, success counting,
+# evaluation seeds across waves, resume) is checked on an env whose every answer is known, with small nets.
+TINY_LIMIT = 12  # the tiny env's time limit
+
+
+class TinyEnv:
+    """gymnasium's API with known answers. Observation (3,): [t / 12, k / 12, mean of the last action]; action (2,)
+    in [-1, 1]. An episode reset with seed s succeeds at step k = 3 + s % 5 (terminated, info success), except when
+    s % 4 == 3: it never succeeds and is truncated at step 12. The env's reward at step t is -min(2, k - t) (-2 all
+    along an episode that fails). Every action taken is kept in `actions`; a step after the end raises."""
+
+    def __init__(self):
+        import gymnasium
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.spec = SimpleNamespace(max_episode_steps=TINY_LIMIT)
+        self.actions, self.t = [], None
+
+    def obs(self, last=0.0):
+        return np.float32([self.t / TINY_LIMIT, min(self.k, TINY_LIMIT) / TINY_LIMIT, last])
+
+    def reset(self, seed=None):
+        self.t, self.k = 0, np.inf if seed % 4 == 3 else 3 + seed % 5
+        return self.obs(), {}
+
+    def step(self, action):
+        if self.t is None:
+            raise RuntimeError("TinyEnv: step after the episode ended (reset first)")
+        self.actions.append(np.array(action))
+        self.t += 1
+        success = self.t == self.k
+        ob, reward, trunc = self.obs(float(np.mean(action))), -float(min(2, self.k - self.t)), self.t >= TINY_LIMIT
+        if success or trunc:
+            self.t = None
+        return ob, reward, success, trunc and not success, {"success": success}
+
+
+def tiny_rewards(k, steps):
+    """The tiny env's rewards over the first `steps` steps of an episode that succeeds at k (np.inf: never)."""
+    return [-float(min(2, k - t)) for t in range(1, steps + 1)]
+
+
+def tiny_dataset(n=60):
+    """Synthetic offline data for the tiny env: trajectories of 10 steps that succeed at their last step (reward
+    -2, ..., -1, 0; mask 0 at the success), random observations and actions (seeded)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(n) % 10
+    rewards = -np.minimum(2, 9 - t).astype(np.float32)
+    obs = rng.uniform(-1, 1, (n + 1, 3)).astype(np.float32)
+    return dict(observations=obs[:-1], actions=rng.uniform(-1, 1, (n, 2)).astype(np.float32), rewards=rewards,
+                masks=(rewards != 0).astype(np.float32), next_observations=obs[1:], ends=(t == 9).astype(np.float32))
+
+
+@pytest.fixture
+def tiny_env(monkeypatch):
+    """main on TinyEnv and tiny_dataset (env id 'tiny'); call it with the ENVS reward transform to use."""
+    def use(reward=None):
+        monkeypatch.setattr(fmq, "env_spec", lambda env_id: dict(suite="tiny", name="tiny", reward=reward))
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None: TinyEnv())
+    monkeypatch.setattr(fmq, "load_dataset", lambda spec, dataset_dir: (tiny_dataset(), None))
+    use()
+    return use
+
+
+def tiny_env_args(tmp_path, **kw):
+    """10 offline and 30 online steps, horizon 3, 5 eval episodes in waves of 2, a checkpoint every 10 steps."""
+    base = dict(env_id="tiny", runs_dir=str(tmp_path / "runs"), hidden_dim=16, num_layers=2, time_dim=4, batch_size=8,
+                best_of_n=2, horizon=3, offline_steps=10, online_steps=30, eval_interval=20, eval_episodes=5,
+                eval_envs=2, log_interval=5, save_interval=10, keep_checkpoints=10, curriculum_start=3,
+                curriculum_end=8, device="cpu", deterministic=True, start_training=1)
+    return fmq.Args(**{**base, **kw})
+
+
+def recording_buffer(monkeypatch):
+    """Patches fmq.ReplayBuffer to keep every buffer main makes, and the rows it adds: (buffers, rows)."""
+    buffers, rows = [], []
+
+    class Recording(fmq.ReplayBuffer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            buffers.append(self)
+
+        def add(self, obs, action, reward, mask, next_obs, end):
+            rows.append((reward, mask, bool(end)))
+            return super().add(obs, action, reward, mask, next_obs, end)
+    monkeypatch.setattr(fmq, "ReplayBuffer", Recording)
+    return buffers, rows
+
+
+# training episodes of seed 0: episode i resets with seed i and succeeds at 3, 4, 5, never (12 steps), 7, ...
+TINY_TRAIN = [3, 4, 5, np.inf, 7]
+TINY_LENGTHS = [3, 4, 5, 12, 7]
+
+
+@pytest.mark.parametrize("reward,sparse", [(None, False), ("sparse", False), ("minus_one", False), ("minus_one", True),
+                                           (None, True)])
+def test_main_stores_the_reward_training_uses_masks_and_ends(tmp_path, monkeypatch, tiny_env, reward, sparse):
+    """30 online steps: episodes of seeds 0..4 (3 successes, a time-limit truncation, 6 steps of the fifth). Stored:
+    the ENVS transform then --sparse's of the env's reward (offline data too), mask 0 only at a success (a truncation
+    stays alive), an episode end at each success and truncation."""
+    tiny_env(reward)
+    buffers, rows = recording_buffer(monkeypatch)
+    fmq.main(tiny_env_args(tmp_path, sparse=sparse, eval_interval=1000))
+    transform = {None: lambda r: r, "sparse": lambda r: -float(r != 0), "minus_one": lambda r: r - 1}[reward]
+    final = (lambda r: -float(r != 0)) if sparse else (lambda r: r)
+    raw = sum((tiny_rewards(k, n) for k, n in zip(TINY_TRAIN, [3, 4, 5, 12, 6])), [])
+    assert [r for r, _, _ in rows] == [final(transform(r)) for r in raw]
+    ends = np.cumsum([3, 4, 5, 12]) - 1
+    assert [m for _, m, _ in rows] == [0.0 if i in ends[:3] else 1.0 for i in range(30)]
+    assert [e for _, _, e in rows] == [i in ends for i in range(30)]
+    offline = tiny_dataset()["rewards"]
+    np.testing.assert_array_equal(buffers[0].data["rewards"][:60].numpy(), [final(transform(r)) for r in offline])
+
+
+def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, monkeypatch, tiny_env):
+    """Updates at offline steps 0..9, then from online step start_training (1-based, official main.py): 10 + 3 = 13.
+    u_off is the actor as it is at the phase switch (step 10), frozen after. train.csv's episode success is the last
+    finished episode's; each evaluation runs eval seeds 10000..10004 in waves of 2, 2, 1: success at steps 3, 4, 5,
+    never (12 steps, 10003 % 4 == 3), 7: success 0.8, length 6.2, whatever the policy."""
+    real, calls = fmq.update, []
+    monkeypatch.setattr(fmq, "update", lambda agent, batch, step, *a: calls.append(int(step)) or real(
+        agent, batch, step, *a))
+    final = fmq.main(tiny_env_args(tmp_path, start_training=4))
+    assert calls == list(range(10)) + list(range(13, 40))
+    run = tmp_path / "runs" / "tiny__fmq__0"
+    switch, last = (torch.load(run / "checkpoints" / f"step_{s:09d}.pt", weights_only=False) for s in (10, 40))
+    assert switch["u_off"] is not None and all(torch.equal(switch["u_off"][k], v) for k, v in switch["actor"].items())
+    assert all(torch.equal(last["u_off"][k], v) for k, v in switch["actor"].items())
+    assert not all(torch.equal(last["actor"][k], v) for k, v in switch["actor"].items())
+    train = read_csv(run / "train.csv")
+    assert [int(r["step"]) for r in train] == list(range(5, 45, 5))
+    # online steps 5, 10, 15, ..: episodes end at online steps 3 (success), 7 (success), 12 (success), 24 (truncated)
+    assert [r["env/episode_success"] for r in train] == ["", "", "1.0", "1.0", "1.0", "1.0", "0.0", "0.0"]
+    assert [r["phase"] for r in train] == ["offline"] * 2 + ["online"] * 6
+    evals = read_csv(run / "eval.csv")
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "online"), (20, "online"),
+                                                            (40, "online")]
+    assert [(float(r["success"]), float(r["length"])) for r in evals] == [(0.8, 6.2)] * 4
+    assert (final["step"], final["success"]) == (40, 0.8)
+
+
+@pytest.mark.parametrize("eval_envs", [1, 2, 3, 5])
+def test_evaluate_seeds_each_episode_whatever_the_waves(eval_envs):
+    """Episode i resets with seed + 10_000 + i in any wave layout, the success and length are the mean over all
+    episodes; the policy noise comes from a generator seeded with seed + 10_000 (the first chunk is exactly the
+    one drawn from it, and the global RNG does not change it)."""
+    args = tiny_env_args(Path("."), eval_episodes=5, eval_envs=eval_envs, seed=0)
+    torch.manual_seed(0)
+    agent = fmq.make_agent(args, 3, 2 * args.horizon, "cpu")
+    envs = [TinyEnv() for _ in range(eval_envs)]
+    res = fmq.evaluate(agent, envs, args, "onestep")
+    assert (res["success"], res["length"]) == (0.8, 6.2)
+    assert res["return" if "return" in res else "return_env"] == pytest.approx(np.mean(
+        [sum(tiny_rewards(k, n)) for k, n in [(3, 3), (4, 4), (5, 5), (np.inf, 12), (7, 7)]]))
+    first = fmq.act(agent, np.stack([TinyEnv().reset(seed=10_000 + i)[0] for i in range(eval_envs)]), "onestep",
+                    args, torch.Generator().manual_seed(10_000))
+    np.testing.assert_array_equal(np.stack([e.actions[0] for e in envs]), first[:, 0])
+    torch.manual_seed(123)  # another global RNG state: the same evaluation
+    again = [TinyEnv() for _ in range(eval_envs)]
+    fmq.evaluate(agent, again, args, "onestep")
+    assert all(np.array_equal(np.stack(a.actions), np.stack(b.actions)) for a, b in zip(envs, again))
+
+
+def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buffer(tmp_path, monkeypatch, tiny_env):
+    """A run killed in the update of step 37 (its checkpoint: step 30; train.csv already has step 35; episodes ended at
+    online steps 3, 7, 12, 24, the fourth is replayed from its start; the buffer of 61 rows wrapped) and resumed ends exactly as the uninterrupted run: the same csv rows
+    (step 35 logged once), the same networks, the same final result."""
+    args = lambda d: tiny_env_args(tmp_path / d, buffer_size=0, start_training=2, resume="auto")  # noqa: E731
+    buffers, _ = recording_buffer(monkeypatch)
+    fmq.main(args("a"))
+    real = fmq.update
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_37(agent, batch, step, *a):
+        if int(step) == 37:
+            raise Killed
+        return real(agent, batch, step, *a)
+    monkeypatch.setattr(fmq, "update", killed_at_37)
+    with pytest.raises(Killed):
+        fmq.main(args("b"))
+    run_a, run_b = (tmp_path / d / "runs" / "tiny__fmq__0" for d in "ab")
+    assert buffers[-1].cap == 61 and buffers[-1].written == 60 + 28  # wrapped before the kill
+    assert fmq.latest_checkpoint(run_b).name == "step_000000030.pt"
+    assert int(read_csv(run_b / "train.csv")[-1]["step"]) == 35  # a row past the checkpoint
+    monkeypatch.setattr(fmq, "update", real)
+    fmq.main(args("b"))
+    for name in ("train.csv", "eval.csv"):
+        a, b = read_csv(run_a / name), read_csv(run_b / name)
+        assert [int(r["step"]) for r in b] == [int(r["step"]) for r in a]
+        assert strip_timing(a) == strip_timing(b)
+    ckpt_a, ckpt_b = (torch.load(r / "checkpoints" / "step_000000040.pt", weights_only=False) for r in (run_a, run_b))
+    for k in ("actor", "critic", "critic_target", "u_off"):
+        assert all(torch.equal(ckpt_a[k][n], v) for n, v in ckpt_b[k].items()), k
+    assert (run_a / "final.json").read_text() == (run_b / "final.json").read_text()
+
+
 # ---------------------------------------------------------------- qgbs.py (Algorithm 2)
 D = 3  # action_dim used by the toy problems
 
