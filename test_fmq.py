@@ -273,10 +273,13 @@ def test_replay_buffer_online_state_round_trip_after_wrapping():
 
 # ---------------------------------------------------------------- gradients flow only where the paper says
 def small_agent(**kw):
-    args = dataclasses.replace(fmq.Args(hidden_dim=16, num_layers=2, time_dim=8, best_of_n=4), discount=0.99,
-                               offline_q_agg="mean", **kw)
+    args = dataclasses.replace(fmq.Args(hidden_dim=16, num_layers=2, time_dim=8, best_of_n=4),
+                               **{"discount": 0.99, "offline_q_agg": "mean", **kw})
     agent = fmq.make_agent(args, 6, 10, "cpu")
     fmq.freeze_offline_copy(agent)
+    with torch.no_grad():  # target critics apart from the critics: a port that mixes them up gives other numbers
+        for p in agent.critic_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))
     batch = dict(obs=torch.randn(8, 6), actions=torch.rand(8, 10) * 2 - 1, R=-torch.rand(8), mask=torch.ones(8),
                  next_obs=torch.randn(8, 6))
     return args, agent, batch
@@ -437,8 +440,9 @@ def test_acting_selects_by_mean_offline_and_by_min_online(online, target, expect
 
 def fmq_stand_ins(critic, u_off=0.0, actor=None, **kw):
     """An agent for fmq_loss with stand-in critics, a constant u_off, and an actor returning `actor` (or 0)."""
-    args = fmq.Args(**kw)
-    agent = SimpleNamespace(critic=critic, u_off=lambda obs, a, r, t: torch.full_like(a, u_off),
+    args = fmq.Args(**kw)  # the target critics guide the other way: guiding with them gives other numbers
+    agent = SimpleNamespace(critic=critic, critic_target=lambda obs, a: -critic(obs, a),
+                            u_off=lambda obs, a, r, t: torch.full_like(a, u_off),
                             actor=lambda obs, a, r, t: torch.zeros_like(a) if actor is None else actor.expand_as(a))
     return agent, args
 
@@ -1221,6 +1225,214 @@ def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buff
     for k in ("actor", "critic", "critic_target", "u_off"):
         assert all(torch.equal(ckpt_a[k][n], v) for n, v in ckpt_b[k].items()), k
     assert (run_a / "final.json").read_text() == (run_b / "final.json").read_text()
+
+
+# ---------------------------------------------------------------- known answers where a port goes wrong
+# Each test computes a number that a wrong constant, aggregation, network role, order or sign changes.
+@pytest.mark.parametrize("agg,loss,target", [("mean", 2.6265093, 0.1386667), ("min", 11.3745093, -1.8053333)])
+def test_critic_loss_is_the_mean_squared_td_error_of_every_member(agg, loss, target):
+    """Official critic_loss: mean over members and batch of (Q_i(s, a) - y)^2, y the TD target of
+    test_td_target_current_critic_selects_target_critic_values (mean: -1 + .729 * 2, .5, -2 + .729 * 2; min: with -2).
+    Q_1, Q_2 at the batch's actions e_0, e_1, e_2: (4, 1, 0) and (-1, 1, 0). The loss of the aggregated Q, or a sum,
+    or a target from the current critics gives another number."""
+    agent = SimpleNamespace(actor=candidate_actor(3), critic=CURRENT, critic_target=TARGET)
+    batch = dict(td_batch(), obs=torch.zeros(3, 6), actions=E4[[0, 1, 2]])
+    value, info = fmq.critic_loss(agent, batch, 0.9, 3, agg, 4)
+    assert value.item() == pytest.approx(loss, rel=1e-6)
+    assert info["critic/q"].item() == pytest.approx(5 / 6, rel=1e-6)
+    assert info["critic/target"].item() == pytest.approx(target, rel=1e-5)
+
+
+@pytest.mark.parametrize("online,target,q_agg,expected", [
+    (False, "fmq", None, 1), (True, "fmq", None, 1), (False, "mvp", None, 0), (True, "mvp", None, 0),
+    (True, "flow-map", None, 0), (False, "flow-map", "min", 1), (True, "fmq", "mean", 0)])
+def test_qgbs_ranks_by_the_online_aggregation_with_or_without_u_off(online, target, q_agg, expected):
+    """QGBS (K = 0, no eta step: the best of the M = 4 samples e_0..e_3) ranks by the online aggregation, also for an
+    offline agent: min for FMQ (e_1), mean for MVP and flow-map (e_0), --online-q-agg if given."""
+    args = fmq.Args(online_target=target, online_q_agg=q_agg, qgbs_m=4, qgbs_k=0, qgbs_k0_step=False)
+    agent = SimpleNamespace(actor=candidate_actor(2), critic=CURRENT, u_off=object() if online else None)
+    torch.testing.assert_close(fmq.select_action(agent, torch.zeros(2, 6), "qgbs", args), E4[[expected] * 2])
+
+
+@pytest.mark.parametrize("q_agg,expected", [(None, 0), ("min", 1)])
+def test_mvp_target_is_the_best_of_n_under_the_mvp_aggregation(q_agg, expected):
+    """MVP's a*: best of N one-step samples under the critics, mean (e_0) unless --online-q-agg min (e_1)."""
+    args = fmq.Args(online_target="mvp", online_q_agg=q_agg, best_of_n=4)
+    agent = SimpleNamespace(actor=candidate_actor(3), critic=CURRENT)
+    torch.testing.assert_close(fmq.mvp_target(agent, torch.zeros(3, 6), args), E4[[expected] * 3])
+
+
+@pytest.mark.parametrize("online,target,offline_agg,online_agg,expected", [
+    (False, "fmq", "mean", None, "mean"), (False, "fmq", "min", None, "min"), (True, "fmq", "mean", None, "min"),
+    (True, "mvp", "min", None, "mean"), (True, "flow-map", "min", None, "mean"), (True, "mvp", "mean", "min", "min")])
+def test_update_takes_each_methods_td_target_aggregation(online, target, offline_agg, online_agg, expected):
+    """The TD target's aggregation in `update`: offline_q_agg offline; online the method's (FMQ min, MVP and
+    flow-map mean) or --online-q-agg. The critic loss also gets the discount, horizon and N of the run."""
+    args, agent, batch = small_agent(online_target=target, offline_q_agg=offline_agg, online_q_agg=online_agg,
+                                     discount=0.9, horizon=3, best_of_n=3)
+    if not online:
+        agent.u_off = None
+    seen = []
+
+    def critic(agent, batch, discount, horizon, agg, n):
+        seen.append((discount, horizon, agg, n))
+        return fmq.critic_loss(agent, batch, discount, horizon, agg, n)
+    fmq.update(agent, batch, 0, args, dict(fmq.make_losses(), critic=critic))
+    assert seen == [(0.9, 3, expected, 3)]
+
+
+def test_polyak_before_the_optimiser_step_is_seen_at_a_large_lr():
+    """With lr 0.1 the critic moves ~0.1 per step, so a Polyak step taken after the optimiser step (or with 1 - tau)
+    lands ~5e-4 away from tau toward the pre-update critic: far outside the tolerance (float32 rounding, 1e-7)."""
+    args, agent, batch = small_agent(lr=0.1)
+    with torch.no_grad():
+        for p in agent.critic_target.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    before = [p.clone() for p in agent.critic_target.parameters()]
+    critic_before = [p.clone() for p in agent.critic.parameters()]
+    fmq.update(agent, batch, 0, args, fmq.make_losses())
+    for p_t, p_b, p, p_new in zip(agent.critic_target.parameters(), before, critic_before, agent.critic.parameters()):
+        torch.testing.assert_close(p_t, p_b + 0.005 * (p - p_b), atol=1e-7, rtol=1e-6)
+        assert (p_new - p).abs().max() > 0.05  # the optimiser step is large
+
+
+def reference_qgbs(jump, q, obs, a_0, eps, rho, eta, complete):
+    """Alg. 2 for one state, written as a loop: M one-step samples; each round re-noise every beam member B times to
+    t', complete, keep the top-M by Q, then move each by eta * grad Q / ||grad Q||; return the best of the beam."""
+    t_p, M = rho / (1 + rho), len(a_0)
+    beam = [jump(a[None], 0.0, obs[None]).clamp(-1, 1)[0] for a in a_0]
+    for e in eps:  # one round: e is [M, B, d]
+        cands = [complete((t_p * beam[m] + (1 - t_p) * e[m, b])[None], t_p, obs[None]).clamp(-1, 1)[0]
+                 for m in range(M) for b in range(e.shape[1])]
+        qs = [q(obs[None], c[None])[0].item() for c in cands]
+        beam = []
+        for j in sorted(range(len(cands)), key=lambda j: -qs[j])[:M]:
+            a = cands[j].clone().requires_grad_(True)
+            g, = torch.autograd.grad(q(obs[None], a[None])[0], a)
+            beam.append((cands[j] + eta * g / (g.norm() + 1e-8)).clamp(-1, 1))
+    return max(beam, key=lambda a: q(obs[None], a[None])[0].item())
+
+
+@pytest.mark.parametrize("K,eta", [(1, 0.3), (2, 0.3), (2, 0.05)])
+def test_qgbs_equals_alg2_written_as_a_loop_top_m_then_eta_step(K, eta, monkeypatch):
+    """Alg. 2's order on distinct candidates and eta > 0: top-M of the completions, then the eta step, each round
+    (stepping before the selection, or the candidates instead of the beam, gives other actions). The noise is the
+    batched call's own, replayed per state."""
+    obs, M, B, rho = make_obs(batch=3), 3, 2, 1.5
+    real_randn, draws = torch.randn, []
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: draws.append(real_randn(*a, **k)) or draws[-1])
+    complete = lambda a, t, o: a + (1 - t) * toy_jump(a, t, o)  # noqa: E731
+    actions, _ = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=M, K=K, B=B, rho=rho, eta=eta, generator=gen(2),
+                           complete=complete)
+    assert len(draws) == 1 + K
+    with torch.enable_grad():
+        for i in range(3):
+            expected = reference_qgbs(toy_jump, toy_q, obs[i], draws[0][i], [e[i] for e in draws[1:]], rho, eta,
+                                      complete)
+            torch.testing.assert_close(actions[i], expected)
+
+
+def test_select_action_hands_qgbs_its_own_settings():
+    """M, K, B, rho, eta of QGBS are --qgbs-*, not best_of_n or eta; the official completion is one Euler step of
+    the diagonal velocity from t' (a + (1 - t') u(a, t', t')), Alg. 2's the jump a + (1 - t') u(a, t', 1)."""
+    seen = {}
+
+    def actor(obs, a, r, t):
+        return torch.full_like(a, t if isinstance(t, float) else 0.0)
+    actor.act_dim, actor.euler_steps = 2, 0
+    agent = SimpleNamespace(actor=actor, critic=CURRENT, u_off=None)
+    real = fmq.qgbs_lib.qgbs
+    for completion in ("euler", "flow-map"):
+        args = fmq.Args(qgbs_m=3, qgbs_k=2, qgbs_b=5, qgbs_rho=0.7, qgbs_eta=0.11, qgbs_k0_step=False, best_of_n=7,
+                        eta=0.9, qgbs_completion=completion)
+        fmq.qgbs_lib.qgbs = lambda jump, q, obs, **kw: (seen.update(kw, jump=jump), (obs[:, :2], None))[1]
+        try:
+            fmq.select_action(agent, torch.zeros(4, 6), "qgbs", args)
+        finally:
+            fmq.qgbs_lib.qgbs = real
+        assert {k: seen[k] for k in ("M", "K", "B", "rho", "eta", "k0_step")} == dict(
+            M=3, K=2, B=5, rho=0.7, eta=0.11, k0_step=False)
+        a, s = torch.zeros(4, 2), torch.zeros(4, 6)
+        torch.testing.assert_close(seen["jump"](a, 0.6, s), a + 0.4)
+        if completion == "euler":
+            torch.testing.assert_close(seen["complete"](a, 0.6, s), a + 0.4 * 0.6)
+        else:
+            assert seen["complete"] is None
+
+
+def test_fmq_r_is_uniform_per_sample_and_the_same_for_u_off_and_the_actor():
+    """Alg. 1, line 5: r ~ U[0, 1), one per sample; u_off and u_theta see the same r (and t = 1)."""
+    seen = {}
+    agent, args = fmq_stand_ins(lambda obs, a: a.sum(-1).expand(2, -1))
+    agent.u_off = lambda obs, a, r, t: (seen.update(u_off=(r, t)), torch.zeros_like(a))[1]
+    agent.actor = lambda obs, a, r, t: (seen.update(actor=(r, t)), torch.zeros_like(a))[1]
+    torch.manual_seed(0)
+    fmq.fmq_loss(agent, torch.zeros(40_000, 1), torch.zeros(40_000, 2), args)
+    (r, t), (r_actor, t_actor) = seen["u_off"], seen["actor"]
+    assert torch.equal(r, r_actor) and t == t_actor == 1.0 and r.shape == (40_000, 1)
+    assert 0 <= r.min() and r.max() < 1 and len(r.unique()) > 39_000
+    assert r.mean().item() == pytest.approx(0.5, abs=0.01) and r.var().item() == pytest.approx(1 / 12, abs=0.003)
+    assert (r < 0.1).float().mean().item() == pytest.approx(0.1, abs=0.01)
+
+
+def test_flow_matching_time_is_uniform_per_sample():
+    """The diagonal loss's t ~ U[0, 1], one per sample, fed as both r and t."""
+    seen = []
+    actor = lambda obs, a, r, t: (seen.append((r, t)), torch.zeros_like(a))[1]  # noqa: E731
+    torch.manual_seed(0)
+    fmq.flow_map_loss(actor, torch.zeros(40_000, 1), torch.zeros(40_000, 2), 0, fmq.Args(flow_map_loss="none"))
+    (r, t), = seen
+    assert torch.equal(r, t) and r.shape == (40_000, 1) and len(r.unique()) > 39_000
+    assert r.mean().item() == pytest.approx(0.5, abs=0.01) and r.var().item() == pytest.approx(1 / 12, abs=0.003)
+
+
+@pytest.mark.parametrize("kind", ["eulerian", "lagrangian", "progressive"])
+def test_flow_map_loss_vanishes_for_the_exact_flow_map_of_point_mass_data(kind):
+    """With a_1 = MU always, the exact flow map from N(0, I) has zero diagonal loss (its u(a_t, t, t) is a_1 - a_0)
+    and zero self-distillation loss: a reversed interpolation or target, or a wrong time argument, does not."""
+    actor = gaussian_flow_map(sigma=torch.zeros(3, dtype=torch.float64))
+    args = fmq.Args(flow_map_loss=kind, curriculum_start=10, curriculum_end=20)
+    torch.manual_seed(0)
+    loss, info = fmq.flow_map_loss(actor, torch.zeros(512, 1, dtype=torch.float64), MU.expand(512, 3), 30, args)
+    assert info["actor/diag_loss"].item() < 1e-12 and info["actor/distill_loss"].item() < 1e-12
+    wrong = gaussian_flow_map(wrong=1.3, sigma=torch.zeros(3, dtype=torch.float64))
+    loss, info = fmq.flow_map_loss(wrong, torch.zeros(512, 1, dtype=torch.float64), MU.expand(512, 3), 30, args)
+    assert info["actor/diag_loss"].item() > 1e-2
+
+
+def test_self_distillation_weight_switches_on_right_after_curriculum_start():
+    """Official: weight 0 up to and at curriculum_start, 1 from the next step on (loss = diag + distill exactly)."""
+    args = fmq.Args(hidden_dim=16, num_layers=2, time_dim=8, curriculum_start=100, curriculum_end=200)
+    actor = fmq.FlowMapActor(4, 3, args)
+    obs, a = torch.randn(8, 4), torch.randn(8, 3)
+    for step, weight in [(99, 0.0), (100, 0.0), (101, 1.0), (200, 1.0), (10 ** 6, 1.0)]:
+        for s in (step, torch.tensor(step)):
+            loss, info = fmq.flow_map_loss(actor, obs, a, s, args)
+            assert info["actor/distill_loss"] > 0
+            expected = info["actor/diag_loss"] + weight * info["actor/distill_loss"]
+            assert loss.item() == pytest.approx(expected.item(), rel=1e-6), (step, weight)
+
+
+def test_sample_r_t_scale_at_the_curriculum_boundaries():
+    """A 4-step curriculum (10 -> 14): the interval [r, t] is scaled by (step - 10) / 4, clamped to [0, 1]; E[t - r]
+    = scale / 3 and E[r] = 1/2 - scale / 6 (an off-by-one step is a quarter of the scale)."""
+    torch.manual_seed(0)
+    args, n = fmq.Args(curriculum_start=10, curriculum_end=14), 100_000
+    for step, scale in [(9, 0.0), (10, 0.0), (11, 0.25), (13, 0.75), (14, 1.0), (15, 1.0)]:
+        r, t = fmq.sample_r_t(n, step, args, "cpu")
+        assert (t - r).mean().item() == pytest.approx(scale / 3, abs=3e-3), step
+        assert r.mean().item() == pytest.approx(0.5 - scale / 6, abs=4e-3), step
+        assert ((r + t) / 2).mean().item() == pytest.approx(0.5, abs=4e-3)
+
+
+@pytest.mark.parametrize("kappa1,beta,expected", [(5.0, 0.3, 0.125), (0.0, 0.3, 0.5)])
+def test_kappa1_floors_the_gradient_norm_in_the_fmq_target(kappa1, beta, expected):
+    """g = grad Q / (||grad Q|| + kappa1) with grad Q = (3, 4): kappa1 5 halves the step (target (.3, .4), loss of a
+    zero actor (.09 + .16) / 2 = .125); kappa1 0: (.6, .8), loss .5. Equal critics: delta 0, beta has no effect."""
+    g = torch.tensor([3.0, 4.0])
+    agent, args = fmq_stand_ins(lambda obs, a: (a @ g).expand(2, -1), eta=1.0, beta=beta, kappa1=kappa1)
+    loss, _ = fmq.fmq_loss(agent, torch.zeros(8, 1), torch.zeros(8, 2), args)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
 # ---------------------------------------------------------------- qgbs.py (Algorithm 2)
