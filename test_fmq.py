@@ -136,6 +136,7 @@ def test_flow_map_loss_curriculum_and_gradients():
 
 
 # ---------------------------------------------------------------- learning, on problems with a known answer
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,amp", [("eulerian", False), ("lagrangian", False), ("progressive", False),
                                       ("eulerian", True)])
 def test_offline_self_distillation_learns_a_one_step_bimodal_policy(kind, amp):
@@ -159,6 +160,7 @@ def test_offline_self_distillation_learns_a_one_step_bimodal_policy(kind, amp):
     assert 0.35 < (x > 0).float().mean() < 0.65  # and on both of them
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", [False, True])
 def test_online_fmq_moves_actions_by_eta_along_the_q_gradient(amp):
     """Alg. 1 with a fixed critic: the one-step action of u_theta converges to a_off + eta * grad Q / ||grad Q||."""
@@ -364,6 +366,7 @@ def test_each_update_starts_from_zero_gradients():
             assert torch.equal(p.grad, torch.ones_like(p)), f"update {step}: gradients accumulated"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("FMQ_SLOW"), reason="slow (torch.compile): set FMQ_SLOW=1")
 def test_compiled_losses_match_eager(monkeypatch):
     import torch._inductor.config
@@ -570,6 +573,7 @@ def test_one_update_steps_on_the_summed_loss_at_pre_update_parameters(monkeypatc
         assert steps.max().item() == pytest.approx(args.lr, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_no_online_update_before_start_training(tmp_path, monkeypatch, ogb):
     """Official main.py updates at online step i (1-based) when i >= start_training: with 5 offline and 10 online
     steps and start_training 4, 5 + 7 = 12 updates."""
@@ -610,6 +614,7 @@ def mode_fractions(x):
     return [((x - m).abs() < 0.2).float().mean().item() for m in (-MODE, MODE)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["mvp", "flow-map"])
 def test_mvp_and_flow_map_targets_keep_both_modes(target, monkeypatch):
     """Online updates through `update` on a 1-d toy (s = 0), best_of_n patched to a fixed set. MVP trains toward a*
@@ -633,6 +638,7 @@ def test_mvp_and_flow_map_targets_keep_both_modes(target, monkeypatch):
     assert min(mode_fractions(x)) >= 0.3
 
 
+@pytest.mark.slow
 def test_qc_behaviour_flow_euler_steps_give_both_modes_one_step_their_mean():
     """QC's actor (--flow-map-loss none: flow matching only, raw time input): 10 Euler steps of u(a, t, t) reproduce
     both modes of +-0.9 data; one Euler step from t = 0 lands on E[a_1 - a_0 | a_0] + a_0, their mean."""
@@ -825,6 +831,7 @@ def strip_timing(rows):
     return [{k: v for k, v in r.items() if k not in ("sps", "time")} for r in rows]
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end_and_deterministic(tmp_path, ogb):
     final = fmq.main(tiny_args(tmp_path / "a", ogb))
     run = tmp_path / "a" / "runs" / "scene-t5__fmq__0"
@@ -842,6 +849,7 @@ def test_tiny_run_end_to_end_and_deterministic(tmp_path, ogb):
     assert strip_timing(read_csv(run_b / "eval.csv")) == strip_timing(evals)
 
 
+@pytest.mark.slow
 def test_online_from_offline_checkpoint_with_qgbs_and_mvp_target(tmp_path, ogb):
     fmq.main(tiny_args(tmp_path, ogb, online_steps=0, offline_steps=10, eval_interval=10))
     ckpt = tmp_path / "runs" / "scene-t5__fmq__0" / "checkpoints" / "step_000000010.pt"
@@ -855,6 +863,7 @@ def test_online_from_offline_checkpoint_with_qgbs_and_mvp_target(tmp_path, ogb):
         fmq.main(bad)
 
 
+@pytest.mark.slow
 def test_cli_smoke_cube_double(tmp_path, ogbench_data):
     code, err = run_cli("--env-id", "cube-dbl-t3", "--dataset-dir", ogbench_data("cube-double-play-v0"), "--runs-dir",
                         str(tmp_path), "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--best-of-n",
@@ -948,12 +957,14 @@ def checkpoint_step(run):
     (["--qgbs-m", "0"], "QGBS needs --qgbs-m >= 1"),
     (["--resume", "/nonexistent/run"], "no checkpoint in /nonexistent/run/checkpoints"),
 ])
+@pytest.mark.slow
 def test_bad_flags_give_one_clear_line(flags, message):
     code, err = run_cli(*flags)
     assert code != 0 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("fmq: error: ") and message in err
 
 
+@pytest.mark.slow
 def test_horizon_longer_than_episode(tmp_path, ogb):
     code, err = run_cli("--dataset-dir", ogb, "--horizon", "800", "--runs-dir", str(tmp_path))
     assert code != 0 and "Traceback" not in err and "--horizon 800 must be shorter than the episode (750 steps)" in err
@@ -972,6 +983,7 @@ def test_missing_ogbench_dataset_names_the_path(tmp_path, monkeypatch):
         fmq.load_dataset(fmq.env_spec("cube-trl-t3"), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_dataset_that_does_not_match_the_env(tmp_path, ogb):
     os.symlink(Path(ogb) / "scene-play-v0.npz", tmp_path / "cube-double-play-v0.npz")
     os.symlink(Path(ogb) / "scene-play-v0-val.npz", tmp_path / "cube-double-play-v0-val.npz")
@@ -979,6 +991,7 @@ def test_dataset_that_does_not_match_the_env(tmp_path, ogb):
         fmq.main(tiny_args(tmp_path, tmp_path, env_id="cube-dbl-t3"))
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, ogb):
     real = fmq.critic_loss
 
@@ -1006,6 +1019,7 @@ def resume_flags(dataset_dir):
              "--deterministic", "--resume", "auto"]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, ogb):
     flags = resume_flags(ogb)
     run_b = tmp_path / "b" / "scene-t5__fmq__0"
@@ -1148,11 +1162,20 @@ def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, mon
     u_off is the actor as it is at the phase switch (step 10), frozen after. train.csv's episode success is the last
     finished episode's; each evaluation runs eval seeds 10000..10004 in waves of 2, 2, 1: success at steps 3, 4, 5,
     never (12 steps, 10003 % 4 == 3), 7: success 0.8, length 6.2, whatever the policy."""
-    real, calls = fmq.update, []
+    real, calls, acts, real_act = fmq.update, [], [], fmq.act
     monkeypatch.setattr(fmq, "update", lambda agent, batch, step, *a: calls.append(int(step)) or real(
         agent, batch, step, *a))
+    _, rows = recording_buffer(monkeypatch)
+
+    def act(agent, obs, *a):
+        if len(a) == 2:  # (sampler, args), no eval generator: acting in the training env; the online steps done
+            acts.append(len(rows))
+        return real_act(agent, obs, *a)
+    monkeypatch.setattr(fmq, "act", act)
     final = fmq.main(tiny_env_args(tmp_path, start_training=4))
     assert calls == list(range(10)) + list(range(13, 40))
+    # a new chunk of 3 actions at each episode start (online steps 0, 3, 7, 12, 24 done) and after each 3 actions
+    assert acts == [0, 3, 6, 7, 10, 12, 15, 18, 21, 24, 27]
     run = tmp_path / "runs" / "tiny__fmq__0"
     switch, last = (torch.load(run / "checkpoints" / f"step_{s:09d}.pt", weights_only=False) for s in (10, 40))
     assert switch["u_off"] is not None and all(torch.equal(switch["u_off"][k], v) for k, v in switch["actor"].items())
@@ -1163,6 +1186,8 @@ def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, mon
     # online steps 5, 10, 15, ..: episodes end at online steps 3 (success), 7 (success), 12 (success), 24 (truncated)
     assert [r["env/episode_success"] for r in train] == ["", "", "1.0", "1.0", "1.0", "1.0", "0.0", "0.0"]
     assert [r["phase"] for r in train] == ["offline"] * 2 + ["online"] * 6
+    assert [(r["actor/diag_loss"] != "", r["actor/fmq_loss"] != "") for r in train] == [(True, False)] * 2 + [
+        (False, True)] * 6  # the offline loss up to the phase switch, FMQ's after it
     evals = read_csv(run / "eval.csv")
     assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "online"), (20, "online"),
                                                             (40, "online")]
@@ -1190,6 +1215,25 @@ def test_evaluate_seeds_each_episode_whatever_the_waves(eval_envs):
     again = [TinyEnv() for _ in range(eval_envs)]
     fmq.evaluate(agent, again, args, "onestep")
     assert all(np.array_equal(np.stack(a.actions), np.stack(b.actions)) for a, b in zip(envs, again))
+
+
+def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, tiny_env):
+    """A NaN critic loss from step 25 on: the run stops at the next check (the log at step 30) naming the loss, the
+    step and the last good checkpoint (step 20), and saves nothing after it."""
+    real = fmq.critic_loss
+
+    def poisoned(agent, batch, *a):
+        loss, info = real(agent, batch, *a)
+        poisoned.calls += 1
+        return (loss * float("nan"), info) if poisoned.calls > 25 else (loss, info)
+    poisoned.calls = 0
+    monkeypatch.setattr(fmq, "critic_loss", poisoned)
+    run = tmp_path / "runs" / "tiny__fmq__0"
+    with pytest.raises(fmq.FMQError, match=f"non-finite critic/loss.* at step 25; .*{run}/checkpoints/step_000000020.pt"):
+        fmq.main(tiny_env_args(tmp_path))
+    assert fmq.latest_checkpoint(run).name == "step_000000020.pt"
+    ckpt = torch.load(run / "checkpoints" / "step_000000020.pt", weights_only=False)
+    assert ckpt["step"] == 20 and all(torch.isfinite(p).all() for p in ckpt["critic"].values())
 
 
 def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buffer(tmp_path, monkeypatch, tiny_env):
@@ -1793,6 +1837,7 @@ def test_report_skips_speedup_without_baseline(tmp_path, capsys):
     assert (tmp_path / "figs" / "learning_curves.png").exists() and not (tmp_path / "figs" / "speedup.png").exists()
 
 
+@pytest.mark.slow
 def test_sweep_dry_run_commands_and_skip(tmp_path):
     runs = tmp_path / "runs"
     (runs / "can__fmq__1").mkdir(parents=True)
@@ -1827,6 +1872,7 @@ def test_sweep_dry_run_commands_and_skip(tmp_path):
         "qc", "mvp", "fmq"]
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, ogb):
     run = tmp_path / "scene-t5__fmq__0"
     with Child(*resume_flags(ogb), "--runs-dir", str(tmp_path), watch=tmp_path) as child:
@@ -1850,6 +1896,7 @@ def test_buffer_that_does_not_fit_is_reported_before_training():
 
 
 # ---------------------------------------------------------------- tools/gpu_check.py (the GPU check, here at toy sizes)
+@pytest.mark.slow
 def test_gpu_check_runs_every_step_at_tiny_sizes(tmp_path):
     """The lease's one command, on the CPU: tests, bench, made data, a run SIGKILLed past the phase switch and
     resumed to its end. Its summary names the device and holds the update and real-loop times."""
@@ -1991,6 +2038,7 @@ def rm_file(root, task):
     return root / task / "mh" / "low_dim_v15.hdf5"
 
 
+@pytest.mark.slow
 def test_robomimic_guard_separates_v15_files_from_robosuite_14_ones_and_other_controllers(rm_data):
     import h5py
     v15, v141 = rm_data
@@ -2017,6 +2065,7 @@ def test_robomimic_guard_separates_v15_files_from_robosuite_14_ones_and_other_co
             fmq.load_dataset(fmq.env_spec("can"), str(shared141))
 
 
+@pytest.mark.slow
 def test_robomimic_rewards_or_an_env_that_cannot_be_built_stop_the_run(rm_data, tmp_path):
     import h5py
     import shutil
@@ -2037,6 +2086,7 @@ def test_robomimic_rewards_or_an_env_that_cannot_be_built_stop_the_run(rm_data, 
         fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_robomimic_env_built_from_the_file(rm_data):
     import h5py
     spec = fmq.env_spec("can")
@@ -2054,6 +2104,7 @@ def test_robomimic_env_built_from_the_file(rm_data):
     assert (r, terminated, info["success"]) == (1.0, True, True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["can", "square"])
 def test_robomimic_end_to_end(rm_data, task, tmp_path, monkeypatch):
     monkeypatch.setitem(fmq.ENVS, task, {**fmq.ENVS[task], "max_episode_steps": 40})  # short episodes, same code
@@ -2072,6 +2123,7 @@ def test_robomimic_end_to_end(rm_data, task, tmp_path, monkeypatch):
     assert all(np.isfinite(float(r["critic/loss"])) for r in read_csv(run / "train.csv"))
 
 
+@pytest.mark.slow
 def test_robomimic_dones_end_chunks_as_the_official_terminals(rm_data, tmp_path):
     """Official robomimic loader: terminals = dones (and masks = 1 - dones), so a done inside a demo ends chunks there
     too; each demo's last step ends them anyway."""
@@ -2092,6 +2144,7 @@ def test_robomimic_dones_end_chunks_as_the_official_terminals(rm_data, tmp_path)
     assert len(dones[0]) + 10 in ends and data["masks"][len(dones[0]) + 10] == 0.0
 
 
+@pytest.mark.slow
 def test_robomimic_file_of_another_robosuite_stops_before_training(rm_data, tmp_path):
     code, err = run_cli("--env-id", "can", "--dataset-dir", str(rm_data[1]), "--runs-dir", str(tmp_path))
     assert code != 0 and "Traceback" not in err
@@ -2101,6 +2154,7 @@ def test_robomimic_file_of_another_robosuite_stops_before_training(rm_data, tmp_
     assert not list(tmp_path.rglob("train.csv")) and not list(tmp_path.rglob("*.pt"))  # no update ran
 
 
+@pytest.mark.slow
 def test_robomimic_wrong_observation_keys(rm_data, tmp_path):
     import h5py
     import shutil
@@ -2178,6 +2232,7 @@ def ogb(ogbench_data):
     return ogbench_data("scene-play-v0")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MADE))
 def test_made_ogbench_data_loads_with_qpos_aligned_to_observations(ogbench_data, name):
     root = Path(ogbench_data(name))
@@ -2201,6 +2256,7 @@ def test_made_ogbench_data_loads_with_qpos_aligned_to_observations(ogbench_data,
         assert len(np.unique(data["rewards"])) > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env_id", ["scene-t4", "cube-dbl-t4", "cube-trl-t3", "hmaze-med-t3", "amaze-gnt-t4"])
 def test_tiny_run_on_each_ogbench_suite(tmp_path, ogbench_data, monkeypatch, env_id):
     """Every OGBench suite of the paper's table, end to end on made data; episodes cut to 40 steps with gymnasium's
@@ -2231,6 +2287,7 @@ def run_make_dataset(*flags):
     return out.returncode, out.stderr
 
 
+@pytest.mark.slow
 def test_make_dataset_writes_ogbench_play_files(tmp_path):
     code, err = run_make_dataset("--env", "cube-double-play-v0", "--episodes", "2", "--max-episode-steps", "60",
                                  "--workers", "2", "--out", str(tmp_path / "a"))
@@ -2261,6 +2318,7 @@ def test_make_dataset_writes_ogbench_play_files(tmp_path):
     (["--env", "scene-play-v0", "--episodes", "0"], "need --episodes >= 1"),
     (["--env", "scene-play-v0", "--episodes", "two"], "argument --episodes: invalid int value: 'two'"),
 ])
+@pytest.mark.slow
 def test_make_dataset_bad_input_one_line(tmp_path, flags, message):
     code, err = run_make_dataset(*flags, "--out", str(tmp_path))
     assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -2268,6 +2326,7 @@ def test_make_dataset_bad_input_one_line(tmp_path, flags, message):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_time_limit_truncation_is_stored_as_alive(tmp_path, ogbench_data, monkeypatch):
     """An episode cut by the time limit is not terminal: its transitions keep mask 1 (only env termination, i.e.
     success, gives mask 0), and the episode still ends there. Untrained policies do not solve scene in 20 steps."""
@@ -2358,6 +2417,7 @@ def test_import_official_outputs_match_the_official_code(tmp_path, name, prefix)
     assert (ckpt["u_off"] is None) == (prefix == "offline_")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,sampler,nfe,agg", [("params_online.pkl", "best-of-n", "32", "min"),
                                                   ("params_online.pkl", "qgbs", "20", "min"),
                                                   ("params_offline.pkl", "best-of-n", "32", "mean")])
@@ -2377,6 +2437,7 @@ def test_import_official_checkpoint_evaluates_in_fmq_main(tmp_path, ogb, monkeyp
     assert set(seen) == {agg} and evals[0]["phase"] == ("online" if agg == "min" else "offline")
 
 
+@pytest.mark.slow
 def test_import_official_checkpoint_runs_in_qgbs_sweep(tmp_path, monkeypatch):
     import ogbench
     monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None: ogbench.make_env_and_datasets(
@@ -2387,6 +2448,7 @@ def test_import_official_checkpoint_runs_in_qgbs_sweep(tmp_path, monkeypatch):
     assert [r["nfe"] for r in rows] == [32, 20, 24, 32, 36, 144]
 
 
+@pytest.mark.slow
 def test_import_official_refuses_a_foreign_pickle_without_running_it(tmp_path):
     marker = tmp_path / "ran"
 
