@@ -1117,7 +1117,8 @@ def tiny_env_args(tmp_path, **kw):
 
 
 def recording_buffer(monkeypatch):
-    """Patches fmq.ReplayBuffer to keep every buffer main makes, and the rows it adds: (buffers, rows)."""
+    """Patches fmq.ReplayBuffer to keep every buffer main makes, and the rows it adds (obs, action, reward, mask,
+    next_obs, end): (buffers, rows)."""
     buffers, rows = [], []
 
     class Recording(fmq.ReplayBuffer):
@@ -1126,33 +1127,43 @@ def recording_buffer(monkeypatch):
             buffers.append(self)
 
         def add(self, obs, action, reward, mask, next_obs, end):
-            rows.append((reward, mask, bool(end)))
+            rows.append((np.array(obs), np.array(action), reward, mask, np.array(next_obs), bool(end)))
             return super().add(obs, action, reward, mask, next_obs, end)
     monkeypatch.setattr(fmq, "ReplayBuffer", Recording)
     return buffers, rows
 
 
-# training episodes of seed 0: episode i resets with seed i and succeeds at 3, 4, 5, never (12 steps), 7, ...
-TINY_TRAIN = [3, 4, 5, np.inf, 7]
-TINY_LENGTHS = [3, 4, 5, 12, 7]
+def tiny_k(seed):
+    """The step where a TinyEnv episode reset with `seed` succeeds (np.inf: never)."""
+    return np.inf if seed % 4 == 3 else 3 + seed % 5
 
 
-@pytest.mark.parametrize("reward,sparse", [(None, False), ("sparse", False), ("minus_one", False), ("minus_one", True),
-                                           (None, True)])
-def test_main_stores_the_reward_training_uses_masks_and_ends(tmp_path, monkeypatch, tiny_env, reward, sparse):
-    """30 online steps: episodes of seeds 0..4 (3 successes, a time-limit truncation, 6 steps of the fifth). Stored:
-    the ENVS transform then --sparse's of the env's reward (offline data too), mask 0 only at a success (a truncation
-    stays alive), an episode end at each success and truncation."""
+@pytest.mark.parametrize("reward,sparse,seed", [(None, False, 0), ("sparse", False, 0), ("minus_one", False, 0),
+                                                ("minus_one", True, 1), (None, True, 2)])
+def test_main_stores_the_reward_training_uses_masks_and_ends(tmp_path, monkeypatch, tiny_env, reward, sparse, seed):
+    """30 online steps; training episode i resets with seed * 1_000_003 + i (seed 0: successes at 3, 4, 5, a
+    truncation at 12, then 6 steps of the fifth). Stored: the ENVS transform then --sparse's of the env's reward
+    (offline data too), mask 0 only at a success (a truncation stays alive), an episode end at each success and
+    truncation, the observation the env gave before the action and after it."""
     tiny_env(reward)
     buffers, rows = recording_buffer(monkeypatch)
-    fmq.main(tiny_env_args(tmp_path, sparse=sparse, eval_interval=1000))
+    fmq.main(tiny_env_args(tmp_path, sparse=sparse, seed=seed, eval_interval=1000))
     transform = {None: lambda r: r, "sparse": lambda r: -float(r != 0), "minus_one": lambda r: r - 1}[reward]
     final = (lambda r: -float(r != 0)) if sparse else (lambda r: r)
-    raw = sum((tiny_rewards(k, n) for k, n in zip(TINY_TRAIN, [3, 4, 5, 12, 6])), [])
-    assert [r for r, _, _ in rows] == [final(transform(r)) for r in raw]
-    ends = np.cumsum([3, 4, 5, 12]) - 1
-    assert [m for _, m, _ in rows] == [0.0 if i in ends[:3] else 1.0 for i in range(30)]
-    assert [e for _, _, e in rows] == [i in ends for i in range(30)]
+    raw, masks, ends, t = [], [], [], []
+    for i in range(30):
+        k = tiny_k(seed * 1_000_003 + i)
+        n = min(k, TINY_LIMIT)
+        raw, t = raw + tiny_rewards(k, n), t + list(range(n))
+        masks, ends = masks + [1.0] * (n - 1) + [float(k > TINY_LIMIT)], ends + [False] * (n - 1) + [True]
+    if seed == 0:
+        assert ends.index(True, 12) == 23 and masks[:24].count(0.0) == 3  # 3 successes, then a truncation
+    assert [r[2] for r in rows] == [final(transform(r)) for r in raw[:30]]
+    assert [r[3] for r in rows] == masks[:30] and [r[5] for r in rows] == ends[:30]
+    obs, actions, next_obs = (np.stack([r[j] for r in rows]) for j in (0, 1, 4))
+    np.testing.assert_allclose(obs[:, 0] * TINY_LIMIT, t[:30], atol=1e-5)
+    np.testing.assert_allclose(next_obs[:, 0] * TINY_LIMIT, np.add(t[:30], 1), atol=1e-5)
+    np.testing.assert_allclose(next_obs[:, 2], actions.mean(1), atol=1e-6)
     offline = tiny_dataset()["rewards"]
     np.testing.assert_array_equal(buffers[0].data["rewards"][:60].numpy(), [final(transform(r)) for r in offline])
 
@@ -1168,14 +1179,17 @@ def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, mon
     _, rows = recording_buffer(monkeypatch)
 
     def act(agent, obs, *a):
+        chunk = real_act(agent, obs, *a)
         if len(a) == 2:  # (sampler, args), no eval generator: acting in the training env; the online steps done
-            acts.append(len(rows))
-        return real_act(agent, obs, *a)
+            acts.append((len(rows), chunk[0]))
+        return chunk
     monkeypatch.setattr(fmq, "act", act)
     final = fmq.main(tiny_env_args(tmp_path, start_training=4))
     assert calls == list(range(10)) + list(range(13, 40))
     # a new chunk of 3 actions at each episode start (online steps 0, 3, 7, 12, 24 done) and after each 3 actions
-    assert acts == [0, 3, 6, 7, 10, 12, 15, 18, 21, 24, 27]
+    assert [n for n, _ in acts] == [0, 3, 6, 7, 10, 12, 15, 18, 21, 24, 27]
+    for (n, chunk), (m, _) in zip(acts, acts[1:] + [(30, None)]):  # the env gets each chunk's actions in order
+        np.testing.assert_array_equal(np.stack([r[1] for r in rows[n:m]]), chunk[:m - n])
     run = tmp_path / "runs" / "tiny__fmq__0"
     switch, last = (torch.load(run / "checkpoints" / f"step_{s:09d}.pt", weights_only=False) for s in (10, 40))
     assert switch["u_off"] is not None and all(torch.equal(switch["u_off"][k], v) for k, v in switch["actor"].items())
@@ -1195,21 +1209,23 @@ def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, mon
     assert (final["step"], final["success"]) == (40, 0.8)
 
 
-@pytest.mark.parametrize("eval_envs", [1, 2, 3, 5])
-def test_evaluate_seeds_each_episode_whatever_the_waves(eval_envs):
-    """Episode i resets with seed + 10_000 + i in any wave layout, the success and length are the mean over all
-    episodes; the policy noise comes from a generator seeded with seed + 10_000 (the first chunk is exactly the
-    one drawn from it, and the global RNG does not change it)."""
-    args = tiny_env_args(Path("."), eval_episodes=5, eval_envs=eval_envs, seed=0)
+@pytest.mark.parametrize("seed,episodes,eval_envs", [(0, 5, 1), (0, 5, 2), (0, 5, 3), (0, 5, 5), (1, 4, 3)])
+def test_evaluate_seeds_each_episode_whatever_the_waves(seed, episodes, eval_envs):
+    """Episode i resets with seed + 10_000 + i in any wave layout; success and length are the means over all the
+    episodes (seed 0: successes at 3, 4, 5, never (12 steps), 7: 0.8 and 6.2; seed 1: 4, 5, never, 7: 0.75 and 7).
+    The policy noise comes from a generator seeded with seed + 10_000: the first chunk is exactly the one drawn from
+    it, and the global RNG does not change it."""
+    args = tiny_env_args(Path("."), eval_episodes=episodes, eval_envs=eval_envs, seed=seed)
     torch.manual_seed(0)
     agent = fmq.make_agent(args, 3, 2 * args.horizon, "cpu")
     envs = [TinyEnv() for _ in range(eval_envs)]
     res = fmq.evaluate(agent, envs, args, "onestep")
-    assert (res["success"], res["length"]) == (0.8, 6.2)
+    assert (res["success"], res["length"]) == {(0, 5): (0.8, 6.2), (1, 4): (0.75, 7.0)}[seed, episodes]
+    ks = [tiny_k(seed + 10_000 + i) for i in range(episodes)]
     assert res["return" if "return" in res else "return_env"] == pytest.approx(np.mean(
-        [sum(tiny_rewards(k, n)) for k, n in [(3, 3), (4, 4), (5, 5), (np.inf, 12), (7, 7)]]))
-    first = fmq.act(agent, np.stack([TinyEnv().reset(seed=10_000 + i)[0] for i in range(eval_envs)]), "onestep",
-                    args, torch.Generator().manual_seed(10_000))
+        [sum(tiny_rewards(k, min(k, TINY_LIMIT))) for k in ks]))
+    first = fmq.act(agent, np.stack([TinyEnv().reset(seed=seed + 10_000 + i)[0] for i in range(eval_envs)]),
+                    "onestep", args, torch.Generator().manual_seed(seed + 10_000))
     np.testing.assert_array_equal(np.stack([e.actions[0] for e in envs]), first[:, 0])
     torch.manual_seed(123)  # another global RNG state: the same evaluation
     again = [TinyEnv() for _ in range(eval_envs)]
@@ -1477,6 +1493,45 @@ def test_kappa1_floors_the_gradient_norm_in_the_fmq_target(kappa1, beta, expecte
     agent, args = fmq_stand_ins(lambda obs, a: (a @ g).expand(2, -1), eta=1.0, beta=beta, kappa1=kappa1)
     loss, _ = fmq.fmq_loss(agent, torch.zeros(8, 1), torch.zeros(8, 2), args)
     assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_act_and_the_buffer_keep_a_chunk_in_time_order():
+    """A chunk is h actions of act_dim each, flattened time-major: `act` splits a drawn chunk into [h, act_dim] rows
+    in that order, and a sampled chunk of the buffer holds h consecutive 2-d actions in that order."""
+    chunk = torch.tensor([-0.5, -0.3, -0.1, 0.1, 0.3, 0.5])
+
+    class Fixed(torch.nn.Module):  # every one-step sample a_0 + u(a_0, 0, 1) is `chunk`
+        act_dim, euler_steps = 6, 0
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, obs, a, r, t):
+            return chunk - a
+    agent = SimpleNamespace(actor=Fixed(), critic=CURRENT, u_off=None)
+    np.testing.assert_allclose(fmq.act(agent, np.zeros((2, 3)), "onestep", fmq.Args(horizon=3)),
+                               chunk.view(1, 3, 2).expand(2, 3, 2).numpy(), atol=1e-6)
+    n, v = 12, np.arange(12, dtype=np.float32)
+    data = dict(observations=v[:, None], actions=np.stack([v, 100 + v], 1) / 200, rewards=-np.ones(n),
+                masks=np.ones(n), next_observations=v[:, None] + 1, ends=np.arange(n) % 4 == 3)
+    batch = fmq.ReplayBuffer(data, capacity=n, horizon=3, device="cpu").sample(64, 0.9)
+    s = batch["obs"][:, 0]
+    torch.testing.assert_close(batch["actions"], torch.stack([s, 100 + s, s + 1, 101 + s, s + 2, 102 + s], 1) / 200)
+
+
+def test_defaults_are_the_official_config():
+    """Official configs/config.yaml (and tau of its agents): a wrong default changes every run made with it."""
+    expected = dict(discount=0.99, tau=0.005, lr=3e-4, batch_size=256, hidden_dim=512, num_layers=4, time_dim=64,
+                    num_critics=2, horizon=5, best_of_n=32, eta=1.0, beta=0.3, kappa1=1e-8, curriculum_start=5000,
+                    curriculum_end=50000, start_training=5000, offline_q_agg="mean", online_q_agg=None,
+                    online_target="fmq", flow_map_loss="eulerian", euler_steps=0, guidance_critic="q1",
+                    official_eta=False, actor_layer_norm=False, critic_layer_norm=True, qgbs_m=4, qgbs_k=1, qgbs_b=4,
+                    qgbs_rho=1.5, qgbs_eta=0.3, qgbs_completion="euler", qgbs_k0_step=True, sampler="best-of-n",
+                    train_sampler="best-of-n", buffer_size=2_000_000, sparse=False, offline_steps=1_000_000,
+                    online_steps=1_000_000, eval_episodes=50, seed=0)
+    args = dataclasses.asdict(fmq.Args())
+    assert {k: args[k] for k in expected} == expected
 
 
 # ---------------------------------------------------------------- qgbs.py (Algorithm 2)
