@@ -1341,6 +1341,27 @@ def test_update_takes_each_methods_td_target_aggregation(online, target, offline
     assert seen == [(0.9, 3, expected, 3)]
 
 
+@pytest.mark.parametrize("online,target,fits", [(True, "mvp", "a_star"), (True, "flow-map", "data"),
+                                                (False, "mvp", "data"), (False, "fmq", "data"), (True, "fmq", None)])
+def test_each_method_fits_its_actor_loss_to_its_own_actions(online, target, fits, monkeypatch):
+    """Online, MVP fits the offline loss to a* (the best of N under the critics), the official no-FMQ path (flow-map,
+    QC) to the buffer's actions, FMQ takes its own loss; offline every method fits the data."""
+    args, agent, batch = small_agent(online_target=target)
+    if not online:
+        agent.u_off = None
+    a_star = torch.full_like(batch["actions"], 0.25)
+    monkeypatch.setattr(fmq, "best_of_n", lambda actor, q_fn, obs, n, generator=None: (a_star[:len(obs)], None))
+    seen = []
+    losses = fmq.make_losses()
+    losses.update(flow_map=lambda actor, obs, a, *r: (seen.append(("flow_map", a)), fmq.flow_map_loss(
+        actor, obs, a, *r))[1], fmq=lambda agent, obs, a, args: (seen.append(("fmq", a)), fmq.fmq_loss(
+            agent, obs, a, args))[1])
+    fmq.update(agent, batch, 0, args, losses)
+    (kind, a), = seen
+    assert kind == ("fmq" if fits is None else "flow_map")
+    assert torch.equal(a, a_star if fits == "a_star" else batch["actions"])
+
+
 def test_polyak_before_the_optimiser_step_is_seen_at_a_large_lr():
     """With lr 0.1 the critic moves ~0.1 per step, so a Polyak step taken after the optimiser step (or with 1 - tau)
     lands ~5e-4 away from tau toward the pre-update critic: far outside the tolerance (float32 rounding, 1e-7)."""
