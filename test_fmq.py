@@ -436,8 +436,8 @@ def test_td_target_current_critic_selects_target_critic_values(agg, next_q):
 def test_acting_selects_by_mean_offline_and_by_min_online(online, target, expected):
     """Official agents: the offline agent's best-of-N uses q_agg (mean: e_0), the FMQ agent's the min (e_1), the
     FlowMapPolicy kept online (flow-map, QC) the mean; MVP here the mean too."""
-    args = fmq.Args(best_of_n=4, online_target=target)
-    agent = SimpleNamespace(actor=candidate_actor(2), critic=CURRENT, u_off=object() if online else None)
+    args = fmq.Args(best_of_n=3, online_target=target)  # N samples e_0, e_1, e_2 (N is not qgbs_m = 4)
+    agent = SimpleNamespace(actor=candidate_actor(2, n=3), critic=CURRENT, u_off=object() if online else None)
     torch.testing.assert_close(fmq.select_action(agent, torch.zeros(2, 6), "best-of-n", args), E4[[expected] * 2])
 
 
@@ -1147,7 +1147,9 @@ def test_main_stores_the_reward_training_uses_masks_and_ends(tmp_path, monkeypat
     truncation, the observation the env gave before the action and after it."""
     tiny_env(reward)
     buffers, rows = recording_buffer(monkeypatch)
-    fmq.main(tiny_env_args(tmp_path, sparse=sparse, seed=seed, eval_interval=1000))
+    fmq.main(tiny_env_args(tmp_path, sparse=sparse, seed=seed, eval_interval=1000, keep_checkpoints=2))
+    ckpts = (tmp_path / "runs" / f"tiny__fmq__{seed}" / "checkpoints").glob("*.pt")
+    assert sorted(p.name for p in ckpts) == ["step_000000030.pt", "step_000000040.pt"]  # every 10 steps, 2 kept
     transform = {None: lambda r: r, "sparse": lambda r: -float(r != 0), "minus_one": lambda r: r - 1}[reward]
     final = (lambda r: -float(r != 0)) if sparse else (lambda r: r)
     raw, masks, ends, t = [], [], [], []
@@ -1206,6 +1208,8 @@ def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, mon
     assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "online"), (20, "online"),
                                                             (40, "online")]
     assert [(float(r["success"]), float(r["length"])) for r in evals] == [(0.8, 6.2)] * 4
+    assert [int(r["env_steps"]) for r in evals] == [0, 0, 10, 30]
+    assert [int(r["env_steps"]) for r in train] == [0, 0, 5, 10, 15, 20, 25, 30]
     assert (final["step"], final["success"]) == (40, 0.8)
 
 
@@ -1317,8 +1321,8 @@ def test_qgbs_ranks_by_the_online_aggregation_with_or_without_u_off(online, targ
 @pytest.mark.parametrize("q_agg,expected", [(None, 0), ("min", 1)])
 def test_mvp_target_is_the_best_of_n_under_the_mvp_aggregation(q_agg, expected):
     """MVP's a*: best of N one-step samples under the critics, mean (e_0) unless --online-q-agg min (e_1)."""
-    args = fmq.Args(online_target="mvp", online_q_agg=q_agg, best_of_n=4)
-    agent = SimpleNamespace(actor=candidate_actor(3), critic=CURRENT)
+    args = fmq.Args(online_target="mvp", online_q_agg=q_agg, best_of_n=3)
+    agent = SimpleNamespace(actor=candidate_actor(3, n=3), critic=CURRENT)
     torch.testing.assert_close(fmq.mvp_target(agent, torch.zeros(3, 6), args), E4[[expected] * 3])
 
 

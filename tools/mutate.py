@@ -269,6 +269,15 @@ BUGS = [
         "grad_q = torch.autograd.grad(q_guide.sum(), a_1)[0]", "grad_q = torch.autograd.grad(q_guide.mean(), a_1)[0]"),
     bug("resume_drops_the_checkpoint_row", "on resume, the csv row of the checkpoint's own step is dropped",
         'if int(r["step"]) <= resume_step]', 'if int(r["step"]) < resume_step]'),
+    bug("best_of_n_sampler_uses_qgbs_m", "the best-of-n sampler draws qgbs_m samples, not best_of_n",
+        "return best_of_n(actor, q_fn, obs, args.best_of_n, generator)[0]",
+        "return best_of_n(actor, q_fn, obs, args.qgbs_m, generator)[0]"),
+    bug("phase_of_inclusive", "the step of the phase switch is logged as offline",
+        '"offline" if s < args.offline_steps or offline_only', '"offline" if s <= args.offline_steps or offline_only'),
+    bug("keep_one_checkpoint_more", "keep_checkpoints + 1 checkpoints kept",
+        'sorted(ckpt_dir.glob("step_*.pt"))[:-keep]', 'sorted(ckpt_dir.glob("step_*.pt"))[:-keep - 1]'),
+    bug("resume_drops_the_chunk_queue", "on resume, the rest of the interrupted action chunk is dropped",
+        'queue = list(ep.get("queue", []))', "queue = []"),
 ]
 # fmt: on
 
