@@ -1249,7 +1249,7 @@ def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_pa
     poisoned.calls = 0
     monkeypatch.setattr(fmq, "critic_loss", poisoned)
     run = tmp_path / "runs" / "tiny__fmq__0"
-    with pytest.raises(fmq.FMQError, match=f"non-finite critic/loss.* at step 25; .*{run}/checkpoints/step_000000020.pt"):
+    with pytest.raises(fmq.FMQError, match=f"non-finite critic/loss.* at step 25; .*{run}/checkpoints/step_0+20.pt"):
         fmq.main(tiny_env_args(tmp_path))
     assert fmq.latest_checkpoint(run).name == "step_000000020.pt"
     ckpt = torch.load(run / "checkpoints" / "step_000000020.pt", weights_only=False)
@@ -1258,8 +1258,8 @@ def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buffer(tmp_path, monkeypatch, tiny_env):
     """A run killed in the update of step 37 (its checkpoint: step 30; train.csv already has step 35; episodes ended at
-    online steps 3, 7, 12, 24, the fourth is replayed from its start; the buffer of 61 rows wrapped) and resumed ends exactly as the uninterrupted run: the same csv rows
-    (step 35 logged once), the same networks, the same final result."""
+    online steps 3, 7, 12, 24, the fourth is replayed from its start; the buffer of 61 rows wrapped) and resumed ends
+    exactly as the uninterrupted run: the same csv rows (step 35 logged once), the same networks, the same result."""
     args = lambda d: tiny_env_args(tmp_path / d, buffer_size=0, start_training=2, resume="auto")  # noqa: E731
     buffers, _ = recording_buffer(monkeypatch)
     fmq.main(args("a"))
