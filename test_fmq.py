@@ -136,6 +136,7 @@ def test_flow_map_loss_curriculum_and_gradients():
 
 
 # ---------------------------------------------------------------- learning, on problems with a known answer
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,amp", [("eulerian", False), ("lagrangian", False), ("progressive", False),
                                       ("eulerian", True)])
 def test_offline_self_distillation_learns_a_one_step_bimodal_policy(kind, amp):
@@ -159,6 +160,7 @@ def test_offline_self_distillation_learns_a_one_step_bimodal_policy(kind, amp):
     assert 0.35 < (x > 0).float().mean() < 0.65  # and on both of them
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("amp", [False, True])
 def test_online_fmq_moves_actions_by_eta_along_the_q_gradient(amp):
     """Alg. 1 with a fixed critic: the one-step action of u_theta converges to a_off + eta * grad Q / ||grad Q||."""
@@ -273,10 +275,13 @@ def test_replay_buffer_online_state_round_trip_after_wrapping():
 
 # ---------------------------------------------------------------- gradients flow only where the paper says
 def small_agent(**kw):
-    args = dataclasses.replace(fmq.Args(hidden_dim=16, num_layers=2, time_dim=8, best_of_n=4), discount=0.99,
-                               offline_q_agg="mean", **kw)
+    args = dataclasses.replace(fmq.Args(hidden_dim=16, num_layers=2, time_dim=8, best_of_n=4),
+                               **{"discount": 0.99, "offline_q_agg": "mean", **kw})
     agent = fmq.make_agent(args, 6, 10, "cpu")
     fmq.freeze_offline_copy(agent)
+    with torch.no_grad():  # target critics apart from the critics: a port that mixes them up gives other numbers
+        for p in agent.critic_target.parameters():
+            p.add_(0.3 * torch.randn_like(p))
     batch = dict(obs=torch.randn(8, 6), actions=torch.rand(8, 10) * 2 - 1, R=-torch.rand(8), mask=torch.ones(8),
                  next_obs=torch.randn(8, 6))
     return args, agent, batch
@@ -361,6 +366,7 @@ def test_each_update_starts_from_zero_gradients():
             assert torch.equal(p.grad, torch.ones_like(p)), f"update {step}: gradients accumulated"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("FMQ_SLOW"), reason="slow (torch.compile): set FMQ_SLOW=1")
 def test_compiled_losses_match_eager(monkeypatch):
     import torch._inductor.config
@@ -430,15 +436,16 @@ def test_td_target_current_critic_selects_target_critic_values(agg, next_q):
 def test_acting_selects_by_mean_offline_and_by_min_online(online, target, expected):
     """Official agents: the offline agent's best-of-N uses q_agg (mean: e_0), the FMQ agent's the min (e_1), the
     FlowMapPolicy kept online (flow-map, QC) the mean; MVP here the mean too."""
-    args = fmq.Args(best_of_n=4, online_target=target)
-    agent = SimpleNamespace(actor=candidate_actor(2), critic=CURRENT, u_off=object() if online else None)
+    args = fmq.Args(best_of_n=3, online_target=target)  # N samples e_0, e_1, e_2 (N is not qgbs_m = 4)
+    agent = SimpleNamespace(actor=candidate_actor(2, n=3), critic=CURRENT, u_off=object() if online else None)
     torch.testing.assert_close(fmq.select_action(agent, torch.zeros(2, 6), "best-of-n", args), E4[[expected] * 2])
 
 
 def fmq_stand_ins(critic, u_off=0.0, actor=None, **kw):
     """An agent for fmq_loss with stand-in critics, a constant u_off, and an actor returning `actor` (or 0)."""
-    args = fmq.Args(**kw)
-    agent = SimpleNamespace(critic=critic, u_off=lambda obs, a, r, t: torch.full_like(a, u_off),
+    args = fmq.Args(**kw)  # the target critics guide the other way: guiding with them gives other numbers
+    agent = SimpleNamespace(critic=critic, critic_target=lambda obs, a: -critic(obs, a),
+                            u_off=lambda obs, a, r, t: torch.full_like(a, u_off),
                             actor=lambda obs, a, r, t: torch.zeros_like(a) if actor is None else actor.expand_as(a))
     return agent, args
 
@@ -566,6 +573,7 @@ def test_one_update_steps_on_the_summed_loss_at_pre_update_parameters(monkeypatc
         assert steps.max().item() == pytest.approx(args.lr, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_no_online_update_before_start_training(tmp_path, monkeypatch, ogb):
     """Official main.py updates at online step i (1-based) when i >= start_training: with 5 offline and 10 online
     steps and start_training 4, 5 + 7 = 12 updates."""
@@ -606,6 +614,7 @@ def mode_fractions(x):
     return [((x - m).abs() < 0.2).float().mean().item() for m in (-MODE, MODE)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target", ["mvp", "flow-map"])
 def test_mvp_and_flow_map_targets_keep_both_modes(target, monkeypatch):
     """Online updates through `update` on a 1-d toy (s = 0), best_of_n patched to a fixed set. MVP trains toward a*
@@ -629,6 +638,7 @@ def test_mvp_and_flow_map_targets_keep_both_modes(target, monkeypatch):
     assert min(mode_fractions(x)) >= 0.3
 
 
+@pytest.mark.slow
 def test_qc_behaviour_flow_euler_steps_give_both_modes_one_step_their_mean():
     """QC's actor (--flow-map-loss none: flow matching only, raw time input): 10 Euler steps of u(a, t, t) reproduce
     both modes of +-0.9 data; one Euler step from t = 0 lands on E[a_1 - a_0 | a_0] + a_0, their mean."""
@@ -821,6 +831,7 @@ def strip_timing(rows):
     return [{k: v for k, v in r.items() if k not in ("sps", "time")} for r in rows]
 
 
+@pytest.mark.slow
 def test_tiny_run_end_to_end_and_deterministic(tmp_path, ogb):
     final = fmq.main(tiny_args(tmp_path / "a", ogb))
     run = tmp_path / "a" / "runs" / "scene-t5__fmq__0"
@@ -838,6 +849,7 @@ def test_tiny_run_end_to_end_and_deterministic(tmp_path, ogb):
     assert strip_timing(read_csv(run_b / "eval.csv")) == strip_timing(evals)
 
 
+@pytest.mark.slow
 def test_online_from_offline_checkpoint_with_qgbs_and_mvp_target(tmp_path, ogb):
     fmq.main(tiny_args(tmp_path, ogb, online_steps=0, offline_steps=10, eval_interval=10))
     ckpt = tmp_path / "runs" / "scene-t5__fmq__0" / "checkpoints" / "step_000000010.pt"
@@ -851,6 +863,7 @@ def test_online_from_offline_checkpoint_with_qgbs_and_mvp_target(tmp_path, ogb):
         fmq.main(bad)
 
 
+@pytest.mark.slow
 def test_cli_smoke_cube_double(tmp_path, ogbench_data):
     code, err = run_cli("--env-id", "cube-dbl-t3", "--dataset-dir", ogbench_data("cube-double-play-v0"), "--runs-dir",
                         str(tmp_path), "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--best-of-n",
@@ -994,12 +1007,14 @@ def checkpoint_step(run):
     (["--qgbs-m", "0"], "QGBS needs --qgbs-m >= 1"),
     (["--resume", "/nonexistent/run"], "no checkpoint in /nonexistent/run/checkpoints"),
 ])
+@pytest.mark.slow
 def test_bad_flags_give_one_clear_line(flags, message):
     code, err = run_cli(*flags)
     assert code != 0 and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("fmq: error: ") and message in err
 
 
+@pytest.mark.slow
 def test_horizon_longer_than_episode(tmp_path, ogb):
     code, err = run_cli("--dataset-dir", ogb, "--horizon", "800", "--runs-dir", str(tmp_path))
     assert code != 0 and "Traceback" not in err and "--horizon 800 must be shorter than the episode (750 steps)" in err
@@ -1018,6 +1033,7 @@ def test_missing_ogbench_dataset_names_the_path(tmp_path, monkeypatch):
         fmq.load_dataset(fmq.env_spec("cube-trl-t3"), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_dataset_that_does_not_match_the_env(tmp_path, ogb):
     os.symlink(Path(ogb) / "scene-play-v0.npz", tmp_path / "cube-double-play-v0.npz")
     os.symlink(Path(ogb) / "scene-play-v0-val.npz", tmp_path / "cube-double-play-v0-val.npz")
@@ -1025,6 +1041,7 @@ def test_dataset_that_does_not_match_the_env(tmp_path, ogb):
         fmq.main(tiny_args(tmp_path, tmp_path, env_id="cube-dbl-t3"))
 
 
+@pytest.mark.slow
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, ogb):
     real = fmq.critic_loss
 
@@ -1052,6 +1069,7 @@ def resume_flags(dataset_dir):
              "--deterministic", "--resume", "auto"]
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, ogb):
     flags = resume_flags(ogb)
     run_b = tmp_path / "b" / "scene-t5__fmq__0"
@@ -1072,6 +1090,523 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, ogb):
         assert steps == sorted(set(steps)), "duplicated or unordered rows"
         assert strip_timing(a) == strip_timing(b)
     assert (tmp_path / "a" / "scene-t5__fmq__0" / "final.json").read_text() == (run_b / "final.json").read_text()
+
+
+# ---------------------------------------------------------------- a tiny env and a synthetic dataset: main in seconds
+# What `main` does around the updates (warm-up, the reward it stores, truncation, the phase switch, success counting,
+# evaluation seeds across waves, resume) is checked on an env whose every answer is known, with small nets.
+TINY_LIMIT = 12  # the tiny env's time limit
+
+
+class TinyEnv:
+    """gymnasium's API with known answers. Observation (3,): [t / 12, k / 12, mean of the last action]; action (2,)
+    in [-1, 1]. An episode reset with seed s succeeds at step k = 3 + s % 5 (terminated, info success), except when
+    s % 4 == 3: it never succeeds and is truncated at step 12. The env's reward at step t is -min(2, k - t) (-2 all
+    along an episode that fails). Every action taken is kept in `actions`; a step after the end raises."""
+
+    def __init__(self):
+        import gymnasium
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (3,), np.float32)
+        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, (2,), np.float32)
+        self.spec = SimpleNamespace(max_episode_steps=TINY_LIMIT)
+        self.actions, self.t = [], None
+
+    def obs(self, last=0.0):
+        return np.float32([self.t / TINY_LIMIT, min(self.k, TINY_LIMIT) / TINY_LIMIT, last])
+
+    def reset(self, seed=None):
+        self.t, self.k = 0, np.inf if seed % 4 == 3 else 3 + seed % 5
+        return self.obs(), {}
+
+    def step(self, action):
+        if self.t is None:
+            raise RuntimeError("TinyEnv: step after the episode ended (reset first)")
+        self.actions.append(np.array(action))
+        self.t += 1
+        success = self.t == self.k
+        ob, reward, trunc = self.obs(float(np.mean(action))), -float(min(2, self.k - self.t)), self.t >= TINY_LIMIT
+        if success or trunc:
+            self.t = None
+        return ob, reward, success, trunc and not success, {"success": success}
+
+
+def tiny_rewards(k, steps):
+    """The tiny env's rewards over the first `steps` steps of an episode that succeeds at k (np.inf: never)."""
+    return [-float(min(2, k - t)) for t in range(1, steps + 1)]
+
+
+def tiny_dataset(n=60):
+    """Synthetic offline data for the tiny env: trajectories of 10 steps that succeed at their last step (reward
+    -2, ..., -1, 0; mask 0 at the success), random observations and actions (seeded)."""
+    rng = np.random.default_rng(0)
+    t = np.arange(n) % 10
+    rewards = -np.minimum(2, 9 - t).astype(np.float32)
+    obs = rng.uniform(-1, 1, (n + 1, 3)).astype(np.float32)
+    return dict(observations=obs[:-1], actions=rng.uniform(-1, 1, (n, 2)).astype(np.float32), rewards=rewards,
+                masks=(rewards != 0).astype(np.float32), next_observations=obs[1:], ends=(t == 9).astype(np.float32))
+
+
+@pytest.fixture
+def tiny_env(monkeypatch):
+    """main on TinyEnv and tiny_dataset (env id 'tiny'); call it with the ENVS reward transform to use."""
+    def use(reward=None):
+        monkeypatch.setattr(fmq, "env_spec", lambda env_id: dict(suite="tiny", name="tiny", reward=reward))
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None: TinyEnv())
+    monkeypatch.setattr(fmq, "load_dataset", lambda spec, dataset_dir: (tiny_dataset(), None))
+    use()
+    return use
+
+
+def tiny_env_args(tmp_path, **kw):
+    """10 offline and 30 online steps, horizon 3, 5 eval episodes in waves of 2, a checkpoint every 10 steps."""
+    base = dict(env_id="tiny", runs_dir=str(tmp_path / "runs"), hidden_dim=16, num_layers=2, time_dim=4, batch_size=8,
+                best_of_n=2, horizon=3, offline_steps=10, online_steps=30, eval_interval=20, eval_episodes=5,
+                eval_envs=2, log_interval=5, save_interval=10, keep_checkpoints=10, curriculum_start=3,
+                curriculum_end=8, device="cpu", deterministic=True, start_training=1)
+    return fmq.Args(**{**base, **kw})
+
+
+def recording_buffer(monkeypatch):
+    """Patches fmq.ReplayBuffer to keep every buffer main makes, and the rows it adds (obs, action, reward, mask,
+    next_obs, end): (buffers, rows)."""
+    buffers, rows = [], []
+
+    class Recording(fmq.ReplayBuffer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            buffers.append(self)
+
+        def add(self, obs, action, reward, mask, next_obs, end):
+            rows.append((np.array(obs), np.array(action), reward, mask, np.array(next_obs), bool(end)))
+            return super().add(obs, action, reward, mask, next_obs, end)
+    monkeypatch.setattr(fmq, "ReplayBuffer", Recording)
+    return buffers, rows
+
+
+def tiny_k(seed):
+    """The step where a TinyEnv episode reset with `seed` succeeds (np.inf: never)."""
+    return np.inf if seed % 4 == 3 else 3 + seed % 5
+
+
+@pytest.mark.parametrize("reward,sparse,seed", [(None, False, 0), ("sparse", False, 0), ("minus_one", False, 0),
+                                                ("minus_one", True, 1), (None, True, 2)])
+def test_main_stores_the_reward_training_uses_masks_and_ends(tmp_path, monkeypatch, tiny_env, reward, sparse, seed):
+    """30 online steps; training episode i resets with seed * 1_000_003 + i (seed 0: successes at 3, 4, 5, a
+    truncation at 12, then 6 steps of the fifth). Stored: the ENVS transform then --sparse's of the env's reward
+    (offline data too), mask 0 only at a success (a truncation stays alive), an episode end at each success and
+    truncation, the observation the env gave before the action and after it."""
+    tiny_env(reward)
+    buffers, rows = recording_buffer(monkeypatch)
+    fmq.main(tiny_env_args(tmp_path, sparse=sparse, seed=seed, eval_interval=1000, keep_checkpoints=2))
+    ckpts = (tmp_path / "runs" / f"tiny__fmq__{seed}" / "checkpoints").glob("*.pt")
+    assert sorted(p.name for p in ckpts) == ["step_000000030.pt", "step_000000040.pt"]  # every 10 steps, 2 kept
+    transform = {None: lambda r: r, "sparse": lambda r: -float(r != 0), "minus_one": lambda r: r - 1}[reward]
+    final = (lambda r: -float(r != 0)) if sparse else (lambda r: r)
+    raw, masks, ends, t = [], [], [], []
+    for i in range(30):
+        k = tiny_k(seed * 1_000_003 + i)
+        n = min(k, TINY_LIMIT)
+        raw, t = raw + tiny_rewards(k, n), t + list(range(n))
+        masks, ends = masks + [1.0] * (n - 1) + [float(k > TINY_LIMIT)], ends + [False] * (n - 1) + [True]
+    if seed == 0:
+        assert ends.index(True, 12) == 23 and masks[:24].count(0.0) == 3  # 3 successes, then a truncation
+    assert [r[2] for r in rows] == [final(transform(r)) for r in raw[:30]]
+    assert [r[3] for r in rows] == masks[:30] and [r[5] for r in rows] == ends[:30]
+    obs, actions, next_obs = (np.stack([r[j] for r in rows]) for j in (0, 1, 4))
+    np.testing.assert_allclose(obs[:, 0] * TINY_LIMIT, t[:30], atol=1e-5)
+    np.testing.assert_allclose(next_obs[:, 0] * TINY_LIMIT, np.add(t[:30], 1), atol=1e-5)
+    np.testing.assert_allclose(next_obs[:, 2], actions.mean(1), atol=1e-6)
+    offline = tiny_dataset()["rewards"]
+    np.testing.assert_array_equal(buffers[0].data["rewards"][:60].numpy(), [final(transform(r)) for r in offline])
+
+
+def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, monkeypatch, tiny_env):
+    """Updates at offline steps 0..9, then from online step start_training (1-based, official main.py): 10 + 3 = 13.
+    u_off is the actor as it is at the phase switch (step 10), frozen after. train.csv's episode success is the last
+    finished episode's; each evaluation runs eval seeds 10000..10004 in waves of 2, 2, 1: success at steps 3, 4, 5,
+    never (12 steps, 10003 % 4 == 3), 7: success 0.8, length 6.2, whatever the policy."""
+    real, calls, acts, real_act = fmq.update, [], [], fmq.act
+    monkeypatch.setattr(fmq, "update", lambda agent, batch, step, *a: calls.append(int(step)) or real(
+        agent, batch, step, *a))
+    _, rows = recording_buffer(monkeypatch)
+
+    def act(agent, obs, *a):
+        chunk = real_act(agent, obs, *a)
+        if len(a) == 2:  # (sampler, args), no eval generator: acting in the training env; the online steps done
+            acts.append((len(rows), chunk[0]))
+        return chunk
+    monkeypatch.setattr(fmq, "act", act)
+    final = fmq.main(tiny_env_args(tmp_path, start_training=4))
+    assert calls == list(range(10)) + list(range(13, 40))
+    # a new chunk of 3 actions at each episode start (online steps 0, 3, 7, 12, 24 done) and after each 3 actions
+    assert [n for n, _ in acts] == [0, 3, 6, 7, 10, 12, 15, 18, 21, 24, 27]
+    for (n, chunk), (m, _) in zip(acts, acts[1:] + [(30, None)]):  # the env gets each chunk's actions in order
+        np.testing.assert_array_equal(np.stack([r[1] for r in rows[n:m]]), chunk[:m - n])
+    run = tmp_path / "runs" / "tiny__fmq__0"
+    switch, last = (torch.load(run / "checkpoints" / f"step_{s:09d}.pt", weights_only=False) for s in (10, 40))
+    assert switch["u_off"] is not None and all(torch.equal(switch["u_off"][k], v) for k, v in switch["actor"].items())
+    assert all(torch.equal(last["u_off"][k], v) for k, v in switch["actor"].items())
+    assert not all(torch.equal(last["actor"][k], v) for k, v in switch["actor"].items())
+    train = read_csv(run / "train.csv")
+    assert [int(r["step"]) for r in train] == list(range(5, 45, 5))
+    # online steps 5, 10, 15, ..: episodes end at online steps 3 (success), 7 (success), 12 (success), 24 (truncated)
+    assert [r["env/episode_success"] for r in train] == ["", "", "1.0", "1.0", "1.0", "1.0", "0.0", "0.0"]
+    assert [r["phase"] for r in train] == ["offline"] * 2 + ["online"] * 6
+    assert [(r["actor/diag_loss"] != "", r["actor/fmq_loss"] != "") for r in train] == [(True, False)] * 2 + [
+        (False, True)] * 6  # the offline loss up to the phase switch, FMQ's after it
+    evals = read_csv(run / "eval.csv")
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "online"), (20, "online"),
+                                                            (40, "online")]
+    assert [(float(r["success"]), float(r["length"])) for r in evals] == [(0.8, 6.2)] * 4
+    assert [int(r["env_steps"]) for r in evals] == [0, 0, 10, 30]
+    assert [int(r["env_steps"]) for r in train] == [0, 0, 5, 10, 15, 20, 25, 30]
+    assert (final["step"], final["success"]) == (40, 0.8)
+
+
+@pytest.mark.parametrize("seed,episodes,eval_envs", [(0, 5, 1), (0, 5, 2), (0, 5, 3), (0, 5, 5), (1, 4, 3)])
+def test_evaluate_seeds_each_episode_whatever_the_waves(seed, episodes, eval_envs):
+    """Episode i resets with seed + 10_000 + i in any wave layout; success and length are the means over all the
+    episodes (seed 0: successes at 3, 4, 5, never (12 steps), 7: 0.8 and 6.2; seed 1: 4, 5, never, 7: 0.75 and 7).
+    The policy noise comes from a generator seeded with seed + 10_000: the first chunk is exactly the one drawn from
+    it, and the global RNG does not change it."""
+    args = tiny_env_args(Path("."), eval_episodes=episodes, eval_envs=eval_envs, seed=seed)
+    torch.manual_seed(0)
+    agent = fmq.make_agent(args, 3, 2 * args.horizon, "cpu")
+    envs = [TinyEnv() for _ in range(eval_envs)]
+    res = fmq.evaluate(agent, envs, args, "onestep")
+    assert (res["success"], res["length"]) == {(0, 5): (0.8, 6.2), (1, 4): (0.75, 7.0)}[seed, episodes]
+    ks = [tiny_k(seed + 10_000 + i) for i in range(episodes)]
+    assert res["return" if "return" in res else "return_env"] == pytest.approx(np.mean(
+        [sum(tiny_rewards(k, min(k, TINY_LIMIT))) for k in ks]))
+    first = fmq.act(agent, np.stack([TinyEnv().reset(seed=seed + 10_000 + i)[0] for i in range(eval_envs)]),
+                    "onestep", args, torch.Generator().manual_seed(seed + 10_000))
+    np.testing.assert_array_equal(np.stack([e.actions[0] for e in envs]), first[:, 0])
+    torch.manual_seed(123)  # another global RNG state: the same evaluation
+    again = [TinyEnv() for _ in range(eval_envs)]
+    fmq.evaluate(agent, again, args, "onestep")
+    assert all(np.array_equal(np.stack(a.actions), np.stack(b.actions)) for a, b in zip(envs, again))
+
+
+def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, tiny_env):
+    """A NaN critic loss from step 25 on: the run stops at the next check (the log at step 30) naming the loss, the
+    step and the last good checkpoint (step 20), and saves nothing after it."""
+    real = fmq.critic_loss
+
+    def poisoned(agent, batch, *a):
+        loss, info = real(agent, batch, *a)
+        poisoned.calls += 1
+        return (loss * float("nan"), info) if poisoned.calls > 25 else (loss, info)
+    poisoned.calls = 0
+    monkeypatch.setattr(fmq, "critic_loss", poisoned)
+    run = tmp_path / "runs" / "tiny__fmq__0"
+    with pytest.raises(fmq.FMQError, match=f"non-finite critic/loss.* at step 25; .*{run}/checkpoints/step_0+20.pt"):
+        fmq.main(tiny_env_args(tmp_path))
+    assert fmq.latest_checkpoint(run).name == "step_000000020.pt"
+    ckpt = torch.load(run / "checkpoints" / "step_000000020.pt", weights_only=False)
+    assert ckpt["step"] == 20 and all(torch.isfinite(p).all() for p in ckpt["critic"].values())
+
+
+def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buffer(tmp_path, monkeypatch, tiny_env):
+    """A run killed in the update of step 37 (its checkpoint: step 30; train.csv already has step 35; episodes ended at
+    online steps 3, 7, 12, 24, the fourth is replayed from its start; the buffer of 61 rows wrapped) and resumed ends
+    exactly as the uninterrupted run: the same csv rows (step 35 logged once), the same networks, the same result."""
+    args = lambda d: tiny_env_args(tmp_path / d, buffer_size=0, start_training=2, resume="auto")  # noqa: E731
+    buffers, _ = recording_buffer(monkeypatch)
+    fmq.main(args("a"))
+    real = fmq.update
+
+    class Killed(Exception):
+        pass
+
+    def killed_at_37(agent, batch, step, *a):
+        if int(step) == 37:
+            raise Killed
+        return real(agent, batch, step, *a)
+    monkeypatch.setattr(fmq, "update", killed_at_37)
+    with pytest.raises(Killed):
+        fmq.main(args("b"))
+    run_a, run_b = (tmp_path / d / "runs" / "tiny__fmq__0" for d in "ab")
+    assert buffers[-1].cap == 61 and buffers[-1].written == 60 + 28  # wrapped before the kill
+    assert fmq.latest_checkpoint(run_b).name == "step_000000030.pt"
+    assert int(read_csv(run_b / "train.csv")[-1]["step"]) == 35  # a row past the checkpoint
+    monkeypatch.setattr(fmq, "update", real)
+    fmq.main(args("b"))
+    for name in ("train.csv", "eval.csv"):
+        a, b = read_csv(run_a / name), read_csv(run_b / name)
+        assert [int(r["step"]) for r in b] == [int(r["step"]) for r in a]
+        assert strip_timing(a) == strip_timing(b)
+    ckpt_a, ckpt_b = (torch.load(r / "checkpoints" / "step_000000040.pt", weights_only=False) for r in (run_a, run_b))
+    for k in ("actor", "critic", "critic_target", "u_off"):
+        assert all(torch.equal(ckpt_a[k][n], v) for n, v in ckpt_b[k].items()), k
+    assert (run_a / "final.json").read_text() == (run_b / "final.json").read_text()
+
+
+# ---------------------------------------------------------------- known answers where a port goes wrong
+# Each test computes a number that a wrong constant, aggregation, network role, order or sign changes.
+@pytest.mark.parametrize("agg,loss,target", [("mean", 2.6265093, 0.1386667), ("min", 11.3745093, -1.8053333)])
+def test_critic_loss_is_the_mean_squared_td_error_of_every_member(agg, loss, target):
+    """Official critic_loss: mean over members and batch of (Q_i(s, a) - y)^2, y the TD target of
+    test_td_target_current_critic_selects_target_critic_values (mean: -1 + .729 * 2, .5, -2 + .729 * 2; min: with -2).
+    Q_1, Q_2 at the batch's actions e_0, e_1, e_2: (4, 1, 0) and (-1, 1, 0). The loss of the aggregated Q, or a sum,
+    or a target from the current critics gives another number."""
+    agent = SimpleNamespace(actor=candidate_actor(3), critic=CURRENT, critic_target=TARGET)
+    batch = dict(td_batch(), obs=torch.zeros(3, 6), actions=E4[[0, 1, 2]])
+    value, info = fmq.critic_loss(agent, batch, 0.9, 3, agg, 4)
+    assert value.item() == pytest.approx(loss, rel=1e-6)
+    assert info["critic/q"].item() == pytest.approx(5 / 6, rel=1e-6)
+    assert info["critic/target"].item() == pytest.approx(target, rel=1e-5)
+
+
+@pytest.mark.parametrize("online,target,q_agg,expected", [
+    (False, "fmq", None, 1), (True, "fmq", None, 1), (False, "mvp", None, 0), (True, "mvp", None, 0),
+    (True, "flow-map", None, 0), (False, "flow-map", "min", 1), (True, "fmq", "mean", 0)])
+def test_qgbs_ranks_by_the_online_aggregation_with_or_without_u_off(online, target, q_agg, expected):
+    """QGBS (K = 0, no eta step: the best of the M = 4 samples e_0..e_3) ranks by the online aggregation, also for an
+    offline agent: min for FMQ (e_1), mean for MVP and flow-map (e_0), --online-q-agg if given."""
+    args = fmq.Args(online_target=target, online_q_agg=q_agg, qgbs_m=4, qgbs_k=0, qgbs_k0_step=False)
+    agent = SimpleNamespace(actor=candidate_actor(2), critic=CURRENT, u_off=object() if online else None)
+    torch.testing.assert_close(fmq.select_action(agent, torch.zeros(2, 6), "qgbs", args), E4[[expected] * 2])
+
+
+@pytest.mark.parametrize("q_agg,expected", [(None, 0), ("min", 1)])
+def test_mvp_target_is_the_best_of_n_under_the_mvp_aggregation(q_agg, expected):
+    """MVP's a*: best of N one-step samples under the critics, mean (e_0) unless --online-q-agg min (e_1)."""
+    args = fmq.Args(online_target="mvp", online_q_agg=q_agg, best_of_n=3)
+    agent = SimpleNamespace(actor=candidate_actor(3, n=3), critic=CURRENT)
+    torch.testing.assert_close(fmq.mvp_target(agent, torch.zeros(3, 6), args), E4[[expected] * 3])
+
+
+@pytest.mark.parametrize("online,target,offline_agg,online_agg,expected", [
+    (False, "fmq", "mean", None, "mean"), (False, "fmq", "min", None, "min"), (True, "fmq", "mean", None, "min"),
+    (True, "mvp", "min", None, "mean"), (True, "flow-map", "min", None, "mean"), (True, "mvp", "mean", "min", "min")])
+def test_update_takes_each_methods_td_target_aggregation(online, target, offline_agg, online_agg, expected):
+    """The TD target's aggregation in `update`: offline_q_agg offline; online the method's (FMQ min, MVP and
+    flow-map mean) or --online-q-agg. The critic loss also gets the discount, horizon and N of the run."""
+    args, agent, batch = small_agent(online_target=target, offline_q_agg=offline_agg, online_q_agg=online_agg,
+                                     discount=0.9, horizon=3, best_of_n=3)
+    if not online:
+        agent.u_off = None
+    seen = []
+
+    def critic(agent, batch, discount, horizon, agg, n):
+        seen.append((discount, horizon, agg, n))
+        return fmq.critic_loss(agent, batch, discount, horizon, agg, n)
+    fmq.update(agent, batch, 0, args, dict(fmq.make_losses(), critic=critic))
+    assert seen == [(0.9, 3, expected, 3)]
+
+
+@pytest.mark.parametrize("online,target,fits", [(True, "mvp", "a_star"), (True, "flow-map", "data"),
+                                                (False, "mvp", "data"), (False, "fmq", "data"), (True, "fmq", None)])
+def test_each_method_fits_its_actor_loss_to_its_own_actions(online, target, fits, monkeypatch):
+    """Online, MVP fits the offline loss to a* (the best of N under the critics), the official no-FMQ path (flow-map,
+    QC) to the buffer's actions, FMQ takes its own loss; offline every method fits the data."""
+    args, agent, batch = small_agent(online_target=target)
+    if not online:
+        agent.u_off = None
+    a_star = torch.full_like(batch["actions"], 0.25)
+    monkeypatch.setattr(fmq, "best_of_n", lambda actor, q_fn, obs, n, generator=None: (a_star[:len(obs)], None))
+    seen = []
+    losses = fmq.make_losses()
+    losses.update(flow_map=lambda actor, obs, a, *r: (seen.append(("flow_map", a)), fmq.flow_map_loss(
+        actor, obs, a, *r))[1], fmq=lambda agent, obs, a, args: (seen.append(("fmq", a)), fmq.fmq_loss(
+            agent, obs, a, args))[1])
+    fmq.update(agent, batch, 0, args, losses)
+    (kind, a), = seen
+    assert kind == ("fmq" if fits is None else "flow_map")
+    assert torch.equal(a, a_star if fits == "a_star" else batch["actions"])
+
+
+def test_polyak_before_the_optimiser_step_is_seen_at_a_large_lr():
+    """With lr 0.1 the critic moves ~0.1 per step, so a Polyak step taken after the optimiser step (or with 1 - tau)
+    lands ~5e-4 away from tau toward the pre-update critic: far outside the tolerance (float32 rounding, 1e-7)."""
+    args, agent, batch = small_agent(lr=0.1)
+    with torch.no_grad():
+        for p in agent.critic_target.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    before = [p.clone() for p in agent.critic_target.parameters()]
+    critic_before = [p.clone() for p in agent.critic.parameters()]
+    fmq.update(agent, batch, 0, args, fmq.make_losses())
+    for p_t, p_b, p, p_new in zip(agent.critic_target.parameters(), before, critic_before, agent.critic.parameters()):
+        torch.testing.assert_close(p_t, p_b + 0.005 * (p - p_b), atol=1e-7, rtol=1e-6)
+        assert (p_new - p).abs().max() > 0.05  # the optimiser step is large
+
+
+def reference_qgbs(jump, q, obs, a_0, eps, rho, eta, complete):
+    """Alg. 2 for one state, written as a loop: M one-step samples; each round re-noise every beam member B times to
+    t', complete, keep the top-M by Q, then move each by eta * grad Q / ||grad Q||; return the best of the beam."""
+    t_p, M = rho / (1 + rho), len(a_0)
+    beam = [jump(a[None], 0.0, obs[None]).clamp(-1, 1)[0] for a in a_0]
+    for e in eps:  # one round: e is [M, B, d]
+        cands = [complete((t_p * beam[m] + (1 - t_p) * e[m, b])[None], t_p, obs[None]).clamp(-1, 1)[0]
+                 for m in range(M) for b in range(e.shape[1])]
+        qs = [q(obs[None], c[None])[0].item() for c in cands]
+        beam = []
+        for j in sorted(range(len(cands)), key=lambda j: -qs[j])[:M]:
+            a = cands[j].clone().requires_grad_(True)
+            g, = torch.autograd.grad(q(obs[None], a[None])[0], a)
+            beam.append((cands[j] + eta * g / (g.norm() + 1e-8)).clamp(-1, 1))
+    return max(beam, key=lambda a: q(obs[None], a[None])[0].item())
+
+
+@pytest.mark.parametrize("K,eta", [(1, 0.3), (2, 0.3), (2, 0.05)])
+def test_qgbs_equals_alg2_written_as_a_loop_top_m_then_eta_step(K, eta, monkeypatch):
+    """Alg. 2's order on distinct candidates and eta > 0: top-M of the completions, then the eta step, each round
+    (stepping before the selection, or the candidates instead of the beam, gives other actions). The noise is the
+    batched call's own, replayed per state."""
+    obs, M, B, rho = make_obs(batch=3), 3, 2, 1.5
+    real_randn, draws = torch.randn, []
+    monkeypatch.setattr(torch, "randn", lambda *a, **k: draws.append(real_randn(*a, **k)) or draws[-1])
+    complete = lambda a, t, o: a + (1 - t) * toy_jump(a, t, o)  # noqa: E731
+    actions, _ = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=M, K=K, B=B, rho=rho, eta=eta, generator=gen(2),
+                           complete=complete)
+    assert len(draws) == 1 + K
+    with torch.enable_grad():
+        for i in range(3):
+            expected = reference_qgbs(toy_jump, toy_q, obs[i], draws[0][i], [e[i] for e in draws[1:]], rho, eta,
+                                      complete)
+            torch.testing.assert_close(actions[i], expected)
+
+
+def test_select_action_hands_qgbs_its_own_settings():
+    """M, K, B, rho, eta of QGBS are --qgbs-*, not best_of_n or eta; the official completion is one Euler step of
+    the diagonal velocity from t' (a + (1 - t') u(a, t', t')), Alg. 2's the jump a + (1 - t') u(a, t', 1)."""
+    seen = {}
+
+    def actor(obs, a, r, t):
+        return torch.full_like(a, t if isinstance(t, float) else 0.0)
+    actor.act_dim, actor.euler_steps = 2, 0
+    agent = SimpleNamespace(actor=actor, critic=CURRENT, u_off=None)
+    real = fmq.qgbs_lib.qgbs
+    for completion in ("euler", "flow-map"):
+        args = fmq.Args(qgbs_m=3, qgbs_k=2, qgbs_b=5, qgbs_rho=0.7, qgbs_eta=0.11, qgbs_k0_step=False, best_of_n=7,
+                        eta=0.9, qgbs_completion=completion)
+        fmq.qgbs_lib.qgbs = lambda jump, q, obs, **kw: (seen.update(kw, jump=jump), (obs[:, :2], None))[1]
+        try:
+            fmq.select_action(agent, torch.zeros(4, 6), "qgbs", args)
+        finally:
+            fmq.qgbs_lib.qgbs = real
+        assert {k: seen[k] for k in ("M", "K", "B", "rho", "eta", "k0_step")} == dict(
+            M=3, K=2, B=5, rho=0.7, eta=0.11, k0_step=False)
+        a, s = torch.zeros(4, 2), torch.zeros(4, 6)
+        torch.testing.assert_close(seen["jump"](a, 0.6, s), a + 0.4)
+        if completion == "euler":
+            torch.testing.assert_close(seen["complete"](a, 0.6, s), a + 0.4 * 0.6)
+        else:
+            assert seen["complete"] is None
+
+
+def test_fmq_r_is_uniform_per_sample_and_the_same_for_u_off_and_the_actor():
+    """Alg. 1, line 5: r ~ U[0, 1), one per sample; u_off and u_theta see the same r (and t = 1)."""
+    seen = {}
+    agent, args = fmq_stand_ins(lambda obs, a: a.sum(-1).expand(2, -1))
+    agent.u_off = lambda obs, a, r, t: (seen.update(u_off=(r, t)), torch.zeros_like(a))[1]
+    agent.actor = lambda obs, a, r, t: (seen.update(actor=(r, t)), torch.zeros_like(a))[1]
+    torch.manual_seed(0)
+    fmq.fmq_loss(agent, torch.zeros(40_000, 1), torch.zeros(40_000, 2), args)
+    (r, t), (r_actor, t_actor) = seen["u_off"], seen["actor"]
+    assert torch.equal(r, r_actor) and t == t_actor == 1.0 and r.shape == (40_000, 1)
+    assert 0 <= r.min() and r.max() < 1 and len(r.unique()) > 39_000
+    assert r.mean().item() == pytest.approx(0.5, abs=0.01) and r.var().item() == pytest.approx(1 / 12, abs=0.003)
+    assert (r < 0.1).float().mean().item() == pytest.approx(0.1, abs=0.01)
+
+
+def test_flow_matching_time_is_uniform_per_sample():
+    """The diagonal loss's t ~ U[0, 1], one per sample, fed as both r and t."""
+    seen = []
+    actor = lambda obs, a, r, t: (seen.append((r, t)), torch.zeros_like(a))[1]  # noqa: E731
+    torch.manual_seed(0)
+    fmq.flow_map_loss(actor, torch.zeros(40_000, 1), torch.zeros(40_000, 2), 0, fmq.Args(flow_map_loss="none"))
+    (r, t), = seen
+    assert torch.equal(r, t) and r.shape == (40_000, 1) and len(r.unique()) > 39_000
+    assert r.mean().item() == pytest.approx(0.5, abs=0.01) and r.var().item() == pytest.approx(1 / 12, abs=0.003)
+
+
+@pytest.mark.parametrize("kind", ["eulerian", "lagrangian", "progressive"])
+def test_flow_map_loss_vanishes_for_the_exact_flow_map_of_point_mass_data(kind):
+    """With a_1 = MU always, the exact flow map from N(0, I) has zero diagonal loss (its u(a_t, t, t) is a_1 - a_0)
+    and zero self-distillation loss: a reversed interpolation or target, or a wrong time argument, does not."""
+    actor = gaussian_flow_map(sigma=torch.zeros(3, dtype=torch.float64))
+    args = fmq.Args(flow_map_loss=kind, curriculum_start=10, curriculum_end=20)
+    torch.manual_seed(0)
+    loss, info = fmq.flow_map_loss(actor, torch.zeros(512, 1, dtype=torch.float64), MU.expand(512, 3), 30, args)
+    assert info["actor/diag_loss"].item() < 1e-12 and info["actor/distill_loss"].item() < 1e-12
+    wrong = gaussian_flow_map(wrong=1.3, sigma=torch.zeros(3, dtype=torch.float64))
+    loss, info = fmq.flow_map_loss(wrong, torch.zeros(512, 1, dtype=torch.float64), MU.expand(512, 3), 30, args)
+    assert info["actor/diag_loss"].item() > 1e-2
+
+
+def test_self_distillation_weight_switches_on_right_after_curriculum_start():
+    """Official: weight 0 up to and at curriculum_start, 1 from the next step on (loss = diag + distill exactly)."""
+    args = fmq.Args(hidden_dim=16, num_layers=2, time_dim=8, curriculum_start=100, curriculum_end=200)
+    actor = fmq.FlowMapActor(4, 3, args)
+    obs, a = torch.randn(8, 4), torch.randn(8, 3)
+    for step, weight in [(99, 0.0), (100, 0.0), (101, 1.0), (200, 1.0), (10 ** 6, 1.0)]:
+        for s in (step, torch.tensor(step)):
+            loss, info = fmq.flow_map_loss(actor, obs, a, s, args)
+            assert info["actor/distill_loss"] > 0
+            expected = info["actor/diag_loss"] + weight * info["actor/distill_loss"]
+            assert loss.item() == pytest.approx(expected.item(), rel=1e-6), (step, weight)
+
+
+def test_sample_r_t_scale_at_the_curriculum_boundaries():
+    """A 4-step curriculum (10 -> 14): the interval [r, t] is scaled by (step - 10) / 4, clamped to [0, 1]; E[t - r]
+    = scale / 3 and E[r] = 1/2 - scale / 6 (an off-by-one step is a quarter of the scale)."""
+    torch.manual_seed(0)
+    args, n = fmq.Args(curriculum_start=10, curriculum_end=14), 100_000
+    for step, scale in [(9, 0.0), (10, 0.0), (11, 0.25), (13, 0.75), (14, 1.0), (15, 1.0)]:
+        r, t = fmq.sample_r_t(n, step, args, "cpu")
+        assert (t - r).mean().item() == pytest.approx(scale / 3, abs=3e-3), step
+        assert r.mean().item() == pytest.approx(0.5 - scale / 6, abs=4e-3), step
+        assert ((r + t) / 2).mean().item() == pytest.approx(0.5, abs=4e-3)
+
+
+@pytest.mark.parametrize("kappa1,beta,expected", [(5.0, 0.3, 0.125), (0.0, 0.3, 0.5)])
+def test_kappa1_floors_the_gradient_norm_in_the_fmq_target(kappa1, beta, expected):
+    """g = grad Q / (||grad Q|| + kappa1) with grad Q = (3, 4): kappa1 5 halves the step (target (.3, .4), loss of a
+    zero actor (.09 + .16) / 2 = .125); kappa1 0: (.6, .8), loss .5. Equal critics: delta 0, beta has no effect."""
+    g = torch.tensor([3.0, 4.0])
+    agent, args = fmq_stand_ins(lambda obs, a: (a @ g).expand(2, -1), eta=1.0, beta=beta, kappa1=kappa1)
+    loss, _ = fmq.fmq_loss(agent, torch.zeros(8, 1), torch.zeros(8, 2), args)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_act_and_the_buffer_keep_a_chunk_in_time_order():
+    """A chunk is h actions of act_dim each, flattened time-major: `act` splits a drawn chunk into [h, act_dim] rows
+    in that order, and a sampled chunk of the buffer holds h consecutive 2-d actions in that order."""
+    chunk = torch.tensor([-0.5, -0.3, -0.1, 0.1, 0.3, 0.5])
+
+    class Fixed(torch.nn.Module):  # every one-step sample a_0 + u(a_0, 0, 1) is `chunk`
+        act_dim, euler_steps = 6, 0
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, obs, a, r, t):
+            return chunk - a
+    agent = SimpleNamespace(actor=Fixed(), critic=CURRENT, u_off=None)
+    np.testing.assert_allclose(fmq.act(agent, np.zeros((2, 3)), "onestep", fmq.Args(horizon=3)),
+                               chunk.view(1, 3, 2).expand(2, 3, 2).numpy(), atol=1e-6)
+    n, v = 12, np.arange(12, dtype=np.float32)
+    data = dict(observations=v[:, None], actions=np.stack([v, 100 + v], 1) / 200, rewards=-np.ones(n),
+                masks=np.ones(n), next_observations=v[:, None] + 1, ends=np.arange(n) % 4 == 3)
+    batch = fmq.ReplayBuffer(data, capacity=n, horizon=3, device="cpu").sample(64, 0.9)
+    s = batch["obs"][:, 0]
+    torch.testing.assert_close(batch["actions"], torch.stack([s, 100 + s, s + 1, 101 + s, s + 2, 102 + s], 1) / 200)
+
+
+def test_defaults_are_the_official_config():
+    """Official configs/config.yaml (and tau of its agents): a wrong default changes every run made with it."""
+    expected = dict(discount=0.99, tau=0.005, lr=3e-4, batch_size=256, hidden_dim=512, num_layers=4, time_dim=64,
+                    num_critics=2, horizon=5, best_of_n=32, eta=1.0, beta=0.3, kappa1=1e-8, curriculum_start=5000,
+                    curriculum_end=50000, start_training=5000, offline_q_agg="mean", online_q_agg=None,
+                    online_target="fmq", flow_map_loss="eulerian", euler_steps=0, guidance_critic="q1",
+                    official_eta=False, actor_layer_norm=False, critic_layer_norm=True, qgbs_m=4, qgbs_k=1, qgbs_b=4,
+                    qgbs_rho=1.5, qgbs_eta=0.3, qgbs_completion="euler", qgbs_k0_step=True, sampler="best-of-n",
+                    train_sampler="best-of-n", buffer_size=2_000_000, sparse=False, offline_steps=1_000_000,
+                    online_steps=1_000_000, eval_episodes=50, seed=0)
+    args = dataclasses.asdict(fmq.Args())
+    assert {k: args[k] for k in expected} == expected
 
 
 # ---------------------------------------------------------------- qgbs.py (Algorithm 2)
@@ -1434,6 +1969,7 @@ def test_report_skips_speedup_without_baseline(tmp_path, capsys):
     assert (tmp_path / "figs" / "learning_curves.png").exists() and not (tmp_path / "figs" / "speedup.png").exists()
 
 
+@pytest.mark.slow
 def test_sweep_dry_run_commands_and_skip(tmp_path):
     runs = tmp_path / "runs"
     (runs / "can__fmq__1").mkdir(parents=True)
@@ -1499,6 +2035,7 @@ def test_sweep_and_report_count_a_folder_only_when_its_config_is_the_cells(tmp_p
            f"is 400, the cell's 1000000)" in out and "scene-t5__mvp__0 not reported" in out
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, ogb):
     run = tmp_path / "scene-t5__fmq__0"
     with Child(*resume_flags(ogb), "--runs-dir", str(tmp_path), watch=tmp_path) as child:
@@ -1522,6 +2059,7 @@ def test_buffer_that_does_not_fit_is_reported_before_training():
 
 
 # ---------------------------------------------------------------- tools/gpu_check.py (the GPU check, here at toy sizes)
+@pytest.mark.slow
 def test_gpu_check_runs_every_step_at_tiny_sizes(tmp_path):
     """The lease's one command, on the CPU: tests, bench, made data, a run SIGKILLed past the phase switch and
     resumed to its end. Its summary names the device and holds the update and real-loop times."""
@@ -1663,6 +2201,7 @@ def rm_file(root, task):
     return root / task / "mh" / "low_dim_v15.hdf5"
 
 
+@pytest.mark.slow
 def test_robomimic_guard_separates_v15_files_from_robosuite_14_ones_and_other_controllers(rm_data):
     import h5py
     v15, v141 = rm_data
@@ -1689,6 +2228,7 @@ def test_robomimic_guard_separates_v15_files_from_robosuite_14_ones_and_other_co
             fmq.load_dataset(fmq.env_spec("can"), str(shared141))
 
 
+@pytest.mark.slow
 def test_robomimic_rewards_or_an_env_that_cannot_be_built_stop_the_run(rm_data, tmp_path):
     import h5py
     import shutil
@@ -1709,6 +2249,7 @@ def test_robomimic_rewards_or_an_env_that_cannot_be_built_stop_the_run(rm_data, 
         fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_robomimic_env_built_from_the_file(rm_data):
     import h5py
     spec = fmq.env_spec("can")
@@ -1726,6 +2267,7 @@ def test_robomimic_env_built_from_the_file(rm_data):
     assert (r, terminated, info["success"]) == (1.0, True, True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["can", "square"])
 def test_robomimic_end_to_end(rm_data, task, tmp_path, monkeypatch):
     monkeypatch.setitem(fmq.ENVS, task, {**fmq.ENVS[task], "max_episode_steps": 40})  # short episodes, same code
@@ -1746,6 +2288,7 @@ def test_robomimic_end_to_end(rm_data, task, tmp_path, monkeypatch):
     assert all(np.isfinite(float(r["critic/loss"])) for r in read_csv(run / "train.csv"))
 
 
+@pytest.mark.slow
 def test_robomimic_dones_end_chunks_as_the_official_terminals(rm_data, tmp_path):
     """Official robomimic loader: terminals = dones (and masks = 1 - dones), so a done inside a demo ends chunks there
     too; each demo's last step ends them anyway."""
@@ -1766,6 +2309,7 @@ def test_robomimic_dones_end_chunks_as_the_official_terminals(rm_data, tmp_path)
     assert len(dones[0]) + 10 in ends and data["masks"][len(dones[0]) + 10] == 0.0
 
 
+@pytest.mark.slow
 def test_robomimic_file_of_another_robosuite_stops_before_training(rm_data, tmp_path):
     code, err = run_cli("--env-id", "can", "--dataset-dir", str(rm_data[1]), "--runs-dir", str(tmp_path))
     assert code != 0 and "Traceback" not in err
@@ -1775,6 +2319,7 @@ def test_robomimic_file_of_another_robosuite_stops_before_training(rm_data, tmp_
     assert not list(tmp_path.rglob("train.csv")) and not list(tmp_path.rglob("*.pt"))  # no update ran
 
 
+@pytest.mark.slow
 def test_robomimic_wrong_observation_keys(rm_data, tmp_path):
     import h5py
     import shutil
@@ -1852,6 +2397,7 @@ def ogb(ogbench_data):
     return ogbench_data("scene-play-v0")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(MADE))
 def test_made_ogbench_data_loads_with_qpos_aligned_to_observations(ogbench_data, name):
     root = Path(ogbench_data(name))
@@ -1875,6 +2421,7 @@ def test_made_ogbench_data_loads_with_qpos_aligned_to_observations(ogbench_data,
         assert len(np.unique(data["rewards"])) > 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env_id", ["scene-t4", "cube-dbl-t4", "cube-trl-t3", "hmaze-med-t3", "amaze-gnt-t4"])
 def test_tiny_run_on_each_ogbench_suite(tmp_path, ogbench_data, monkeypatch, env_id):
     """Every OGBench suite of the paper's table, end to end on made data; episodes cut to 40 steps with gymnasium's
@@ -1905,6 +2452,7 @@ def run_make_dataset(*flags):
     return out.returncode, out.stderr
 
 
+@pytest.mark.slow
 def test_make_dataset_writes_ogbench_play_files(tmp_path):
     code, err = run_make_dataset("--env", "cube-double-play-v0", "--episodes", "2", "--max-episode-steps", "60",
                                  "--workers", "2", "--out", str(tmp_path / "a"))
@@ -1935,6 +2483,7 @@ def test_make_dataset_writes_ogbench_play_files(tmp_path):
     (["--env", "scene-play-v0", "--episodes", "0"], "need --episodes >= 1"),
     (["--env", "scene-play-v0", "--episodes", "two"], "argument --episodes: invalid int value: 'two'"),
 ])
+@pytest.mark.slow
 def test_make_dataset_bad_input_one_line(tmp_path, flags, message):
     code, err = run_make_dataset(*flags, "--out", str(tmp_path))
     assert code != 0 and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -1942,6 +2491,7 @@ def test_make_dataset_bad_input_one_line(tmp_path, flags, message):
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_time_limit_truncation_is_stored_as_alive(tmp_path, ogbench_data, monkeypatch):
     """An episode cut by the time limit is not terminal: its transitions keep mask 1 (only env termination, i.e.
     success, gives mask 0), and the episode still ends there. Untrained policies do not solve scene in 20 steps."""
@@ -2032,6 +2582,7 @@ def test_import_official_outputs_match_the_official_code(tmp_path, name, prefix)
     assert (ckpt["u_off"] is None) == (prefix == "offline_")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,sampler,nfe,agg", [("params_online.pkl", "best-of-n", "32", "min"),
                                                   ("params_online.pkl", "qgbs", "20", "min"),
                                                   ("params_offline.pkl", "best-of-n", "32", "mean")])
@@ -2051,6 +2602,7 @@ def test_import_official_checkpoint_evaluates_in_fmq_main(tmp_path, ogb, monkeyp
     assert set(seen) == {agg} and evals[0]["phase"] == ("online" if agg == "min" else "offline")
 
 
+@pytest.mark.slow
 def test_import_official_checkpoint_runs_in_qgbs_sweep(tmp_path, monkeypatch):
     import ogbench
     monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None: ogbench.make_env_and_datasets(
@@ -2061,6 +2613,7 @@ def test_import_official_checkpoint_runs_in_qgbs_sweep(tmp_path, monkeypatch):
     assert [r["nfe"] for r in rows] == [32, 20, 24, 32, 36, 144]
 
 
+@pytest.mark.slow
 def test_import_official_refuses_a_foreign_pickle_without_running_it(tmp_path):
     marker = tmp_path / "ran"
 

@@ -3,8 +3,8 @@
 People copy fmq.py and qgbs.py into other codebases and port them; the tests are how they know the copy is right.
 This tool plants classic porting bugs, one at a time, and checks that the test suite notices each one:
   * every bug in BUGS is a small textual patch (file, exact old snippet, new snippet) with a one-line reason;
-  * each is applied to a copy of the code (fmq.py, qgbs.py, test_fmq.py, tools/) in a temp folder, and the fast
-    tests run there with `pytest -x` (stop at the first failure), fastest tests first;
+  * each is applied to a copy of the code (fmq.py, qgbs.py, test_fmq.py, pytest.ini, tools/) in a temp folder, and
+    the fast tier (the tests not marked `slow`) runs there with `pytest -x` (stop at the first failure);
   * it prints a table (bug, killed or SURVIVED, by which test, seconds) and, last, `N of M porting bugs caught`.
 First the unpatched copy runs the same tests: they must pass (that run also measures each test, to order them).
 A patch whose old snippet is not found exactly once is an ERROR, never a silent skip. Exit status 0 only when
@@ -13,7 +13,7 @@ every bug is caught and every patch applies. Opt-in (not part of `pytest`):
   python tools/mutate.py                       # all bugs, one worker per core (~10 min on 2 cores)
   python tools/mutate.py --only td_drops_mask  # one bug (repeatable)
   python tools/mutate.py --list                # the catalogue
-  python tools/mutate.py --tests all           # also the slow end-to-end tests (they add no kill; see README)
+  python tools/mutate.py --tests all           # also the tests marked slow (real envs, subprocesses, training)
 
 When the code changes, edit a bug's `old`/`new` snippet (keep each short and exact); `--list` checks them all.
 """
@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ("fmq.py", "qgbs.py", "test_fmq.py", "tools")  # what each temp copy holds
+COPY = ("fmq.py", "qgbs.py", "test_fmq.py", "pytest.ini", "tools")  # what each temp copy holds
 
 
 def bug(name, why, old, new, file="fmq.py", also=()):
@@ -175,33 +175,126 @@ BUGS = [
         "+ 1e-8)).clamp(lo, hi)", "+ 1e-8))", file="qgbs.py"),
     bug("qgbs_returns_argmin", "QGBS returns the lowest-Q member of the beam",
         "q, best = beam_q.max(dim=1)", "q, best = beam_q.min(dim=1)", file="qgbs.py"),
+    # --- the critic loss, the aggregation of each method, the order of Polyak and Adam
+    bug("critic_loss_on_the_mean_q", "critic loss on the ensemble's mean Q, not on every member",
+        "loss = F.mse_loss(qs, target.expand_as(qs))", "loss = F.mse_loss(qs.mean(0), target)"),
+    bug("critic_loss_summed_over_members", "critic loss summed over the members (mean over the batch only)",
+        "loss = F.mse_loss(qs, target.expand_as(qs))", "loss = ((qs - target) ** 2).mean(1).sum()"),
+    bug("polyak_after_the_optimiser_step", "Polyak step toward the updated critic (taken after Adam's step)",
+        "        torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)\n"
+        "    agent.critic_opt.step(), agent.actor_opt.step()",
+        "        agent.critic_opt.step(), agent.actor_opt.step()\n"
+        "        torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)"),
+    bug("qgbs_offline_agg_without_u_off", "QGBS of an offline agent ranks by offline_q_agg, not the online one",
+        'critic_agg(args, agent.u_off is not None or sampler == "qgbs")', "critic_agg(args, agent.u_off is not None)"),
+    bug("mvp_target_by_min", "MVP's a* chosen by the min of the critics (MVP's aggregation is the mean)",
+        "q_agg(agent.critic, critic_agg(args, True)), obs, args.best_of_n)", 'q_agg(agent.critic, "min"), obs, args.best_of_n)'),
+    bug("td_agg_always_offline", "the TD target keeps offline_q_agg online (FMQ: min)",
+        "args.discount, args.horizon, critic_agg(args, online),", "args.discount, args.horizon, critic_agg(args, False),"),
+    bug("fmq_guidance_by_target_critic", "FMQ's guidance gradient from the target critics, not the current ones",
+        "qs = agent.critic(obs, a_1)", "qs = agent.critic_target(obs, a_1)"),
+    # --- FMQ's r, beta, kappa1; the flow-map loss's time, curriculum and weight
+    bug("fmq_r_always_zero", "Alg. 1's r fixed at 0 (the flow map trained only from noise)",
+        "r, a_0 = torch.rand(B, 1, device=a_data.device), torch.randn_like(a_data)",
+        "r, a_0 = torch.zeros(B, 1, device=a_data.device), torch.randn_like(a_data)"),
+    bug("fmq_r_one_per_batch", "one r for the whole batch, not one per sample",
+        "r, a_0 = torch.rand(B, 1, device=a_data.device), torch.randn_like(a_data)",
+        "r, a_0 = torch.rand(1, 1, device=a_data.device).expand(B, 1), torch.randn_like(a_data)"),
+    bug("beta_ignored", "eta_eff = eta / (1 + delta_critic): beta dropped",
+        "/ (1 + args.beta * delta)", "/ (1 + delta)"),
+    bug("kappa1_ignored", "the FMQ target normalises grad Q without the kappa1 floor",
+        "trust_region_velocity(u_off, grad_q, eta_eff, args.kappa1)", "trust_region_velocity(u_off, grad_q, eta_eff)"),
+    bug("fm_time_logit_normal", "flow-matching time drawn logit-normal (as other flow codes), not U[0, 1]",
+        "a_0, t = torch.randn_like(a_data), torch.rand(B, 1, device=a_data.device)",
+        "a_0, t = torch.randn_like(a_data), torch.sigmoid(torch.randn(B, 1, device=a_data.device))"),
+    bug("curriculum_off_by_one", "the (r, t) curriculum one step ahead",
+        "((step - args.curriculum_start) /", "((step - args.curriculum_start + 1) /"),
+    bug("distill_weight_from_curriculum_end", "self-distillation weighted in only after curriculum_end",
+        "(step > args.curriculum_start) * distill", "(step > args.curriculum_end) * distill"),
+    bug("distill_weight_at_curriculum_start", "self-distillation weighted in at curriculum_start itself",
+        "(step > args.curriculum_start) * distill", "(step >= args.curriculum_start) * distill"),
+    # --- QGBS's settings and order
+    bug("qgbs_m_b_swapped", "QGBS's beam size M and branches B swapped",
+        "M=args.qgbs_m, K=args.qgbs_k, B=args.qgbs_b", "M=args.qgbs_b, K=args.qgbs_k, B=args.qgbs_m"),
+    bug("qgbs_eta_is_fmq_eta", "QGBS steps by FMQ's eta, not --qgbs-eta", "eta=args.qgbs_eta", "eta=args.eta"),
+    bug("qgbs_completion_swapped", "--qgbs-completion euler uses the jump and flow-map the Euler step",
+        'complete=euler if args.qgbs_completion == "euler" else None',
+        'complete=None if args.qgbs_completion == "euler" else euler'),
+    bug("qgbs_eta_step_before_renoising", "each round steps the beam by eta before re-noising, then keeps the top-M",
+        "        a_1 = eta_step(torch.take_along_dim(a_hat, top[:, :, None], dim=1))",
+        "        a_1 = torch.take_along_dim(a_hat, top[:, :, None], dim=1)", file="qgbs.py",
+        also=[("qgbs.py", "        eps = torch.randn(batch, M, B, d,", "        a_1 = eta_step(a_1)\n        eps = torch.randn(batch, M, B, d,")]),
+    # --- main's loop: stored reward, episode ends, warm-up, phase switch, seeds, evaluation, resume
+    bug("online_reward_untransformed", "online transitions store the env's reward, not the transformed one",
+        "buffer.add(obs, action, float(rewards(r)),", "buffer.add(obs, action, float(r),"),
+    bug("online_reward_ignores_sparse", "online transitions get the table's transform but not --sparse's",
+        "buffer.add(obs, action, float(rewards(r)),", "buffer.add(obs, action, float(reward_fn(spec, False)(r)),"),
+    bug("truncation_not_an_end", "a time-limit truncation does not end the stored episode",
+        "1.0 - term, next_obs, term or trunc)", "1.0 - term, next_obs, term)"),
+    bug("warm_up_off_by_one", "online updates start one env step late (step i >= start_training, 0-based)",
+        "step - args.offline_steps + 1 >= args.start_training", "step - args.offline_steps >= args.start_training"),
+    bug("phase_switch_late", "u_off frozen one step after the offline phase ends",
+        "if step == args.offline_steps and args.online_steps > 0:", "if step == args.offline_steps + 1 and args.online_steps > 0:"),
+    bug("train_episode_seed_stuck", "every training episode after the first resets with episode 0's seed",
+        'obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []', "obs, queue = env.reset(seed=episode_seed(0))[0], []"),
+    bug("chunk_queue_kept_across_episodes", "the rest of an action chunk carries over into the next episode",
+        'obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []', 'obs = env.reset(seed=episode_seed(ep["index"]))[0]'),
+    bug("eval_seed_ignores_wave", "evaluation waves reuse the first wave's seeds (seed + 10_000 + i)",
+        "e.reset(seed=args.seed + 10_000 + first + i)", "e.reset(seed=args.seed + 10_000 + i)"),
+    bug("eval_success_of_last_wave", "evaluation success counts only the last wave",
+        "success, returns, lengths = success + list(succ),", "success, returns, lengths = list(succ),"),
+    bug("eval_noise_unseeded", "evaluation's policy noise from the global RNG, not its seeded generator",
+        "chunk = act(agent, obs[idx], sampler, args, gen)", "chunk = act(agent, obs[idx], sampler, args)"),
+    bug("resume_keeps_rows_past_checkpoint", "on resume, csv rows logged after the checkpoint are kept (and redone)",
+        'rows = [r for r in csv.DictReader(f) if int(r["step"]) <= resume_step]', "rows = list(csv.DictReader(f))"),
+    bug("obs_not_advanced", "the online loop acts and stores from a stale observation (obs not set to next_obs)",
+        'obs, ep["ret"] = next_obs, ep["ret"] + r', 'obs, ep["ret"] = obs, ep["ret"] + r'),
+    bug("chunk_actions_reversed", "an action chunk is executed last action first", "action = queue.pop(0)",
+        "action = queue.pop()"),
+    bug("act_chunk_transposed", "act reads a chunk action-major ([act_dim, horizon]) instead of time-major",
+        "a.float().view(len(obs), args.horizon, -1)", "a.float().view(len(obs), -1, args.horizon).transpose(1, 2)"),
+    bug("buffer_chunk_transposed", "a sampled chunk's actions flattened action-major",
+        'actions=self.data["actions"][seq].flatten(1)', 'actions=self.data["actions"][seq].transpose(1, 2).flatten(1)'),
+    bug("default_tau", "the target critics' Polyak rate defaults to 0.01 (official 0.005)",
+        "tau: float = 0.005", "tau: float = 0.01"),
+    bug("train_seed_without_stride", "training episode i resets with seed + i (episodes of seeds 0 and 1 overlap)",
+        "args.seed * 1_000_003 + i", "args.seed + i"),
+    bug("eval_seed_without_run_seed", "evaluation episodes reset with 10_000 + i whatever the run's seed",
+        "e.reset(seed=args.seed + 10_000 + first + i)", "e.reset(seed=10_000 + first + i)"),
+    bug("eval_generator_seed", "evaluation's policy noise seeded with the run's seed, not seed + 10_000",
+        ".manual_seed(args.seed + 10_000)", ".manual_seed(args.seed)"),
+    bug("buffer_capacity_no_extra_row", "replay capacity max(buffer_size, dataset) (official: dataset + 1)",
+        "max(args.buffer_size, n_off + 1)", "max(args.buffer_size, n_off)"),
+    bug("fmq_grad_of_the_mean_q", "FMQ's grad Q of the batch mean of Q (1/B of each sample's gradient)",
+        "grad_q = torch.autograd.grad(q_guide.sum(), a_1)[0]", "grad_q = torch.autograd.grad(q_guide.mean(), a_1)[0]"),
+    bug("resume_drops_the_checkpoint_row", "on resume, the csv row of the checkpoint's own step is dropped",
+        'if int(r["step"]) <= resume_step]', 'if int(r["step"]) < resume_step]'),
+    bug("best_of_n_sampler_uses_qgbs_m", "the best-of-n sampler draws qgbs_m samples, not best_of_n",
+        "return best_of_n(actor, q_fn, obs, args.best_of_n, generator)[0]",
+        "return best_of_n(actor, q_fn, obs, args.qgbs_m, generator)[0]"),
+    bug("phase_of_inclusive", "the step of the phase switch is logged as offline",
+        '"offline" if s < args.offline_steps or offline_only', '"offline" if s <= args.offline_steps or offline_only'),
+    bug("keep_one_checkpoint_more", "keep_checkpoints + 1 checkpoints kept",
+        'sorted(ckpt_dir.glob("step_*.pt"))[:-keep]', 'sorted(ckpt_dir.glob("step_*.pt"))[:-keep - 1]'),
+    bug("resume_drops_the_chunk_queue", "on resume, the rest of the interrupted action chunk is dropped",
+        'queue = list(ep.get("queue", []))', "queue = []"),
 ]
 # fmt: on
 
-# Left out unless --tests all: end-to-end runs and CLI subprocesses (minutes each), and the bf16 (--amp) repeats of
-# two training tests (the fp32 runs cover the same code). Measured: they kill no bug that the others miss (README).
-# Substrings of pytest node ids.
-SLOW = ("test_tiny_run_end_to_end", "test_online_from_offline_checkpoint", "test_robomimic_can_end_to_end",
-        "test_cli_smoke", "test_bad_flags_give_one_clear_line", "test_horizon_longer_than_episode",
-        "test_dataset_that_does_not_match_the_env", "test_nan_stops_the_run", "test_sigkill_and_resume",
-        "test_sigterm_saves_a_checkpoint", "bimodal_policy[eulerian-True]", "along_the_q_gradient[True]")
-LAST = ("learns_a_one_step", "moves_actions_by_eta", "keep_both_modes", "give_both_modes")  # training tests (seconds each): run after the unit tests
-
-
 # ---------------------------------------------------------------- pytest plugin (loaded in the child with -p mutate)
-# Selects the tests (MUTATE_TESTS: fast, slow or all) and runs the LAST and SLOW ones after the others, so that
-# `pytest -x` stops early; notes the first failure in MUTATE_FIRST_FAIL and each test's seconds in MUTATE_TIMES.
+# Selects the tests by the `slow` marker (MUTATE_TESTS: fast = not slow, slow, or all) and runs the slow ones last, so
+# that `pytest -x` stops early; notes the first failure in MUTATE_FIRST_FAIL and each test's seconds in MUTATE_TIMES.
 _times = {}
 
 
 def pytest_collection_modifyitems(config, items):
     which = os.environ.get("MUTATE_TESTS", "all")
-    slow = lambda it: any(s in it.nodeid for s in SLOW)  # noqa: E731
+    slow = lambda it: it.get_closest_marker("slow") is not None  # noqa: E731
     drop = [it for it in items if which != "all" and slow(it) != (which == "slow")]
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = [it for it in items if it not in drop]
-    items.sort(key=lambda it: (slow(it), any(s in it.nodeid for s in LAST)))
+    items.sort(key=slow)
 
 
 def _note_failure(nodeid, report):
@@ -330,7 +423,7 @@ def parse_args(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="bugs tested in parallel (default: cores)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--tests", choices=["fast", "slow", "all"], default="fast",
-                   help="fast: all but SLOW (default); slow: only SLOW (end-to-end); all: both")
+                   help="fast: the tests not marked slow (default); slow: those marked slow; all: both")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds before one bug's test run is an ERROR")
     p.add_argument("--keep", action="store_true", help="keep the temp copies (prints where)")
     p.add_argument("-v", "--verbose", action="store_true", help="add the failing assertion to the table")
