@@ -40,7 +40,8 @@ METHODS = {
 PAPER_METHODS = ["qc", "mvp", "fmq"]
 # fmq.py settings that say how a run was carried out, not what it computes: a cell's folder may differ in these.
 RUN_SETTINGS = {"runs_dir", "resume", "device", "compile", "amp", "cudagraphs", "deterministic", "dataset_dir", "track",
-                "wandb_project", "log_interval", "eval_envs", "save_interval", "keep_checkpoints"}
+                "wandb_project", "wandb_entity", "wandb_group", "log_interval", "eval_envs", "video_episodes",
+                "video_frame_skip", "save_interval", "keep_checkpoints"}
 PAPER_ENV_IDS = ["can", "square", "cube-dbl-t3", "cube-dbl-t4", "cube-trl-t3", "cube-trl-t4",
                  "scene-t4", "scene-t5", "hmaze-med-t3", "hmaze-med-t4", "amaze-gnt-t4", "amaze-gnt-t5"]
 
