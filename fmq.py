@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -38,7 +39,7 @@ class Args:
     seed: int = 0  # seed of python, numpy, torch and the training env (evaluation uses seed + 10_000)
     deterministic: bool = False  # torch.use_deterministic_algorithms: identical reruns on the same device
     device: str = "auto"  # 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'
-    compile: bool = False  # torch.compile the losses (opt-in; pays off on a GPU for long runs)
+    compile: bool = False  # torch.compile each phase's whole update as one graph (opt-in; needs g++; see make_update)
     amp: bool = False  # bf16 autocast for network forward passes
     cudagraphs: bool = False  # CUDA: capture each phase's whole update as one CUDA graph and replay it (LeanRL-style)
     dataset_dir: Optional[str] = None  # dataset folder; default ~/.ogbench/data or ~/.robomimic (see README)
@@ -651,26 +652,69 @@ def update(agent, batch, step, args, losses):
         else:  # offline; online, flow-map keeps the offline loss on replay data and mvp takes it toward a*
             a_1 = mvp_target(agent, batch["obs"], args) if online and args.online_target == "mvp" else batch["actions"]
             a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], a_1, step, args)
-    agent.critic_opt.zero_grad(set_to_none=True), agent.actor_opt.zero_grad(set_to_none=True)
-    (c_loss + a_loss).backward()
-    for k in ("critic", "actor"):  # measured for logging; stays on the device
-        info[f"{k}/grad_norm"] = nn.utils.get_total_norm([p.grad for p in getattr(agent, k).parameters()])
+    nets, traced = (agent.critic, agent.actor), torch.compiler.is_compiling()  # traced: --compile, one graph
+    params = [list(net.parameters()) for net in nets]
+    if traced:  # gradients as values: .backward() and Adam.step() would each break the graph
+        grads = torch.autograd.grad(c_loss + a_loss, params[0] + params[1])
+        grads = [list(grads[:len(params[0])]), list(grads[len(params[0]):])]
+    else:
+        agent.critic_opt.zero_grad(set_to_none=True), agent.actor_opt.zero_grad(set_to_none=True)
+        (c_loss + a_loss).backward()
+        grads = [[p.grad for p in ps] for ps in params]
+    for k, g in zip(("critic", "actor"), grads):  # measured for logging; stays on the device
+        info[f"{k}/grad_norm"] = nn.utils.get_total_norm(g)
     with torch.no_grad():  # outside autograd, or the targets would join the graph
-        torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)
-    agent.critic_opt.step(), agent.actor_opt.step()
+        torch._foreach_lerp_(list(agent.critic_target.parameters()), params[0], args.tau)
+        for opt, g in zip((agent.critic_opt, agent.actor_opt), grads):
+            adam_step(opt, g) if traced else opt.step()
     return dict(info, **a_info)
 
 
+def adam_state(opt):
+    """Adam's per-parameter state (step, first and second moments) as torch.optim.Adam creates it on its first step,
+    made up front: a compiled update reads and writes these tensors, so checkpoints and eager updates share them."""
+    for group in opt.param_groups:
+        on_device = group["fused"] or group["capturable"]
+        for p in group["params"]:
+            opt.state[p] or opt.state[p].update(
+                step=torch.zeros((), device=p.device if on_device else "cpu"),
+                exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
+                exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
+
+
+def adam_step(opt, grads):
+    """torch.optim.Adam's step (no weight decay, amsgrad or maximize: make_agent's Adam) in foreach ops on its own
+    state, for the compiled update: the real Adam.step breaks the graph on purpose. Same math as torch's:
+    m <- lerp(m, g, 1 - b1), v <- b2 v + (1 - b2) g^2, p <- p - lr / (1 - b1^t) m / (sqrt(v / (1 - b2^t)) + eps)."""
+    group = opt.param_groups[0]
+    (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
+    steps, m, v = ([opt.state[p][k] for p in group["params"]] for k in ("step", "exp_avg", "exp_avg_sq"))
+    torch._foreach_add_(steps, 1)
+    torch._foreach_lerp_(m, grads, 1 - b1)
+    torch._foreach_mul_(v, b2), torch._foreach_addcmul_(v, grads, grads, 1 - b2)
+    t = steps[0].to(grads[0].device)  # one count for all (as each param's); the CPU scalar when not fused
+    denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(v), (1 - b2 ** t).sqrt()), eps)
+    torch._foreach_addcdiv_(group["params"], torch._foreach_mul(m, -lr / (1 - b1 ** t)), denom)
+
+
 def make_update(agent, buffer, args, losses):
-    """step -> logged values of one update on a fresh batch. The step reaches the update as a device tensor. With
-    --cudagraphs each phase's whole update (batch sampling, losses, backward, Adam, Polyak) is captured once as a
-    CUDA graph, after 3 eager warm-up updates on a side stream, and replayed: one launch instead of hundreds."""
+    """step -> logged values of one update on a fresh batch. The step reaches the update as a device tensor.
+    --compile: batch sampling, losses, backward, Adam and Polyak are traced as one graph per phase (offline, online)
+    by torch.compile (`update` takes gradients as values and steps Adam in foreach ops: `adam_step`), with eager's
+    random draws. --cudagraphs: each phase's whole update (compiled or eager) is captured once as a CUDA graph,
+    after 3 eager warm-up updates on a side stream, and replayed: one launch instead of hundreds."""
     step_t = torch.zeros((), device=buffer.device)
     run = lambda: update(agent, buffer.sample(args.batch_size, args.discount), step_t, args, losses)
+    if args.compile:
+        torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad in the graph (fmq_loss, `update`)
+        torch._inductor.config.fallback_random = True  # eager's random draws (on the CPU, 10x faster than its own)
+        run = torch.compile(run, fullgraph=True, dynamic=False)
     graphs = {}  # phase (online?) -> dict(warm=eager updates so far, graph=, out=static outputs)
 
     def step_fn(step):
         step_t.fill_(step)
+        if args.compile:
+            adam_state(agent.critic_opt), adam_state(agent.actor_opt)
         if not args.cudagraphs:
             return run()
         g = graphs.setdefault(agent.u_off is not None, dict(warm=0))
@@ -692,10 +736,9 @@ def make_update(agent, buffer, args, losses):
     return step_fn
 
 
-def make_losses(compile=False):
-    """The losses `update` calls, by role (looked up at call time, so tests can patch one); --compile compiles them."""
-    losses = dict(critic=critic_loss, flow_map=flow_map_loss, fmq=fmq_loss)
-    return {k: torch.compile(v) for k, v in losses.items()} if compile else losses
+def make_losses():
+    """The losses `update` calls, by role (looked up at call time, so tests can patch one)."""
+    return dict(critic=critic_loss, flow_map=flow_map_loss, fmq=fmq_loss)
 
 
 # ---------------------------------------------------------------- evaluate
@@ -813,6 +856,8 @@ def validate(args):
              args.keep_checkpoints) < 1, "eval/log/save intervals and counts must be >= 1"),
         (min(args.offline_steps, args.online_steps, args.start_training) < 0, "step counts must be >= 0"),
         (args.cudagraphs and not (torch.cuda.is_available() and "cpu" not in args.device), "--cudagraphs needs CUDA"),
+        (args.compile and not shutil.which(os.environ.get("CXX", "g++")), "--compile needs a C++ compiler for its "
+         "kernels (g++, or set CXX): install one (e.g. apt-get install g++) or leave out --compile"),
         (args.offline_steps == 0 and not (args.load_checkpoint or args.resume),
          "--offline-steps 0 needs --load-checkpoint (a pretrained flow map for u_off) or --resume"),
     ] if bad]
@@ -869,7 +914,7 @@ def main(args: Args):
     del data
 
     agent = make_agent(args, obs_dim, act_dim * args.horizon, device)
-    losses = make_losses(args.compile)
+    losses = make_losses()
     total, step, ep = args.offline_steps + args.online_steps, 0, dict(index=0, start=buffer.written, ret=0.0)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, args, agent)

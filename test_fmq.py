@@ -2071,3 +2071,52 @@ def test_import_official_other_architectures_round_trip():
     for k in ("actor", "critic", "critic_target"):
         assert ckpt[k].keys() == getattr(agent, k).state_dict().keys()
         assert all(torch.equal(v, getattr(agent, k).state_dict()[n]) for n, v in ckpt[k].items())
+
+
+# ---------------------------------------------------------------- the compiled update (--compile)
+def _four_updates(compile, online_target):
+    """2 offline then 2 online updates (make_update, batches from a ReplayBuffer) from seed 0; tiny nets."""
+    rng = np.random.default_rng(0)
+    data = dict(observations=rng.standard_normal((300, 6), dtype=np.float32), actions=rng.uniform(-1, 1, (300, 2)),
+                rewards=-np.ones(300), masks=np.ones(300), ends=np.arange(300) % 100 == 99)
+    data["next_observations"] = np.roll(data["observations"], -1, 0)
+    args = fmq.Args(hidden_dim=16, num_layers=1, time_dim=8, batch_size=8, best_of_n=4, curriculum_start=0,
+                    curriculum_end=2, online_target=online_target, compile=compile)
+    torch.manual_seed(0)
+    agent = fmq.make_agent(args, 6, 2 * args.horizon, "cpu")
+    update = fmq.make_update(agent, fmq.ReplayBuffer(data, 0, args.horizon, "cpu"), args, fmq.make_losses())
+    start = [p.detach().clone() for p in agent.actor.parameters()]
+    infos = [update(step) for step in range(2)]  # step 1 > curriculum_start: with self-distillation
+    fmq.freeze_offline_copy(agent)
+    infos += [update(step) for step in range(2, 4)]
+    state = [t for opt in (agent.critic_opt, agent.actor_opt) for s in opt.state.values() for t in s.values()]
+    nets = [p.detach() for k in ("actor", "critic", "critic_target") for p in getattr(agent, k).parameters()]
+    return start, nets, state, infos
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("online_target", ["fmq", "mvp", "flow-map"])
+def test_compiled_update_is_the_eager_update(online_target):
+    """--compile: one torch.compile graph per phase (batch sampling, losses, backward, Adam, Polyak) draws eager's
+    batches and noise, so from the same seed 2 offline + 2 online updates leave the eager parameters, targets and Adam
+    state, up to float32 rounding of a reordered computation: |diff| <= 1e-5 + 1e-4 |x|. That is 3% of one Adam step
+    (lr 3e-4), while a wrong Adam (no bias correction: 3x the first step), Polyak or loss term moves 1e-4 or more."""
+    import torch._dynamo
+    import torch._inductor.config
+    torch._dynamo.reset()  # earlier compiled updates' cache entries would count toward the recompile limit
+    start, *eager = _four_updates(False, online_target)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(trace_autograd_ops=False), torch._inductor.config.patch(fallback_random=False):
+        _, *compiled = _four_updates(True, online_target)  # (make_update sets both; undone here)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 2  # offline and online, no fallback
+    assert max((p - p0).abs().max() for p, p0 in zip(eager[0], start)) > 1e-3  # the updates moved the actor
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=1e-4, atol=1e-5)
+
+
+def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(fmq.shutil, "which", lambda name: None if name == "g++" else f"/usr/bin/{name}")
+    fmq.validate(fmq.Args(compile=False))
+    with pytest.raises(fmq.FMQError, match=r"--compile needs a C\+\+ compiler .*apt-get install g\+\+"):
+        fmq.validate(fmq.Args(compile=True))
