@@ -652,57 +652,49 @@ def update(agent, batch, step, args, losses):
         else:  # offline; online, flow-map keeps the offline loss on replay data and mvp takes it toward a*
             a_1 = mvp_target(agent, batch["obs"], args) if online and args.online_target == "mvp" else batch["actions"]
             a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], a_1, step, args)
-    nets, traced = (agent.critic, agent.actor), torch.compiler.is_compiling()  # traced: --compile, one graph
-    params = [list(net.parameters()) for net in nets]
-    if traced:  # gradients as values: .backward() and Adam.step() would each break the graph
-        grads = torch.autograd.grad(c_loss + a_loss, params[0] + params[1])
-        grads = [list(grads[:len(params[0])]), list(grads[len(params[0]):])]
+    params = [list(agent.critic.parameters()), list(agent.actor.parameters())]
+    if torch.compiler.is_compiling():  # --compile: gradients as values (.backward(), Adam.step() break the graph)
+        g = torch.autograd.grad(c_loss + a_loss, params[0] + params[1])
+        grads = [list(g[:len(params[0])]), list(g[len(params[0]):])]
     else:
         agent.critic_opt.zero_grad(set_to_none=True), agent.actor_opt.zero_grad(set_to_none=True)
         (c_loss + a_loss).backward()
         grads = [[p.grad for p in ps] for ps in params]
-    for k, g in zip(("critic", "actor"), grads):  # measured for logging; stays on the device
-        info[f"{k}/grad_norm"] = nn.utils.get_total_norm(g)
+    info["critic/grad_norm"], info["actor/grad_norm"] = map(nn.utils.get_total_norm, grads)  # stay on the device
     with torch.no_grad():  # outside autograd, or the targets would join the graph
         torch._foreach_lerp_(list(agent.critic_target.parameters()), params[0], args.tau)
         for opt, g in zip((agent.critic_opt, agent.actor_opt), grads):
-            adam_step(opt, g) if traced else opt.step()
+            adam_step(opt, g) if torch.compiler.is_compiling() else opt.step()
     return dict(info, **a_info)
 
 
-def adam_state(opt):
-    """Adam's per-parameter state (step, first and second moments) as torch.optim.Adam creates it on its first step,
-    made up front: a compiled update reads and writes these tensors, so checkpoints and eager updates share them."""
-    for group in opt.param_groups:
-        on_device = group["fused"] or group["capturable"]
-        for p in group["params"]:
-            opt.state[p] or opt.state[p].update(
-                step=torch.zeros((), device=p.device if on_device else "cpu"),
-                exp_avg=torch.zeros_like(p, memory_format=torch.preserve_format),
-                exp_avg_sq=torch.zeros_like(p, memory_format=torch.preserve_format))
-
-
 def adam_step(opt, grads):
-    """torch.optim.Adam's step (no weight decay, amsgrad or maximize: make_agent's Adam) in foreach ops on its own
-    state, for the compiled update: the real Adam.step breaks the graph on purpose. Same math as torch's:
-    m <- lerp(m, g, 1 - b1), v <- b2 v + (1 - b2) g^2, p <- p - lr / (1 - b1^t) m / (sqrt(v / (1 - b2^t)) + eps)."""
-    group = opt.param_groups[0]
-    (b1, b2), lr, eps = group["betas"], group["lr"], group["eps"]
-    steps, m, v = ([opt.state[p][k] for p in group["params"]] for k in ("step", "exp_avg", "exp_avg_sq"))
-    torch._foreach_add_(steps, 1)
-    torch._foreach_lerp_(m, grads, 1 - b1)
+    """torch.optim.Adam's step (make_agent's: no weight decay, amsgrad, maximize) in foreach ops on its own state, for
+    --compile (Adam.step breaks the graph on purpose): m <- lerp(m, g, 1 - b1), v <- b2 v + (1 - b2) g^2,
+    p <- p - lr / (1 - b1^t) m / (sqrt(v / (1 - b2^t)) + eps). The state is made up front by `adam_state`."""
+    (b1, b2), lr, eps, ps = (opt.param_groups[0][k] for k in ("betas", "lr", "eps", "params"))
+    steps, m, v = ([opt.state[p][k] for p in ps] for k in ("step", "exp_avg", "exp_avg_sq"))
+    torch._foreach_add_(steps, 1), torch._foreach_lerp_(m, grads, 1 - b1)
     torch._foreach_mul_(v, b2), torch._foreach_addcmul_(v, grads, grads, 1 - b2)
-    t = steps[0].to(grads[0].device)  # one count for all (as each param's); the CPU scalar when not fused
+    t = steps[0].to(grads[0].device)  # all counts are equal; each is a CPU scalar unless fused or capturable
     denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(v), (1 - b2 ** t).sqrt()), eps)
-    torch._foreach_addcdiv_(group["params"], torch._foreach_mul(m, -lr / (1 - b1 ** t)), denom)
+    torch._foreach_addcdiv_(ps, torch._foreach_mul(m, -lr / (1 - b1 ** t)), denom)
+
+
+def adam_state(opt):
+    """Adam's state as its first step makes it (checkpoints and eager steps share it); a compiled step updates it."""
+    for p in opt.param_groups[0]["params"]:
+        if not opt.state[p]:
+            on_device = opt.defaults["fused"] or opt.defaults["capturable"]
+            opt.state[p].update(step=torch.zeros((), device=p.device if on_device else "cpu"),
+                                exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
 
 
 def make_update(agent, buffer, args, losses):
     """step -> logged values of one update on a fresh batch. The step reaches the update as a device tensor.
-    --compile: batch sampling, losses, backward, Adam and Polyak are traced as one graph per phase (offline, online)
-    by torch.compile (`update` takes gradients as values and steps Adam in foreach ops: `adam_step`), with eager's
-    random draws. --cudagraphs: each phase's whole update (compiled or eager) is captured once as a CUDA graph,
-    after 3 eager warm-up updates on a side stream, and replayed: one launch instead of hundreds."""
+    --compile: batch sampling, losses, backward, Adam and Polyak as one torch.compile graph per phase, with eager's
+    random draws. --cudagraphs: each phase's whole update (compiled or not) is captured once as a CUDA graph, after
+    3 eager warm-up updates on a side stream, and replayed: one launch instead of hundreds."""
     step_t = torch.zeros((), device=buffer.device)
     run = lambda: update(agent, buffer.sample(args.batch_size, args.discount), step_t, args, losses)
     if args.compile:
