@@ -7,6 +7,9 @@ it reports the median over many timed repeats (after one warm-up phase) of
     (the one-step action, taken once per chunk of `horizon` env steps, is left out of that sum),
   * action selection for 1 and 50 states: one-step flow map, best-of-N, QGBS, and a 10-step Euler flow policy
     (the same FlowMapActor integrated on its diagonal u(a_t, t, t)) for comparison,
+  * with --compile, the offline and online updates eager and compiled (one torch.compile graph each: fmq.make_update)
+    side by side, timed in alternating rounds so that a changing machine load hits both alike, their ratio, and the
+    compile time of each graph (the first compiled update; a warm on-disk inductor cache makes it shorter),
   * the offline update's achieved FLOP/s (FlopCounterMode, forward + backward) as a fraction of the device's
     measured matmul rate at the update's dominant shape [batch * N, hidden] x [hidden, hidden], same dtype.
 Each update includes sampling its batch from a replay buffer of random data (as in fmq.main's loop).
@@ -14,6 +17,7 @@ One configuration per invocation: run it with and without --amp to compare.
 
   python tools/bench.py --quick                     # < 2 min on a 2-core CPU
   python tools/bench.py --amp --out bench_amp.json  # bf16 autocast; writes the table as JSON
+  OMP_NUM_THREADS=1 python tools/bench.py --compile --hidden-dim 128 --num-layers 3 --batch-size 128 --best-of-n 8
 """
 import argparse
 import dataclasses
@@ -34,7 +38,9 @@ import fmq  # noqa: E402
 ROBOMIMIC_SHAPES = dict(can=(23, 7), square=(23, 7))  # obs_dim, act_dim (the env needs the dataset file)
 FOOTER = ("targets: CPU one-step action (1 state) < 1 ms; GPU offline update < 2 ms, online step < 5 ms.\n"
           "official FMQ JAX code, side by side (2-core Xeon, fp32, scene-t5 defaults): offline update 263 ms vs 264 "
-          "ms here, online 272 vs 259 ms; compare only runs on one machine, in one window, at one precision.")
+          "ms here, online 272 vs 259 ms; compare only runs on one machine, in one window, at one precision.\n"
+          "--compile goal (same CPU, one thread): at most 0.58 of eager at 3x128, batch 128, N 8 (the official code's "
+          "12.5 / 21.5 ms); no slower than eager at the defaults.")
 
 
 def parse_args(argv=None):
@@ -45,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="5 warm-up + 10 timed updates (default: 20 + 100)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (Args.amp)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the losses (Args.compile)")
+    p.add_argument("--compile", action="store_true", help="also time the compiled update (Args.compile), side by side "
+                   "with the eager one; the other rows stay eager")
     p.add_argument("--cudagraphs", action="store_true", help="replay each update as one CUDA graph (Args.cudagraphs)")
     p.add_argument("--hidden-dim", type=int, default=fmq.Args.hidden_dim, help="MLP width (default: %(default)s)")
     p.add_argument("--batch-size", type=int, default=fmq.Args.batch_size, help="batch size (default: %(default)s)")
@@ -76,6 +83,29 @@ def median_ms(fn, device, warmup, repeats, max_s=float("inf")):
         if len(times) >= 5 and sum(times) > max_s:
             break
     return 1e3 * statistics.median(times)
+
+
+def interleaved_ms(fns, device, repeats, rounds=10):
+    """Median ms per call of each fn in `fns` (name -> fn), timed in `rounds` alternating rounds of repeats // rounds
+    calls each (a changing load on the machine hits them alike), synchronising the device around each call."""
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(max(repeats // rounds, 1)):
+                sync(device)
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[k].append(time.perf_counter() - t0)
+    return {k: 1e3 * statistics.median(t) for k, t in times.items()}
+
+
+def timed_s(fn, device):
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
 
 
 def device_name(device):
@@ -147,9 +177,9 @@ def main(argv=None):
     budget = 2.0 if cli.quick else 10.0  # seconds per action-selection row
     spec = fmq.env_spec(cli.env_id)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as fmq.main
-    args = dataclasses.replace(fmq.Args(), env_id=cli.env_id, amp=cli.amp, compile=cli.compile,
-                               cudagraphs=cli.cudagraphs, hidden_dim=cli.hidden_dim, batch_size=cli.batch_size,
-                               num_layers=cli.num_layers, best_of_n=cli.best_of_n)
+    args = dataclasses.replace(fmq.Args(), env_id=cli.env_id, amp=cli.amp, cudagraphs=cli.cudagraphs,
+                               hidden_dim=cli.hidden_dim, batch_size=cli.batch_size, num_layers=cli.num_layers,
+                               best_of_n=cli.best_of_n)
     torch.manual_seed(0)
     env = None if spec["suite"] == "robomimic" else fmq.make_env(spec)
     if env is None:
@@ -158,9 +188,14 @@ def main(argv=None):
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
     buffer = synthetic_buffer(obs_dim, act_dim, args.horizon, device, online=4 * repeats + 100)
     agent = fmq.make_agent(args, obs_dim, act_dim * args.horizon, device)
-    losses = fmq.make_losses(args.compile)
     step = args.curriculum_end + 1  # past the curriculum: the full self-distillation loss
-    update = fmq.make_update(agent, buffer, args, losses)
+    update = fmq.make_update(agent, buffer, args, fmq.make_losses())
+    variants = dict(eager=(agent, update))  # name -> (agent, update): the compiled one on its own agent and buffer
+    if cli.compile:
+        args_c = dataclasses.replace(args, compile=True)
+        agent_c = fmq.make_agent(args_c, obs_dim, act_dim * args.horizon, device)
+        buffer_c = synthetic_buffer(obs_dim, act_dim, args.horizon, device)
+        variants["compiled"] = (agent_c, fmq.make_update(agent_c, buffer_c, args_c, fmq.make_losses()))
     rows = []
 
     def row(name, ms, **extra):
@@ -168,7 +203,7 @@ def main(argv=None):
         print(f"  {name:<28} {'n/a' if ms is None else f'{ms:10.3f}'} ms", file=sys.stderr, flush=True)
 
     print(f"fmq bench: {cli.env_id} (obs {obs_dim}, act {act_dim} x h{args.horizon}) on {device} "
-          f"({device_name(device)}), {torch.get_num_threads()} threads, amp={args.amp}, compile={args.compile}, "
+          f"({device_name(device)}), {torch.get_num_threads()} threads, amp={args.amp}, compile={cli.compile}, "
           f"cudagraphs={args.cudagraphs}, {args.num_layers}x{args.hidden_dim}, batch {args.batch_size}, N={args.best_of_n}, "
           f"{warmup} warm-up + {repeats} timed updates, load average {load_start:.2f}", flush=True)
     # the ceiling: a matmul of the update's dominant shape (the best-of-N target), timed right before the update
@@ -176,14 +211,26 @@ def main(argv=None):
     m, h = args.batch_size * args.best_of_n, args.hidden_dim
     x, w = torch.randn(m, h, device=device, dtype=dtype), torch.randn(h, h, device=device, dtype=dtype)
     matmul = median_ms(lambda: x @ w, device, warmup, 2 * repeats)
-    offline = median_ms(lambda: update(step), device, warmup, repeats)
-    row("offline update", offline)
-    with FlopCounterMode(display=False) as counter:  # eager losses: the same math, counted op by op
-        fmq.update(agent, buffer.sample(args.batch_size, args.discount), torch.tensor(step), args, fmq.make_losses())
-    flops = counter.get_total_flops()
-    fmq.freeze_offline_copy(agent)  # agent.u_off set: fmq.update now does the online update
-    online = median_ms(lambda: update(step), device, warmup, repeats)
-    row("online update", online)
+    ms = {}
+    for phase in ("offline", "online"):
+        if phase == "online":  # agent.u_off set: fmq.update now does the online update
+            for a, _ in variants.values():
+                fmq.freeze_offline_copy(a)
+        first = {k: timed_s(lambda: u(step), device) for k, (_, u) in variants.items()}  # compiles
+        for _ in range(warmup):
+            for _, u in variants.values():
+                u(step)
+        ms[phase] = interleaved_ms({k: (lambda u=u: u(step)) for k, (_, u) in variants.items()}, device, repeats)
+        row(f"{phase} update", ms[phase]["eager"])
+        if cli.compile:
+            row(f"{phase} update, compiled", ms[phase]["compiled"], ratio=ms[phase]["compiled"] / ms[phase]["eager"],
+                compile_s=first["compiled"] - first["eager"])
+        if phase == "offline":
+            with FlopCounterMode(display=False) as counter:  # eager: the same math, counted op by op
+                fmq.update(agent, buffer.sample(args.batch_size, args.discount), torch.tensor(step), args,
+                           fmq.make_losses())
+            flops = counter.get_total_flops()
+    offline, online = ms["offline"]["eager"], ms["online"]["eager"]
     env_ms = env_step_ms(env)
     row("env step", env_ms)
     row("online step (update + env)", None if env_ms is None else online + env_ms)
@@ -211,7 +258,11 @@ def main(argv=None):
         flop = f"{r['gflops']:12.1f}{r['ceiling_gflops']:12.1f}{r['fraction']:10.3f}" if "gflops" in r else ""
         print(f"{r['name']:<30}{ms:>12}{flop}")
     print(f"({flops / 1e9:.2f} GFLOP per offline update; ceiling: {dtype} matmul [{m}, {h}] x [{h}, {h}], "
-          f"{matmul:.3f} ms)\n{FOOTER}")
+          f"{matmul:.3f} ms)")
+    for r in rows:
+        if "ratio" in r:
+            print(f"{r['name']}: {r['ratio']:.2f} of eager; compiled in {r['compile_s']:.1f} s (its first update)")
+    print(FOOTER)
     result = dict(device=str(device), device_name=device_name(device), torch=torch.__version__,
                   threads=torch.get_num_threads(), load_average=dict(start=load_start, end=os.getloadavg()[0]),
                   float32_matmul_precision=torch.get_float32_matmul_precision(),
