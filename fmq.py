@@ -244,8 +244,7 @@ def robomimic_mismatch(f, env):
 
 
 def make_env(spec, env_args=None, render=False):
-    """One env with gymnasium's API; `env_args` is the robomimic file's env metadata. render: env.render() gives
-    VIDEO_SIZE frames (OGBench's renderer, robosuite's offscreen one)."""
+    """One env with gymnasium's API (`env_args`: the robomimic file's env metadata); render: env.render() works."""
     if spec["suite"] == "robomimic":
         return RoboMimicEnv(env_args, spec["max_episode_steps"], render)
     import ogbench
@@ -836,10 +835,9 @@ def wandb_logger(args, run_dir, resumed):
     state = json.loads(path.read_text()) if resumed and path.exists() else dict(id=os.urandom(4).hex(), step=-1)
     wandb.init(project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group, name=run_dir.name,
                id=state["id"], resume="allow", config=asdict(args))
-    done = state["step"]
 
     def log(row, step):
-        if step > done:  # the step is recorded first: a kill in between loses a row, never logs one twice
+        if step > state["step"]:  # the step is recorded first: a kill in between loses a row, never logs one twice
             path.with_suffix(".tmp").write_text(json.dumps(dict(state, step=step)))
             os.replace(path.with_suffix(".tmp"), path)
             wandb.log({k: wandb.Video(str(v)) if isinstance(v, Path) else v for k, v in row.items()}, step=step)
@@ -903,13 +901,12 @@ def preallocation_check(n_rows, row_floats, device):
 def main(args: Args):
     spec = env_spec(args.env_id)
     validate(args)
-    run_dir = Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
-    if args.resume not in (None, "auto"):
-        run_dir = Path(args.resume)
-    resume_from = latest_checkpoint(run_dir) if args.resume else None
-    if args.resume not in (None, "auto") and resume_from is None:
+    named = args.resume not in (None, "auto")  # --resume names the run folder
+    run_dir = Path(args.resume) if named else Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
+    resume_from = latest_checkpoint(run_dir)  # None unless resuming: a new run never starts over a checkpoint
+    if named and resume_from is None:
         raise FMQError(f"--resume {args.resume}: no checkpoint in {run_dir / 'checkpoints'}")
-    if args.resume is None and latest_checkpoint(run_dir) is not None:
+    if args.resume is None and resume_from is not None:
         raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
 
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
@@ -950,9 +947,8 @@ def main(args: Args):
     total, step, ep = args.offline_steps + args.online_steps, 0, dict(index=0, start=buffer.written, ret=0.0)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, args, agent)
-        step, ep = ckpt["step"], ckpt["episode"]
+        step, ep, rng = ckpt["step"], ckpt["episode"], ckpt["rng"]
         buffer.load_online_state(ckpt["buffer"])
-        rng = ckpt["rng"]
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
