@@ -730,8 +730,8 @@ def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None):
     list `frames` (envs that render), the args.video_episodes episodes after those instead, which the official
     `evaluate` renders and does not count: a frame every --video-frame-skip env steps and at each episode's end."""
     gen, episodes = torch.Generator(next(agent.actor.parameters()).device).manual_seed(args.seed + 10_000), []
-    start, stop = (args.eval_episodes, args.eval_episodes + args.video_episodes) if frames is not None else (
-        0, args.eval_episodes)
+    start = args.eval_episodes if frames is not None else 0  # the video episodes come after the counted ones
+    stop = start + (args.video_episodes if frames is not None else args.eval_episodes)
     for first in range(start, stop, len(envs)):
         wave = envs[:min(len(envs), stop - first)]
         obs = np.stack([e.reset(seed=args.seed + 10_000 + first + i)[0] for i, e in enumerate(wave)])
@@ -1043,7 +1043,7 @@ def main(args: Args):
             log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0),
                            sps=round(sps, 1)))
             pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=results.get(args.sampler, "-"))
-        evaluated = step % args.eval_interval == 0 or step == total or step == args.offline_steps
+        evaluated = step % args.eval_interval == 0 or step in (total, args.offline_steps)
         if evaluated:
             results = run_eval(step)
             pbar.set_postfix(phase=phase_of(step), success=results[args.sampler])
