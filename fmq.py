@@ -290,14 +290,13 @@ def load_robomimic(spec, dataset_dir):
     if path is None:
         raise FMQError(f"RoboMimic dataset not found at {root / rel}; {hint}, or pass --dataset-dir")
     with h5py.File(path, "r") as f:
-        demos = sorted(f["data"], key=lambda d: int(d.split("_")[-1]))
-        missing = [k for k in RM_KEYS if k not in f[f"data/{demos[0]}/obs"]]
+        demos = [f["data"][name] for name in sorted(f["data"], key=lambda d: int(d.split("_")[-1]))]
+        missing = [k for k in RM_KEYS if k not in demos[0]["obs"]]
         if missing:
-            raise FMQError(f"{path} lacks observation keys {missing} (it has {sorted(f[f'data/{demos[0]}/obs'])}); "
+            raise FMQError(f"{path} lacks observation keys {missing} (it has {sorted(demos[0]['obs'])}); "
                            f"FMQ needs the low-dim keys {list(RM_KEYS)}")
         cat = lambda demo, group: np.concatenate([demo[group][k][:] for k in RM_KEYS], -1)
-        parts = [(cat(d, "obs"), d["actions"][:], d["rewards"][:], d["dones"][:], cat(d, "next_obs"))
-                 for d in (f[f"data/{name}"] for name in demos)]
+        parts = [(cat(d, "obs"), d["actions"][:], d["rewards"][:], d["dones"][:], cat(d, "next_obs")) for d in demos]
         env_args = json.loads(f["data"].attrs["env_args"])
         why = f"{path} was made with robosuite {env_args.get('env_version')}; the installed {robosuite.__version__}"
         try:  # the env guard: never train on data whose env the installed robosuite does not reproduce
