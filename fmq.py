@@ -245,8 +245,7 @@ def robomimic_mismatch(f, env):
 
 
 def make_env(spec, env_args=None, render=False):
-    """One env with gymnasium's API; `env_args` is the robomimic file's env metadata. render: env.render() gives
-    VIDEO_SIZE frames (OGBench's renderer, robosuite's offscreen one)."""
+    """One env with gymnasium's API (`env_args`: the robomimic file's env metadata); render: env.render() works."""
     if spec["suite"] == "robomimic":
         return RoboMimicEnv(env_args, spec["max_episode_steps"], render)
     import ogbench
@@ -292,14 +291,13 @@ def load_robomimic(spec, dataset_dir):
     if path is None:
         raise FMQError(f"RoboMimic dataset not found at {root / rel}; {hint}, or pass --dataset-dir")
     with h5py.File(path, "r") as f:
-        demos = sorted(f["data"], key=lambda d: int(d.split("_")[-1]))
-        missing = [k for k in RM_KEYS if k not in f[f"data/{demos[0]}/obs"]]
+        demos = [f["data"][name] for name in sorted(f["data"], key=lambda d: int(d.split("_")[-1]))]
+        missing = [k for k in RM_KEYS if k not in demos[0]["obs"]]
         if missing:
-            raise FMQError(f"{path} lacks observation keys {missing} (it has {sorted(f[f'data/{demos[0]}/obs'])}); "
+            raise FMQError(f"{path} lacks observation keys {missing} (it has {sorted(demos[0]['obs'])}); "
                            f"FMQ needs the low-dim keys {list(RM_KEYS)}")
         cat = lambda demo, group: np.concatenate([demo[group][k][:] for k in RM_KEYS], -1)
-        parts = [(cat(d, "obs"), d["actions"][:], d["rewards"][:], d["dones"][:], cat(d, "next_obs"))
-                 for d in (f[f"data/{name}"] for name in demos)]
+        parts = [(cat(d, "obs"), d["actions"][:], d["rewards"][:], d["dones"][:], cat(d, "next_obs")) for d in demos]
         env_args = json.loads(f["data"].attrs["env_args"])
         why = f"{path} was made with robosuite {env_args.get('env_version')}; the installed {robosuite.__version__}"
         try:  # the env guard: never train on data whose env the installed robosuite does not reproduce
@@ -766,8 +764,8 @@ def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None):
     list `frames` (envs that render), the args.video_episodes episodes after those instead, which the official
     `evaluate` renders and does not count: a frame every --video-frame-skip env steps and at each episode's end."""
     gen, episodes = torch.Generator(next(agent.actor.parameters()).device).manual_seed(args.seed + 10_000), []
-    start, stop = (args.eval_episodes, args.eval_episodes + args.video_episodes) if frames is not None else (
-        0, args.eval_episodes)
+    start = args.eval_episodes if frames is not None else 0  # the video episodes come after the counted ones
+    stop = start + (args.video_episodes if frames is not None else args.eval_episodes)
     for first in range(start, stop, len(envs)):
         wave = envs[:min(len(envs), stop - first)]
         obs = np.stack([e.reset(seed=args.seed + 10_000 + first + i)[0] for i, e in enumerate(wave)])
@@ -871,10 +869,9 @@ def wandb_logger(args, run_dir, resumed):
     state = json.loads(path.read_text()) if resumed and path.exists() else dict(id=os.urandom(4).hex(), step=-1)
     wandb.init(project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group, name=run_dir.name,
                id=state["id"], resume="allow", config=asdict(args))
-    done = state["step"]
 
     def log(row, step):
-        if step > done:  # the step is recorded first: a kill in between loses a row, never logs one twice
+        if step > state["step"]:  # the step is recorded first: a kill in between loses a row, never logs one twice
             path.with_suffix(".tmp").write_text(json.dumps(dict(state, step=step)))
             os.replace(path.with_suffix(".tmp"), path)
             wandb.log({k: wandb.Video(str(v)) if isinstance(v, Path) else v for k, v in row.items()}, step=step)
@@ -940,13 +937,12 @@ def preallocation_check(n_rows, row_floats, device):
 def main(args: Args):
     spec = env_spec(args.env_id)
     validate(args)
-    run_dir = Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
-    if args.resume not in (None, "auto"):
-        run_dir = Path(args.resume)
-    resume_from = latest_checkpoint(run_dir) if args.resume else None
-    if args.resume not in (None, "auto") and resume_from is None:
+    named = args.resume not in (None, "auto")  # --resume names the run folder
+    run_dir = Path(args.resume) if named else Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
+    resume_from = latest_checkpoint(run_dir)  # None unless resuming: a new run never starts over a checkpoint
+    if named and resume_from is None:
         raise FMQError(f"--resume {args.resume}: no checkpoint in {run_dir / 'checkpoints'}")
-    if args.resume is None and latest_checkpoint(run_dir) is not None:
+    if args.resume is None and resume_from is not None:
         raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
 
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
@@ -987,9 +983,8 @@ def main(args: Args):
     total, step, ep = args.offline_steps + args.online_steps, 0, dict(index=0, start=buffer.written, ret=0.0)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, args, agent)
-        step, ep = ckpt["step"], ckpt["episode"]
+        step, ep, rng = ckpt["step"], ckpt["episode"], ckpt["rng"]
         buffer.load_online_state(ckpt["buffer"])
-        rng = ckpt["rng"]
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
@@ -1084,7 +1079,7 @@ def main(args: Args):
             log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0),
                            sps=round(sps, 1)))
             pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=results.get(args.sampler, "-"))
-        evaluated = step % args.eval_interval == 0 or step == total or step == args.offline_steps
+        evaluated = step % args.eval_interval == 0 or step in (total, args.offline_steps)
         if evaluated:
             results = run_eval(step)
             pbar.set_postfix(phase=phase_of(step), success=results[args.sampler])
