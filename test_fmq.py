@@ -2909,7 +2909,7 @@ def test_robomimic_video_frames_from_the_offscreen_renderer(rm_data, tmp_path, m
                     video_episodes=1, video_frame_skip=3, device="cpu")
     agent = fmq.make_agent(args, env.observation_space.shape[0], env.action_space.shape[0] * args.horizon, "cpu")
     frames = []
-    fmq.evaluate(agent, [env], args, "onestep", frames)
+    fmq.evaluate(agent, [env], args, "onestep", frames=frames)
     assert len(frames) == 3 and frames[0].shape == (48, 64, 3) and frames[0].dtype == np.uint8
     assert frames_change(frames)
     from torch.utils.tensorboard import SummaryWriter
