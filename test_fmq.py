@@ -443,8 +443,8 @@ def test_acting_selects_by_mean_offline_and_by_min_online(online, target, expect
 
 def fmq_stand_ins(critic, u_off=0.0, actor=None, **kw):
     """An agent for fmq_loss with stand-in critics, a constant u_off, and an actor returning `actor` (or 0)."""
-    args = fmq.Args(**kw)  # the target critics guide the other way: guiding with them gives other numbers
-    agent = SimpleNamespace(critic=critic, critic_target=lambda obs, a: -critic(obs, a),
+    args = fmq.Args(**kw)  # target critics with another gradient and spread: using them gives other numbers
+    agent = SimpleNamespace(critic=critic, critic_target=lambda obs, a: -critic(obs, a) * torch.tensor([[1.0], [3.0]]),
                             u_off=lambda obs, a, r, t: torch.full_like(a, u_off),
                             actor=lambda obs, a, r, t: torch.zeros_like(a) if actor is None else actor.expand_as(a))
     return agent, args
@@ -1364,6 +1364,13 @@ def test_each_method_fits_its_actor_loss_to_its_own_actions(online, target, fits
     (kind, a), = seen
     assert kind == ("fmq" if fits is None else "flow_map")
     assert torch.equal(a, a_star if fits == "a_star" else batch["actions"])
+
+
+def test_mvp_target_carries_no_gradient():
+    """MVP's a* is a regression target: drawn without autograd, so no gradient flows back through the sampler."""
+    args, agent, batch = small_agent(online_target="mvp")
+    a_star = fmq.mvp_target(agent, batch["obs"], args)
+    assert not a_star.requires_grad and a_star.grad_fn is None
 
 
 def test_polyak_before_the_optimiser_step_is_seen_at_a_large_lr():

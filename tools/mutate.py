@@ -278,6 +278,10 @@ BUGS = [
         'sorted(ckpt_dir.glob("step_*.pt"))[:-keep]', 'sorted(ckpt_dir.glob("step_*.pt"))[:-keep - 1]'),
     bug("resume_drops_the_chunk_queue", "on resume, the rest of the interrupted action chunk is dropped",
         'queue = list(ep.get("queue", []))', "queue = []"),
+    bug("delta_from_target_critics", "delta_critic from the target critics' spread, not the current ones'",
+        "spread = qs.detach().std(0, correction=0)", "spread = agent.critic_target(obs, a_1).detach().std(0, correction=0)"),
+    bug("mvp_target_with_grad", "MVP's a* drawn with autograd on (the actor is trained through its own target)",
+        "    with torch.no_grad():\n        return best_of_n(", "    if True:\n        return best_of_n("),
 ]
 # fmt: on
 
