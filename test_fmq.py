@@ -1,4 +1,6 @@
-"""Tests for fmq.py and qgbs.py. `pytest` runs them all on CPU in a few minutes; CUDA tests skip without a GPU."""
+"""Tests for fmq.py and qgbs.py. `pytest -m "not slow"`: the fast tier (known answers, main on a tiny env), about a
+minute on 2 CPU cores; `pytest`: everything, with the end-to-end tier marked slow (real envs, subprocesses, training).
+CUDA tests skip without a GPU."""
 import dataclasses
 import json
 import os
