@@ -1326,11 +1326,12 @@ def test_each_method_fits_its_actor_loss_to_its_own_actions(online, target, fits
     monkeypatch.setattr(fmq, "best_of_n", lambda actor, q_fn, obs, n, generator=None: (a_star[:len(obs)], None))
     seen = []
     losses = fmq.make_losses()
-    losses.update(flow_map=lambda actor, obs, a, *r: (seen.append(("flow_map", a)), fmq.flow_map_loss(
-        actor, obs, a, *r))[1], fmq=lambda agent, obs, a, args: (seen.append(("fmq", a)), fmq.fmq_loss(
+    losses.update(flow_map=lambda actor, obs, a, step, args: (seen.append(("flow_map", a, step)), fmq.flow_map_loss(
+        actor, obs, a, step, args))[1], fmq=lambda agent, obs, a, args: (seen.append(("fmq", a, 7)), fmq.fmq_loss(
             agent, obs, a, args))[1])
-    fmq.update(agent, batch, 0, args, losses)
-    (kind, a), = seen
+    fmq.update(agent, batch, 7, args, losses)
+    (kind, a, step), = seen
+    assert step == 7  # the flow-map loss's curriculum sees the update's step
     assert kind == ("fmq" if fits is None else "flow_map")
     assert torch.equal(a, a_star if fits == "a_star" else batch["actions"])
 
@@ -1340,6 +1341,18 @@ def test_mvp_target_carries_no_gradient():
     args, agent, batch = small_agent(online_target="mvp")
     a_star = fmq.mvp_target(agent, batch["obs"], args)
     assert not a_star.requires_grad and a_star.grad_fn is None
+
+
+def test_make_update_runs_update_on_a_fresh_batch_of_the_runs_size_and_discount(monkeypatch):
+    """Each call samples batch_size chunks with the run's discount (rewards -1, h 3, discount 0.9: R = -2.71) and hands
+    `update` the step as a device tensor."""
+    seen = []
+    monkeypatch.setattr(fmq, "update", lambda agent, batch, step, args, losses: seen.append((batch, int(step))) or {})
+    args = fmq.Args(batch_size=5, discount=0.9, horizon=3)
+    update = fmq.make_update(SimpleNamespace(u_off=None), circular_buffer(), args, fmq.make_losses())
+    update(4), update(5)
+    assert [(len(b["obs"]), s) for b, s in seen] == [(5, 4), (5, 5)]
+    torch.testing.assert_close(seen[0][0]["R"], torch.full((5,), -2.71))
 
 
 def test_polyak_before_the_optimiser_step_is_seen_at_a_large_lr():

@@ -282,6 +282,10 @@ BUGS = [
         "spread = qs.detach().std(0, correction=0)", "spread = agent.critic_target(obs, a_1).detach().std(0, correction=0)"),
     bug("mvp_target_with_grad", "MVP's a* drawn with autograd on (the actor is trained through its own target)",
         "    with torch.no_grad():\n        return best_of_n(", "    if True:\n        return best_of_n("),
+    bug("batch_discount_per_chunk", "batches sampled with discount ** horizon as the per-step discount",
+        "buffer.sample(args.batch_size, args.discount)", "buffer.sample(args.batch_size, args.discount ** args.horizon)"),
+    bug("flow_map_loss_at_step_0", "the offline loss always gets step 0 (the curriculum never starts)",
+        'losses["flow_map"](agent.actor, batch["obs"], a_1, step, args)', 'losses["flow_map"](agent.actor, batch["obs"], a_1, 0, args)'),
 ]
 # fmt: on
 
