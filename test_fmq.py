@@ -4,6 +4,7 @@ CUDA tests skip without a GPU."""
 import dataclasses
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -1353,6 +1354,32 @@ def test_make_update_runs_update_on_a_fresh_batch_of_the_runs_size_and_discount(
     update(4), update(5)
     assert [(len(b["obs"]), s) for b, s in seen] == [(5, 4), (5, 5)]
     torch.testing.assert_close(seen[0][0]["R"], torch.full((5,), -2.71))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(offline_steps=0), "--offline-steps 0 needs --load-checkpoint"), (dict(qgbs_rho=0.0), "--qgbs-rho must"),
+    (dict(qgbs_m=0), "QGBS needs --qgbs-m >= 1"), (dict(qgbs_b=0), "QGBS needs"), (dict(qgbs_k=-1), "QGBS needs"),
+    (dict(num_critics=1), "--num-critics must be >= 2"), (dict(horizon=0), "--horizon must be >= 1"),
+    (dict(time_dim=3), "--time-dim 0/even"), (dict(euler_steps=-1, online_target="mvp"), "--euler-steps >= 0"),
+    (dict(eval_episodes=0), "counts must be >= 1"), (dict(start_training=-1), "step counts must be >= 0"),
+    (dict(best_of_n=0), "--best-of-n and --batch-size must be >= 1")])
+def test_validate_names_each_bad_setting_and_accepts_the_edges(bad, message):
+    with pytest.raises(fmq.FMQError, match=re.escape(message)):
+        fmq.validate(fmq.Args(**bad))
+    for edge in (dict(), dict(qgbs_k=0), dict(num_critics=2), dict(eval_episodes=1, start_training=0, horizon=1),
+                 dict(offline_steps=0, load_checkpoint="x.pt"), dict(time_dim=0), dict(qgbs_rho=1e-3)):
+        fmq.validate(fmq.Args(**edge))
+
+
+def test_a_checkpoint_of_other_nets_is_refused_in_one_line(tmp_path):
+    args, agent, _ = small_agent()
+    state = dict({k: getattr(agent, k).state_dict() for k in fmq.NETS}, step=1, args=dataclasses.asdict(args))
+    path = fmq.save_checkpoint(tmp_path, dict(state, u_off=None), keep=1)
+    other = dataclasses.replace(args, hidden_dim=32)
+    with pytest.raises(fmq.FMQError, match=r"does not fit this run: it has \{'hidden_dim': 16\}, this run \{'hidden_"
+                       r"dim': 32\}"):
+        fmq.load_checkpoint(path, other, fmq.make_agent(other, 6, 10, "cpu"))
+    fmq.load_checkpoint(path, args, fmq.make_agent(args, 6, 10, "cpu"))
 
 
 def test_polyak_before_the_optimiser_step_is_seen_at_a_large_lr():
