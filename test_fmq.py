@@ -1,7 +1,10 @@
-"""Tests for fmq.py and qgbs.py. `pytest` runs them all on CPU in a few minutes; CUDA tests skip without a GPU."""
+"""Tests for fmq.py and qgbs.py. `pytest -m "not slow"`: the fast tier (known answers, main on a tiny env), about a
+minute on 2 CPU cores; `pytest`: everything, with the end-to-end tier marked slow (real envs, subprocesses, training).
+CUDA tests skip without a GPU."""
 import dataclasses
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -426,8 +429,8 @@ def test_acting_selects_by_mean_offline_and_by_min_online(online, target, expect
 
 def fmq_stand_ins(critic, u_off=0.0, actor=None, **kw):
     """An agent for fmq_loss with stand-in critics, a constant u_off, and an actor returning `actor` (or 0)."""
-    args = fmq.Args(**kw)  # the target critics guide the other way: guiding with them gives other numbers
-    agent = SimpleNamespace(critic=critic, critic_target=lambda obs, a: -critic(obs, a),
+    args = fmq.Args(**kw)  # target critics with another gradient and spread: using them gives other numbers
+    agent = SimpleNamespace(critic=critic, critic_target=lambda obs, a: -critic(obs, a) * torch.tensor([[1.0], [3.0]]),
                             u_off=lambda obs, a, r, t: torch.full_like(a, u_off),
                             actor=lambda obs, a, r, t: torch.zeros_like(a) if actor is None else actor.expand_as(a))
     return agent, args
@@ -554,21 +557,6 @@ def test_one_update_steps_on_the_summed_loss_at_pre_update_parameters(monkeypatc
     for before, net in [(critic_before, agent.critic), (actor_before, agent.actor)]:
         steps = torch.cat([(p - b).flatten() for p, b in zip(net.parameters(), before)]).abs()
         assert steps.max().item() == pytest.approx(args.lr, rel=1e-3)
-
-
-@pytest.mark.slow
-def test_no_online_update_before_start_training(tmp_path, monkeypatch, ogb):
-    """Official main.py updates at online step i (1-based) when i >= start_training: with 5 offline and 10 online
-    steps and start_training 4, 5 + 7 = 12 updates."""
-    real, calls = fmq.update, []
-
-    def counting(agent, batch, step, *a):
-        calls.append(int(step))  # the step arrives as a device tensor
-        return real(agent, batch, step, *a)
-    monkeypatch.setattr(fmq, "update", counting)
-    fmq.main(tiny_args(tmp_path, ogb, offline_steps=5, online_steps=10, start_training=4, eval_interval=100,
-                       log_interval=5))
-    assert calls == [0, 1, 2, 3, 4] + list(range(8, 15))
 
 
 def test_qgbs_k0_step_is_one_eta_step_after_best_of_m():
@@ -1024,24 +1012,6 @@ def test_dataset_that_does_not_match_the_env(tmp_path, ogb):
         fmq.main(tiny_args(tmp_path, tmp_path, env_id="cube-dbl-t3"))
 
 
-@pytest.mark.slow
-def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, ogb):
-    real = fmq.critic_loss
-
-    def poisoned(agent, batch, *a):
-        loss, info = real(agent, batch, *a)
-        poisoned.calls += 1
-        return (loss * float("nan"), info) if poisoned.calls > 25 else (loss, info)
-    poisoned.calls = 0
-    monkeypatch.setattr(fmq, "critic_loss", poisoned)
-    run = tmp_path / "runs" / "scene-t5__fmq__0"
-    with pytest.raises(fmq.FMQError, match=f"non-finite critic/loss.* at step 25; .*{run}/checkpoints/step_000000020.pt"):
-        fmq.main(tiny_args(tmp_path, ogb))
-    ckpt = torch.load(run / "checkpoints" / "step_000000020.pt", weights_only=False)
-    assert ckpt["step"] == 20 and all(torch.isfinite(p).all() for p in ckpt["actor"].values())
-    assert not (run / "checkpoints" / "step_000000030.pt").exists()
-
-
 # ---------------------------------------------------------------- kill and resume
 def resume_flags(dataset_dir):
     """A small deterministic CPU run with a checkpoint every 10 steps."""
@@ -1390,13 +1360,59 @@ def test_each_method_fits_its_actor_loss_to_its_own_actions(online, target, fits
     monkeypatch.setattr(fmq, "best_of_n", lambda actor, q_fn, obs, n, generator=None: (a_star[:len(obs)], None))
     seen = []
     losses = fmq.make_losses()
-    losses.update(flow_map=lambda actor, obs, a, *r: (seen.append(("flow_map", a)), fmq.flow_map_loss(
-        actor, obs, a, *r))[1], fmq=lambda agent, obs, a, args: (seen.append(("fmq", a)), fmq.fmq_loss(
+    losses.update(flow_map=lambda actor, obs, a, step, args: (seen.append(("flow_map", a, step)), fmq.flow_map_loss(
+        actor, obs, a, step, args))[1], fmq=lambda agent, obs, a, args: (seen.append(("fmq", a, 7)), fmq.fmq_loss(
             agent, obs, a, args))[1])
-    fmq.update(agent, batch, 0, args, losses)
-    (kind, a), = seen
+    fmq.update(agent, batch, 7, args, losses)
+    (kind, a, step), = seen
+    assert step == 7  # the flow-map loss's curriculum sees the update's step
     assert kind == ("fmq" if fits is None else "flow_map")
     assert torch.equal(a, a_star if fits == "a_star" else batch["actions"])
+
+
+def test_mvp_target_carries_no_gradient():
+    """MVP's a* is a regression target: drawn without autograd, so no gradient flows back through the sampler."""
+    args, agent, batch = small_agent(online_target="mvp")
+    a_star = fmq.mvp_target(agent, batch["obs"], args)
+    assert not a_star.requires_grad and a_star.grad_fn is None
+
+
+def test_make_update_runs_update_on_a_fresh_batch_of_the_runs_size_and_discount(monkeypatch):
+    """Each call samples batch_size chunks with the run's discount (rewards -1, h 3, discount 0.9: R = -2.71) and hands
+    `update` the step as a device tensor."""
+    seen = []
+    monkeypatch.setattr(fmq, "update", lambda agent, batch, step, args, losses: seen.append((batch, int(step))) or {})
+    args = fmq.Args(batch_size=5, discount=0.9, horizon=3)
+    update = fmq.make_update(SimpleNamespace(u_off=None), circular_buffer(), args, fmq.make_losses())
+    update(4), update(5)
+    assert [(len(b["obs"]), s) for b, s in seen] == [(5, 4), (5, 5)]
+    torch.testing.assert_close(seen[0][0]["R"], torch.full((5,), -2.71))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(offline_steps=0), "--offline-steps 0 needs --load-checkpoint"), (dict(qgbs_rho=0.0), "--qgbs-rho must"),
+    (dict(qgbs_m=0), "QGBS needs --qgbs-m >= 1"), (dict(qgbs_b=0), "QGBS needs"), (dict(qgbs_k=-1), "QGBS needs"),
+    (dict(num_critics=1), "--num-critics must be >= 2"), (dict(horizon=0), "--horizon must be >= 1"),
+    (dict(time_dim=3), "--time-dim 0/even"), (dict(euler_steps=-1, online_target="mvp"), "--euler-steps >= 0"),
+    (dict(eval_episodes=0), "counts must be >= 1"), (dict(start_training=-1), "step counts must be >= 0"),
+    (dict(best_of_n=0), "--best-of-n and --batch-size must be >= 1")])
+def test_validate_names_each_bad_setting_and_accepts_the_edges(bad, message):
+    with pytest.raises(fmq.FMQError, match=re.escape(message)):
+        fmq.validate(fmq.Args(**bad))
+    for edge in (dict(), dict(qgbs_k=0), dict(num_critics=2), dict(eval_episodes=1, start_training=0, horizon=1),
+                 dict(offline_steps=0, load_checkpoint="x.pt"), dict(time_dim=0), dict(qgbs_rho=1e-3)):
+        fmq.validate(fmq.Args(**edge))
+
+
+def test_a_checkpoint_of_other_nets_is_refused_in_one_line(tmp_path):
+    args, agent, _ = small_agent()
+    state = dict({k: getattr(agent, k).state_dict() for k in fmq.NETS}, step=1, args=dataclasses.asdict(args))
+    path = fmq.save_checkpoint(tmp_path, dict(state, u_off=None), keep=1)
+    other = dataclasses.replace(args, hidden_dim=32)
+    with pytest.raises(fmq.FMQError, match=r"does not fit this run: it has \{'hidden_dim': 16\}, this run \{'hidden_"
+                       r"dim': 32\}"):
+        fmq.load_checkpoint(path, other, fmq.make_agent(other, 6, 10, "cpu"))
+    fmq.load_checkpoint(path, args, fmq.make_agent(args, 6, 10, "cpu"))
 
 
 def test_polyak_before_the_optimiser_step_is_seen_at_a_large_lr():

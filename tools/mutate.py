@@ -10,7 +10,7 @@ First the unpatched copy runs the same tests: they must pass (that run also meas
 A patch whose old snippet is not found exactly once is an ERROR, never a silent skip. Exit status 0 only when
 every bug is caught and every patch applies. Opt-in (not part of `pytest`):
 
-  python tools/mutate.py                       # all bugs, one worker per core (~10 min on 2 cores)
+  python tools/mutate.py                       # all bugs, one worker per core (~15 min on 2 cores)
   python tools/mutate.py --only td_drops_mask  # one bug (repeatable)
   python tools/mutate.py --list                # the catalogue
   python tools/mutate.py --tests all           # also the tests marked slow (real envs, subprocesses, training)
@@ -278,6 +278,20 @@ BUGS = [
         'sorted(ckpt_dir.glob("step_*.pt"))[:-keep]', 'sorted(ckpt_dir.glob("step_*.pt"))[:-keep - 1]'),
     bug("resume_drops_the_chunk_queue", "on resume, the rest of the interrupted action chunk is dropped",
         'queue = list(ep.get("queue", []))', "queue = []"),
+    bug("delta_from_target_critics", "delta_critic from the target critics' spread, not the current ones'",
+        "spread = qs.detach().std(0, correction=0)", "spread = agent.critic_target(obs, a_1).detach().std(0, correction=0)"),
+    bug("mvp_target_with_grad", "MVP's a* drawn with autograd on (the actor is trained through its own target)",
+        "    with torch.no_grad():\n        return best_of_n(", "    if True:\n        return best_of_n("),
+    bug("batch_discount_per_chunk", "batches sampled with discount ** horizon as the per-step discount",
+        "buffer.sample(args.batch_size, args.discount)", "buffer.sample(args.batch_size, args.discount ** args.horizon)"),
+    bug("flow_map_loss_at_step_0", "the offline loss always gets step 0 (the curriculum never starts)",
+        'losses["flow_map"](agent.actor, batch["obs"], a_1, step, args)', 'losses["flow_map"](agent.actor, batch["obs"], a_1, 0, args)'),
+    bug("validate_rho_zero_allowed", "--qgbs-rho 0 accepted (t' = 0: QGBS re-noises to pure noise)",
+        "(args.qgbs_rho <= 0,", "(args.qgbs_rho < 0,"),
+    bug("validate_one_critic_allowed", "--num-critics 1 accepted (delta_critic is then 0 / 0)",
+        "(args.num_critics < 2,", "(args.num_critics < 1,"),
+    bug("checkpoint_fit_unchecked", "a checkpoint of other networks is loaded without the fit check",
+        "    if theirs:\n        raise FMQError(f\"checkpoint", "    if False:\n        raise FMQError(f\"checkpoint"),
 ]
 # fmt: on
 
