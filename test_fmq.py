@@ -1395,12 +1395,16 @@ def test_make_update_runs_update_on_a_fresh_batch_of_the_runs_size_and_discount(
     (dict(num_critics=1), "--num-critics must be >= 2"), (dict(horizon=0), "--horizon must be >= 1"),
     (dict(time_dim=3), "--time-dim 0/even"), (dict(euler_steps=-1, online_target="mvp"), "--euler-steps >= 0"),
     (dict(eval_episodes=0), "counts must be >= 1"), (dict(start_training=-1), "step counts must be >= 0"),
-    (dict(best_of_n=0), "--best-of-n and --batch-size must be >= 1")])
+    (dict(best_of_n=0), "need --best-of-n, --batch-size, --utd-ratio >= 1"),
+    (dict(utd_ratio=0), "need --best-of-n, --batch-size, --utd-ratio >= 1"),
+    (dict(dataset_proportion=0.0), "--dataset-proportion must be in (0, 1]"),
+    (dict(dataset_proportion=1.5), "--dataset-proportion must be in (0, 1]")])
 def test_validate_names_each_bad_setting_and_accepts_the_edges(bad, message):
     with pytest.raises(fmq.FMQError, match=re.escape(message)):
         fmq.validate(fmq.Args(**bad))
     for edge in (dict(), dict(qgbs_k=0), dict(num_critics=2), dict(eval_episodes=1, start_training=0, horizon=1),
-                 dict(offline_steps=0, load_checkpoint="x.pt"), dict(time_dim=0), dict(qgbs_rho=1e-3)):
+                 dict(offline_steps=0, load_checkpoint="x.pt"), dict(time_dim=0), dict(qgbs_rho=1e-3),
+                 dict(utd_ratio=1, dataset_proportion=1.0), dict(dataset_proportion=1e-3)):
         fmq.validate(fmq.Args(**edge))
 
 
