@@ -872,6 +872,7 @@ def test_eval_returns_say_which_reward(monkeypatch, env_id, return_train):
     assert res == dict(success=1.0, return_train=return_train, return_env=-4.0, length=4.0)
 
 
+@pytest.mark.slow
 def test_run_prints_its_plan_and_result_and_logs_the_last_offline_step(tmp_path, ogb, capsys):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     args = tiny_args(tmp_path, ogb, offline_steps=13, online_steps=7, eval_interval=20, extra_samplers=("qgbs",))
@@ -2715,6 +2716,7 @@ def test_import_official_other_architectures_round_trip():
 
 
 # ---------------------------------------------------------------- official main.py flags: utd_ratio, dataset_proportion
+@pytest.mark.slow
 @pytest.mark.parametrize("utd", [1, 3])
 def test_utd_ratio_is_k_updates_per_online_step_each_on_its_own_batch(tmp_path, monkeypatch, ogb, utd):
     """Official utd_ratio: after the warm-up, K updates per online env step, each on a fresh batch; offline one per
@@ -2747,6 +2749,7 @@ def test_utd_ratio_with_cudagraphs_replays_k_updates_per_online_step(tmp_path, o
     for opt in ("actor_opt", "critic_opt"):
         assert {float(s["step"]) for s in ckpt[opt]["state"].values()} == {5 + 7 * 3}
 
+@pytest.mark.slow
 def test_dataset_proportion_keeps_the_first_rows(tmp_path, monkeypatch, ogb):
     """Official dataset_proportion: the first int(rows * p) rows (597 rows loaded, p 0.35: 208), every field alike."""
     real, seen = fmq.ReplayBuffer, []

@@ -63,10 +63,10 @@ BUGS = [
     bug("target_critic_not_frozen", "target critic parameters still require grad",
         "critic_target=copy.deepcopy(critic).requires_grad_(False)", "critic_target=copy.deepcopy(critic)"),
     bug("polyak_tau_flipped", "Polyak step uses 1 - tau (tau read as the fraction kept)",
-        "list(agent.critic.parameters()), args.tau)", "list(agent.critic.parameters()), 1 - args.tau)"),
+        "params[0], args.tau)", "params[0], 1 - args.tau)"),
     bug("polyak_lerp_order", "Polyak lerp moves the online critic toward the target",
-        "_foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters())",
-        "_foreach_lerp_(list(agent.critic.parameters()), list(agent.critic_target.parameters())"),
+        "_foreach_lerp_(list(agent.critic_target.parameters()), params[0]",
+        "_foreach_lerp_(params[0], list(agent.critic_target.parameters())"),
     bug("polyak_inside_autograd", "Polyak update outside no_grad: the targets join the autograd graph",
         "    with torch.no_grad():  # outside autograd", "    if True:  # outside autograd"),
     bug("no_zero_grad", "gradients accumulate across updates (zero_grad dropped in the port from optax)",
@@ -181,10 +181,12 @@ BUGS = [
     bug("critic_loss_summed_over_members", "critic loss summed over the members (mean over the batch only)",
         "loss = F.mse_loss(qs, target.expand_as(qs))", "loss = ((qs - target) ** 2).mean(1).sum()"),
     bug("polyak_after_the_optimiser_step", "Polyak step toward the updated critic (taken after Adam's step)",
-        "        torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)\n"
-        "    agent.critic_opt.step(), agent.actor_opt.step()",
-        "        agent.critic_opt.step(), agent.actor_opt.step()\n"
-        "        torch._foreach_lerp_(list(agent.critic_target.parameters()), list(agent.critic.parameters()), args.tau)"),
+        "        torch._foreach_lerp_(list(agent.critic_target.parameters()), params[0], args.tau)\n"
+        "        for opt, g in zip((agent.critic_opt, agent.actor_opt), grads):\n"
+        "            adam_step(opt, g) if torch.compiler.is_compiling() else opt.step()\n",
+        "        for opt, g in zip((agent.critic_opt, agent.actor_opt), grads):\n"
+        "            adam_step(opt, g) if torch.compiler.is_compiling() else opt.step()\n"
+        "        torch._foreach_lerp_(list(agent.critic_target.parameters()), params[0], args.tau)\n"),
     bug("qgbs_offline_agg_without_u_off", "QGBS of an offline agent ranks by offline_q_agg, not the online one",
         'critic_agg(args, agent.u_off is not None or sampler == "qgbs")', "critic_agg(args, agent.u_off is not None)"),
     bug("mvp_target_by_min", "MVP's a* chosen by the min of the critics (MVP's aggregation is the mean)",
@@ -242,7 +244,7 @@ BUGS = [
     bug("eval_seed_ignores_wave", "evaluation waves reuse the first wave's seeds (seed + 10_000 + i)",
         "e.reset(seed=args.seed + 10_000 + first + i)", "e.reset(seed=args.seed + 10_000 + i)"),
     bug("eval_success_of_last_wave", "evaluation success counts only the last wave",
-        "success, returns, lengths = success + list(succ),", "success, returns, lengths = list(succ),"),
+        "episodes += zip(succ, ret_train, ret_env, length)", "episodes = list(zip(succ, ret_train, ret_env, length))"),
     bug("eval_noise_unseeded", "evaluation's policy noise from the global RNG, not its seeded generator",
         "chunk = act(agent, obs[idx], sampler, args, gen)", "chunk = act(agent, obs[idx], sampler, args)"),
     bug("resume_keeps_rows_past_checkpoint", "on resume, csv rows logged after the checkpoint are kept (and redone)",
