@@ -91,16 +91,12 @@ def interleaved_ms(fns, device, repeats, rounds=10):
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, fn in fns.items():
-            for _ in range(max(repeats // rounds, 1)):
-                sync(device)
-                t0 = time.perf_counter()
-                fn()
-                sync(device)
-                times[k].append(time.perf_counter() - t0)
+            times[k] += [timed_s(fn, device) for _ in range(max(repeats // rounds, 1))]
     return {k: 1e3 * statistics.median(t) for k, t in times.items()}
 
 
 def timed_s(fn, device):
+    """Seconds of one call of fn, the device synchronised before and after."""
     sync(device)
     t0 = time.perf_counter()
     fn()
