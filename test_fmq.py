@@ -3000,3 +3000,215 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
     fmq.validate(fmq.Args(compile=False))
     with pytest.raises(fmq.FMQError, match=r"--compile needs a C\+\+ compiler .*apt-get install g\+\+"):
         fmq.validate(fmq.Args(compile=True))
+
+
+# ================================================================ issue 32: what operator mutations do not reach
+# Each random draw has the distribution the paper / official code says (checked at a fixed seed, tolerances of ~5
+# standard errors), each network starts as the official one (members differ), each flag acts only in its phase and
+# path (the rest bit-identical), the loaders read small files with known answers, the env table matches its sources.
+def _corr(x, y):
+    x, y = x.flatten().double(), y.flatten().double()
+    return float(((x - x.mean()) * (y - y.mean())).mean() / (x.std(correction=0) * y.std(correction=0)))
+
+
+def _is_std_normal(x, n_sigma=5.0):
+    """Mean 0, variance 1, P(|x| < 1) = 0.6827 and columns uncorrelated, within n_sigma standard errors."""
+    x = x.double().reshape(len(x), -1)
+    n = x.numel()
+    assert abs(x.mean().item()) < n_sigma / n ** 0.5
+    assert abs(x.var().item() - 1.0) < n_sigma * (2 / n) ** 0.5
+    assert abs((x.abs() < 1).double().mean().item() - 0.6827) < n_sigma * (0.6827 * 0.3173 / n) ** 0.5
+    if x.shape[1] > 1:
+        assert abs(_corr(x[:, 0], x[:, 1])) < n_sigma / len(x) ** 0.5
+
+
+def _is_uniform01(x, n_sigma=5.0):
+    x = x.double().flatten()
+    n = len(x)
+    assert 0 <= x.min() and x.max() < 1
+    assert abs(x.mean().item() - 0.5) < n_sigma * (1 / 12 / n) ** 0.5
+    assert abs(x.var().item() - 1 / 12) < n_sigma * (1 / 180 / n) ** 0.5  # Var of (x - 1/2)^2 is 1/80 - 1/144
+    assert abs((x < 0.25).double().mean().item() - 0.25) < n_sigma * (0.1875 / n) ** 0.5
+
+
+# ---------------------------------------------------------------- issue 32: random draws
+def test_one_step_starts_from_standard_normal_noise_one_row_per_sample():
+    """Alg. 1, line 2: a_0 ~ N(0, I) of shape [B, act_dim], fresh per row, from `generator` when given."""
+    seen = []
+    actor = lambda obs, a, r, t: (seen.append((a.clone(), r, t)), torch.zeros_like(a))[1]  # noqa: E731
+    actor.act_dim, actor.euler_steps = 3, 0
+    out = fmq.one_step(actor, torch.zeros(20_000, 2), torch.Generator().manual_seed(5))
+    (a_0, r, t), = seen
+    assert a_0.shape == (20_000, 3) and (r, t) == (0.0, 1.0)
+    _is_std_normal(a_0)
+    torch.testing.assert_close(out, a_0.clamp(-1, 1))  # u = 0: the action is the noise, clipped to the box
+    fmq.one_step(actor, torch.zeros(20_000, 2), torch.Generator().manual_seed(5))
+    assert torch.equal(seen[1][0], a_0)  # the generator's draw, not the global RNG's
+
+
+def test_flow_map_loss_diag_and_distill_draw_their_own_noise_and_times(monkeypatch):
+    """Official FlowMapPolicy.actor_loss: the diagonal loss draws a_0 ~ N(0, I) and t ~ U[0, 1]; the distillation
+    draws a second, independent a_0 and its (r, t) from sample_r_t. With a_data = 0 and u = 0: the diagonal input is
+    (1 - t) a_0, its loss E[a_0^2] = 1; the distillation's v is -a_0' and a_r = (1 - r) a_0'."""
+    seen, got = [], {}
+    actor = lambda obs, a, r, t: (seen.append((a.clone(), r.clone(), t.clone())), torch.zeros_like(a))[1]  # noqa
+    monkeypatch.setitem(fmq.FLOW_MAP_TARGETS, "eulerian", lambda u, obs, a_r, r, t, v=None: (
+        got.update(a_r=a_r, r=r, t=t, v=v), torch.zeros_like(a_r), torch.zeros_like(a_r))[1:])
+    torch.manual_seed(0)
+    n, args = 40_000, fmq.Args(curriculum_start=0, curriculum_end=1)
+    loss, info = fmq.flow_map_loss(actor, torch.zeros(n, 1), torch.zeros(n, 2), 10, args)
+    (a_t, t, t2), = seen
+    assert torch.equal(t, t2) and t.shape == (n, 1)
+    _is_uniform01(t)
+    a_0 = a_t / (1 - t)
+    _is_std_normal(a_0)
+    assert info["actor/diag_loss"].item() == pytest.approx(1.0, abs=5 * (2 / (2 * n)) ** 0.5)
+    a_0b = -got["v"]
+    _is_std_normal(a_0b)
+    torch.testing.assert_close(got["a_r"], (1 - got["r"]) * a_0b)  # a_r and v share the distillation's noise
+    assert abs(_corr(a_0, a_0b)) < 5 / (2 * n) ** 0.5  # two draws, not one reused
+    assert abs(_corr(t, got["r"])) < 5 / n ** 0.5 and abs(_corr(t, got["t"])) < 5 / n ** 0.5
+    r, t_d = got["r"], got["t"]  # full curriculum: the min and max of two uniforms
+    assert r.mean().item() == pytest.approx(1 / 3, abs=5 * (1 / 18 / n) ** 0.5)
+    assert t_d.mean().item() == pytest.approx(2 / 3, abs=5 * (1 / 18 / n) ** 0.5)
+
+
+def test_fmq_loss_noise_is_standard_normal_and_independent_of_r():
+    """Alg. 1, line 5: a_r = (1 - r) a_0 + r a_1, a_0 ~ N(0, I) independent of r ~ U[0, 1]; a_data = 0 reads a_0."""
+    seen = {}
+    agent, args = fmq_stand_ins(lambda obs, a: a.sum(-1).expand(2, -1))
+    agent.u_off = lambda obs, a, r, t: (seen.update(a_r=a, r=r), torch.zeros_like(a))[1]
+    torch.manual_seed(0)
+    fmq.fmq_loss(agent, torch.zeros(40_000, 1), torch.zeros(40_000, 2), args)
+    a_0 = seen["a_r"] / (1 - seen["r"])
+    _is_std_normal(a_0)
+    assert abs(_corr(a_0.abs().mean(1), seen["r"])) < 5 / 40_000 ** 0.5
+
+
+def test_progressive_midpoint_lam_is_uniform_per_sample():
+    """PSD: s = r + lam (t - r), lam ~ U[0, 1] per sample; with r = 0, t = 1 the midpoint time s is lam itself."""
+    calls = []
+    u = lambda obs, a, r, t: (calls.append((r, t)), torch.zeros_like(a))[1]  # noqa: E731
+    torch.manual_seed(0)
+    n = 40_000
+    fmq.progressive_target(u, torch.zeros(n, 1), torch.zeros(n, 2), torch.zeros(n, 1), torch.ones(n, 1))
+    (r0, s), (s2, t1), (r3, t3) = calls
+    assert torch.equal(s, s2) and torch.equal(t1, torch.ones(n, 1)) and torch.equal(r3, r0)
+    _is_uniform01(s)
+
+
+def test_sample_r_t_at_full_curriculum_is_two_sorted_uniforms():
+    """r = min, t = max of two independent U[0, 1]: E r = 1/3, E t = 2/3, Var r = Var t = 1/18, corr(r, t) = 1/2,
+    P(r < 1/2) = 3/4, P(t < 1/2) = 1/4 (one draw reused for both, or no sorting, gives other numbers)."""
+    torch.manual_seed(0)
+    n = 100_000
+    r, t = fmq.sample_r_t(n, 10, fmq.Args(curriculum_start=0, curriculum_end=5), "cpu")
+    se = lambda var: 5 * (var / n) ** 0.5  # noqa: E731
+    assert r.mean().item() == pytest.approx(1 / 3, abs=se(1 / 18))
+    assert t.mean().item() == pytest.approx(2 / 3, abs=se(1 / 18))
+    assert r.var().item() == pytest.approx(1 / 18, abs=0.002) and t.var().item() == pytest.approx(1 / 18, abs=0.002)
+    assert _corr(r, t) == pytest.approx(0.5, abs=0.02)
+    assert (r < 0.5).float().mean().item() == pytest.approx(0.75, abs=se(0.1875))
+    assert (t < 0.5).float().mean().item() == pytest.approx(0.25, abs=se(0.1875))
+    assert len(torch.unique(torch.cat([r, t]))) > 1.95 * n  # float32 ties aside, 2n distinct draws
+
+
+def test_replay_sampling_is_uniform_over_valid_chunk_starts():
+    """Chunks start uniformly among the starts that keep a chunk inside one trajectory (also with the ring's head
+    moved on by wrapping); the batch's rows are independent."""
+    data = dict(observations=np.arange(12, dtype=np.float32)[:, None], actions=np.zeros((12, 1), np.float32),
+                rewards=np.zeros(12, np.float32), masks=np.ones(12, np.float32),
+                next_observations=np.arange(1, 13, dtype=np.float32)[:, None],
+                ends=np.float32([0, 0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 0]))
+    buf = fmq.ReplayBuffer(data, 12, 3, "cpu")
+    torch.manual_seed(0)
+    n = 60_000
+    starts = buf.sample(n, 0.99)["obs"][:, 0].long()
+    assert set(starts.tolist()) == {0, 1, 4, 5, 6, 7}  # 2, 3, 8, 9 would cross an end; 10 runs off the data
+    counts = torch.bincount(starts, minlength=12)[[0, 1, 4, 5, 6, 7]].double()
+    p = 1 / 6
+    assert ((counts / n - p).abs() < 5 * (p * (1 - p) / n) ** 0.5).all()
+    assert abs(_corr(starts[:-1].double(), starts[1:].double())) < 5 / n ** 0.5
+    for i in range(4):  # online episode of 4 steps overwrites rows 0..3: starts 0, 1 leave, online starts join
+        buf.add(np.zeros(1), np.zeros(1), 0.0, 1.0, np.zeros(1), i == 3)
+    torch.manual_seed(1)
+    starts = buf.sample(n, 0.99)["obs"][:, 0]
+    valid = set(buf.starts_host[buf.head + np.arange(buf.n_starts)].tolist())
+    assert valid == {4, 5, 6, 7, 12, 13} and buf.n_starts == 6
+    for first, p in [(0, 2 / 6), (4, 1 / 6), (7, 1 / 6)]:  # online starts 12, 13 read rows 0, 1 (written 0)
+        assert (starts == first).float().mean().item() == pytest.approx(p, abs=5 * (p * (1 - p) / n) ** 0.5)
+
+
+def test_qgbs_renoising_noise_is_fresh_standard_normal_per_beam_and_branch():
+    """Alg. 2, line 5: eps ~ N(0, I), one per (state, beam, branch), independent of the initial a_0; a jump that
+    returns 0 makes a_1 = 0, so the completion's input (1 - t') eps reads eps."""
+    seen = {}
+    jump = lambda a_r, r, obs: (seen.setdefault("a_0", a_r.clone()), torch.zeros_like(a_r))[1]  # noqa: E731
+    complete = lambda a, t, obs: (seen.update(a_tp=a.clone(), t=t), torch.zeros_like(a))[1]  # noqa: E731
+    q = lambda obs, a: -(a - 0.1).pow(2).sum(-1)  # noqa: E731
+    batch, M, B, d = 500, 4, 5, 3
+    qgbs.qgbs(jump, q, torch.zeros(batch, 2), action_dim=d, M=M, K=1, B=B, rho=1.5, eta=0.0,
+              generator=torch.Generator().manual_seed(0), complete=complete)
+    assert seen["t"] == pytest.approx(0.6)
+    eps = (seen["a_tp"] / (1 - 0.6)).reshape(batch, M, B, d)
+    _is_std_normal(eps.reshape(-1, d))
+    assert abs(_corr(eps[:, :, 0], eps[:, :, 1])) < 5 / (batch * M * d) ** 0.5  # branches differ
+    assert abs(_corr(eps[:, 0], eps[:, 1])) < 5 / (batch * B * d) ** 0.5  # beams differ
+    a_0 = seen["a_0"].reshape(batch, M, d)
+    _is_std_normal(a_0.reshape(-1, d))
+    assert abs(_corr(a_0, eps[:, :, 0])) < 5 / (batch * M * d) ** 0.5
+
+
+# ---------------------------------------------------------------- issue 32: initialisation
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_every_network_starts_as_the_official_one_and_ensemble_members_differ(layer_norm):
+    """Official MLP init: Xavier-uniform kernels, U(-k, k) with k = sqrt(6 / (fan_in + fan_out)) (variance k^2 / 3),
+    for the actor and for each critic member on its own; zero biases; LayerNorm weight 1 and bias 0. Members drawn
+    apart (equal ones stay equal: min = mean, delta_critic = 0); the target critics start as the critics."""
+    torch.manual_seed(0)
+    args = fmq.Args(hidden_dim=96, num_layers=2, time_dim=8, num_critics=3, actor_layer_norm=layer_norm,
+                    critic_layer_norm=layer_norm)
+    agent = fmq.make_agent(args, 20, 30, "cpu")
+    lins = [m for m in agent.critic.net if isinstance(m, fmq.EnsembleLinear)]
+    assert [tuple(m.weight.shape) for m in lins] == [(3, 50, 96), (3, 96, 96), (3, 96, 1)]
+    for m in lins:
+        n, fan_in, fan_out = m.weight.shape
+        k = (6 / (fan_in + fan_out)) ** 0.5
+        for w in m.weight:
+            assert w.abs().max() <= k and w.abs().max() > 0.9 * k
+            if w.numel() >= 1000:
+                assert w.var().item() == pytest.approx(k ** 2 / 3, rel=5 * (0.8 / w.numel()) ** 0.5)
+        assert all(not torch.equal(m.weight[i], m.weight[j]) for i in range(3) for j in range(i))
+        assert abs(_corr(m.weight[0], m.weight[1])) < 5 / m.weight[0].numel() ** 0.5
+        assert torch.equal(m.bias, torch.zeros(3, 1, fan_out))
+    lns = [m for m in agent.critic.net if isinstance(m, fmq.EnsembleLayerNorm)]
+    assert len(lns) == 2 * layer_norm
+    assert all(torch.equal(m.weight, torch.ones(3, 1, 96)) and torch.equal(m.bias, torch.zeros(3, 1, 96)) for m in lns)
+    actor_lins = [m for m in agent.actor.net if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape) for m in actor_lins] == [(96, 20 + 30 + 16), (96, 96), (30, 96)]
+    for m in actor_lins:
+        k = (6 / sum(m.weight.shape)) ** 0.5
+        assert m.weight.abs().max() <= k and m.weight.abs().max() > 0.9 * k and torch.equal(m.bias, 0 * m.bias)
+        assert m.weight.var().item() == pytest.approx(k ** 2 / 3, rel=5 * (0.8 / m.weight.numel()) ** 0.5)
+    actor_lns = [m for m in agent.actor.net if isinstance(m, torch.nn.LayerNorm)]
+    assert len(actor_lns) == 2 * layer_norm and all(m.eps == 1e-6 for m in actor_lns)
+    assert all(torch.equal(m.weight, torch.ones(96)) and torch.equal(m.bias, torch.zeros(96)) for m in actor_lns)
+    for p, q in zip(agent.critic.parameters(), agent.critic_target.parameters()):
+        assert torch.equal(p, q) and not q.requires_grad
+    q = agent.critic(torch.randn(64, 20), torch.rand(64, 30) * 2 - 1)
+    assert q.shape == (3, 64) and (q.std(0) > 1e-3).all()  # members disagree from the start
+
+
+
+def test_ensemble_layers_compute_per_member_affine_maps_and_layer_norm():
+    """EnsembleLinear: member i maps x_i to x_i W_i + b_i; EnsembleLayerNorm: LN(x_i) (eps 1e-6) * w_i + b_i."""
+    torch.manual_seed(0)
+    lin, ln = fmq.EnsembleLinear(2, 3, 4), fmq.EnsembleLayerNorm(2, 4)
+    with torch.no_grad():
+        lin.bias.copy_(torch.randn(2, 1, 4)), ln.weight.copy_(torch.randn(2, 1, 4)), ln.bias.copy_(torch.randn(2, 1, 4))
+    x = torch.randn(2, 5, 3)
+    y = lin(x)
+    for i in range(2):
+        torch.testing.assert_close(y[i], x[i] @ lin.weight[i] + lin.bias[i])
+        h = (y[i] - y[i].mean(-1, keepdim=True)) / (y[i].var(-1, correction=0, keepdim=True) + 1e-6).sqrt()
+        torch.testing.assert_close(ln(y)[i], h * ln.weight[i] + ln.bias[i])
