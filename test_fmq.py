@@ -3212,3 +3212,114 @@ def test_ensemble_layers_compute_per_member_affine_maps_and_layer_norm():
         torch.testing.assert_close(y[i], x[i] @ lin.weight[i] + lin.bias[i])
         h = (y[i] - y[i].mean(-1, keepdim=True)) / (y[i].var(-1, correction=0, keepdim=True) + 1e-6).sqrt()
         torch.testing.assert_close(ln(y)[i], h * ln.weight[i] + ln.bias[i])
+
+
+# ---------------------------------------------------------------- issue 32: each flag acts where it applies only
+FLAG_BASE = dict(hidden_dim=16, num_layers=2, time_dim=4, best_of_n=4, batch_size=8, eta=0.5, curriculum_start=0,
+                 curriculum_end=10)
+
+
+def one_update(online, **kw):
+    """All parameters after one `update` of the same agent on the same batch with the same draws, for Args(**kw)."""
+    args = fmq.Args(**{**FLAG_BASE, **kw})
+    torch.manual_seed(0)
+    agent = fmq.make_agent(args, 6, 10, "cpu")
+    batch = dict(obs=torch.randn(8, 6), actions=torch.rand(8, 10) * 2 - 1, R=-torch.rand(8), mask=torch.ones(8),
+                 next_obs=torch.randn(8, 6))
+    if online:
+        fmq.freeze_offline_copy(agent)
+        with torch.no_grad():  # the actor moved on from u_off, as after online updates
+            for p in agent.actor.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    torch.manual_seed(1)
+    fmq.update(agent, batch, 100, args, fmq.make_losses())
+    return torch.cat([p.detach().flatten() for m in (agent.actor, agent.critic, agent.critic_target)
+                      for p in m.parameters()])
+
+
+# flag, value, changes the offline update?, changes the online update?
+UPDATE_FLAGS = [("online_q_agg", "mean", False, True), ("offline_q_agg", "min", True, False),
+                ("official_eta", True, False, True), ("guidance_critic", "mean", False, True),
+                ("kappa1", 0.5, False, True), ("beta", 0.0, False, True), ("eta", 1.0, False, True),
+                ("online_target", "mvp", False, True), ("online_target", "flow-map", False, True),
+                ("flow_map_loss", "lagrangian", True, False), ("discount", 0.5, True, True),
+                ("euler_steps", 2, True, True), ("sparse", True, False, False), ("utd_ratio", 3, False, False),
+                ("start_training", 7, False, False), ("train_sampler", "qgbs", False, False),
+                ("sampler", "onestep", False, False), ("extra_samplers", ("qgbs",), False, False),
+                ("qgbs_m", 2, False, False), ("qgbs_k", 0, False, False), ("qgbs_b", 2, False, False),
+                ("qgbs_rho", 3.0, False, False), ("qgbs_eta", 0.1, False, False),
+                ("qgbs_completion", "flow-map", False, False), ("qgbs_k0_step", False, False, False),
+                ("dataset_proportion", 0.5, False, False)]
+
+
+@pytest.mark.parametrize("flag,value,offline,online", UPDATE_FLAGS)
+def test_each_flag_changes_exactly_the_updates_it_applies_to(flag, value, offline, online):
+    """One update from the same state, batch and draws: an online flag leaves the offline update bit-identical and
+    changes the online one (and the reverse for offline flags); acting, QGBS and data flags change neither."""
+    kw = dict(online_target="flow-map") if flag == "euler_steps" else {}  # fmq needs a one-jump flow map
+    for phase, changes in ((False, offline), (True, online)):
+        same = torch.equal(one_update(phase, **kw), one_update(phase, **kw, **{flag: value}))
+        assert same != changes, (flag, "online" if phase else "offline")
+
+
+def qgbs_actions(**kw):
+    args = fmq.Args(**{**FLAG_BASE, "best_of_n": 16, **kw})
+    torch.manual_seed(0)
+    agent, obs = fmq.make_agent(args, 6, 10, "cpu"), torch.randn(20, 6)
+    return {s: fmq.select_action(agent, obs, s, args, torch.Generator().manual_seed(3))
+            for s in ("onestep", "best-of-n", "qgbs")}
+
+
+@pytest.mark.parametrize("flag,value,k,changes", [
+    ("qgbs_k0_step", False, 1, ()), ("qgbs_k0_step", False, 0, ("qgbs",)), ("qgbs_completion", "flow-map", 0, ()),
+    ("qgbs_completion", "flow-map", 1, ("qgbs",)), ("qgbs_m", 3, 1, ("qgbs",)), ("qgbs_b", 2, 1, ("qgbs",)),
+    ("qgbs_rho", 3.0, 1, ("qgbs",)), ("qgbs_eta", 0.1, 1, ("qgbs",)), ("qgbs_k", 2, 1, ("qgbs",)),
+    ("best_of_n", 7, 1, ("best-of-n",)), ("euler_steps", 3, 1, ("onestep", "best-of-n", "qgbs")),
+    ("online_q_agg", "mean", 1, ("qgbs",)), ("offline_q_agg", "min", 1, ("best-of-n",)),
+    ("eta", 2.0, 1, ()), ("beta", 0.0, 1, ()), ("official_eta", True, 1, ()), ("utd_ratio", 2, 1, ())])
+def test_acting_flags_change_only_their_sampler(flag, value, k, changes):
+    """The same state, nets and generator: a QGBS flag changes only QGBS's action (qgbs_k0_step only with K = 0,
+    qgbs_completion only with K >= 1), best_of_n only best-of-N's, euler_steps every sampler; the critic aggregation
+    of acting: offline_q_agg for the offline best-of-N, online_q_agg for QGBS (offline agent)."""
+    base = qgbs_actions(qgbs_k=k)
+    other = qgbs_actions(**{"qgbs_k": k, flag: value})
+    assert {s for s in base if not torch.equal(base[s], other[s])} == set(changes)
+
+
+def tiny_flag_run(tmp_path, name, **kw):
+    """main on TinyEnv: 4 offline + 8 online steps, horizon 2, evaluations (and checkpoints) at the phase switch
+    and the end. Returns the networks at both checkpoints and the eval rows (time dropped)."""
+    base = dict(offline_steps=4, online_steps=8, horizon=2, eval_interval=1000, save_interval=1000, eval_episodes=2,
+                curriculum_start=1, curriculum_end=3, exp_name=name, batch_size=8)
+    fmq.main(tiny_env_args(tmp_path, **{**base, **kw}))
+    run = tmp_path / "runs" / f"tiny__{name}__0"
+    nets = {}
+    for step in (4, 12):
+        ckpt = torch.load(run / "checkpoints" / f"step_{step:09d}.pt", weights_only=False)
+        nets[step] = torch.cat([v.flatten().float() for k in ("actor", "critic") for v in ckpt[k].values()])
+    return nets, [{k: v for k, v in r.items() if k != "time"} for r in read_csv(run / "eval.csv")]
+
+
+def test_main_flags_act_in_their_phase_only(tmp_path, tiny_env):
+    """On main: an online flag (acting sampler, UTD ratio, start of training, QGBS settings when QGBS acts) leaves the
+    pretrained networks bit-identical and changes the final ones; evaluation samplers and QGBS settings that no
+    sampler uses change no network; the data flags (sparse, dataset_proportion) change the offline phase already."""
+    nets, evals = tiny_flag_run(tmp_path, "base")
+    for name, kw, offline, online in [
+            ("ts", dict(train_sampler="onestep"), False, True), ("utd", dict(utd_ratio=2), False, True),
+            ("st", dict(start_training=6), False, True), ("tsq", dict(train_sampler="qgbs"), False, True),
+            ("sp", dict(sparse=True), True, True), ("dp", dict(dataset_proportion=0.5), True, True),
+            ("qm", dict(qgbs_m=2, qgbs_k=2, qgbs_completion="flow-map"), False, False),
+            ("smp", dict(sampler="onestep"), False, False), ("xs", dict(extra_samplers=("qgbs",)), False, False)]:
+        other, other_evals = tiny_flag_run(tmp_path, name, **kw)
+        assert torch.equal(nets[4], other[4]) != offline, name
+        assert torch.equal(nets[12], other[12]) != online, name
+        if name == "qm":  # QGBS settings, no QGBS sampler: the same run to the last logged number
+            assert other_evals == evals
+    ts_q, _ = tiny_flag_run(tmp_path, "tsq2", train_sampler="qgbs", qgbs_m=2)  # QGBS acting online: its settings act
+    tsq, _ = tiny_flag_run(tmp_path, "tsq3", train_sampler="qgbs")
+    assert torch.equal(ts_q[4], tsq[4]) and not torch.equal(ts_q[12], tsq[12])
+    _, xs_evals = tiny_flag_run(tmp_path, "xs2", extra_samplers=("qgbs",))
+    assert [r for r in xs_evals if r["sampler"] == "best-of-n"] == evals  # the run's own rows unchanged
+    assert [r["sampler"] for r in xs_evals] == ["best-of-n", "qgbs"] * 3
+    assert all(r["nfe"] == "20" for r in xs_evals[1::2])
