@@ -3323,3 +3323,122 @@ def test_main_flags_act_in_their_phase_only(tmp_path, tiny_env):
     assert [r for r in xs_evals if r["sampler"] == "best-of-n"] == evals  # the run's own rows unchanged
     assert [r["sampler"] for r in xs_evals] == ["best-of-n", "qgbs"] * 3
     assert all(r["nfe"] == "20" for r in xs_evals[1::2])
+
+
+# ---------------------------------------------------------------- issue 32: the loaders on small files
+def test_load_ogbench_masks_from_success_ends_from_terminals(tmp_path):
+    """A 2-trajectory antmaze-giant file in OGBench's format (<name>.npz, <name>-val.npz; a trajectory's last row is
+    its final observation, terminal 1). ogbench's own loader drops that row, shifts next_observations and terminals,
+    and relabels singletask rewards and masks from qpos: success (qpos xy within 0.5 of task 4's goal (44, 16)) gives
+    reward 0 and mask 0, anywhere in a trajectory. `ends` are the shifted terminals, not 1 - masks."""
+    import ogbench  # noqa: F401 (registers the envs)
+    lengths, goal = (6, 5), np.array([44.0, 16.0])
+    n = sum(lengths)
+    obs = np.arange(n * 29, dtype=np.float32).reshape(n, 29)
+    terminals = np.zeros(n, np.float32)
+    terminals[np.cumsum(lengths) - 1] = 1
+    qpos = np.zeros((n, 15), np.float32)
+    qpos[:, :2] = [0.0, 0.0]
+    qpos[2, :2], qpos[7, :2] = goal, goal + 0.3  # successes at rows 2 (trajectory 1) and 7 (trajectory 2)
+    file = dict(observations=obs, actions=np.full((n, 8), 0.5, np.float32), terminals=terminals, qpos=qpos,
+                qvel=np.zeros((n, 14), np.float32))
+    for suffix in ("", "-val"):
+        np.savez(tmp_path / f"antmaze-giant-navigate-v0{suffix}.npz", **file)
+    data, env_args = fmq.load_ogbench(fmq.env_spec("amaze-gnt-t4"), str(tmp_path))
+    keep = np.flatnonzero(terminals == 0)  # rows 0-4 and 6-9
+    assert env_args is None and len(data["observations"]) == 9
+    np.testing.assert_array_equal(data["observations"], obs[keep])
+    np.testing.assert_array_equal(data["next_observations"], obs[keep + 1])
+    np.testing.assert_array_equal(data["masks"], [1, 1, 0, 1, 1, 1, 0, 1, 1])
+    np.testing.assert_array_equal(data["rewards"], [-1, -1, 0, -1, -1, -1, 0, -1, -1])
+    np.testing.assert_array_equal(data["ends"], [0, 0, 0, 0, 1, 0, 0, 0, 1])
+    buf = fmq.ReplayBuffer(data, 9, 2, "cpu")  # chunks of 2 end at each trajectory's end, not at a success
+    assert sorted(buf.starts_host[:buf.n_starts].tolist()) == [0, 1, 2, 3, 5, 6, 7]
+
+
+def write_robomimic(path, demos, env_args):
+    """A robomimic-format hdf5: data/<demo>/{obs,next_obs}/<key>, actions, rewards, dones; data.attrs['env_args']."""
+    import h5py
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        data = f.create_group("data")
+        data.attrs["env_args"] = json.dumps(env_args)
+        for name, d in demos.items():
+            g = data.create_group(name)
+            for k in ("actions", "rewards", "dones", "states"):
+                g[k] = d[k]
+            for group in ("obs", "next_obs"):
+                for k, v in d[group].items():
+                    g[f"{group}/{k}"] = v
+
+
+def test_load_robomimic_key_order_demo_order_masks_and_ends(tmp_path, monkeypatch):
+    """Official QC robomimic loader: demos in numeric order (demo_2 before demo_10), observations the low-dim keys
+    joined in RM_KEYS order (eef_pos, eef_quat, gripper_qpos, object; other keys left out), masks = 1 - dones,
+    terminals = dones, and each demo's last step ends chunks. The env guard is stubbed (its own tests are slow)."""
+    monkeypatch.setattr(fmq, "RoboMimicEnv", lambda env_args, limit, render=False: ("env", env_args, limit))
+    guarded = []
+    monkeypatch.setattr(fmq, "robomimic_mismatch", lambda f, env: (guarded.append(env), dict(obs=0, replay=0,
+                                                                                              reward=0))[1])
+    sizes = dict(robot0_eef_pos=3, robot0_eef_quat=4, robot0_gripper_qpos=2, object=5, robot0_joint_pos=7)
+    base = dict(robot0_eef_pos=100, robot0_eef_quat=200, robot0_gripper_qpos=300, object=400, robot0_joint_pos=900)
+
+    def demo(i, dones):
+        n = len(dones)
+        ob = {k: base[k] + 10 * i + np.arange(n, dtype=np.float32)[:, None] + np.zeros((1, s), np.float32)
+              for k, s in sizes.items()}
+        return dict(obs=ob, next_obs={k: v + 0.5 for k, v in ob.items()}, actions=np.full((n, 7), i / 100, np.float32),
+                    rewards=np.float32(dones), dones=np.float32(dones), states=np.zeros((n, 3)))
+    demos = {"demo_10": demo(10, [0, 0, 0]), "demo_2": demo(2, [0, 1, 0, 1]), "demo_1": demo(1, [0, 0])}
+    env_args = dict(env_name="PickPlaceCan", env_version="1.5.1", env_kwargs={})
+    write_robomimic(tmp_path / "can" / "mh" / "low_dim_v15.hdf5", demos, env_args)
+    data, got_args = fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
+    assert got_args == env_args and guarded == [("env", env_args, 300)]
+    order = [1] * 2 + [2] * 4 + [10] * 3
+    t = [0, 1, 0, 1, 2, 3, 0, 1, 2]
+    assert data["observations"].shape == (9, 14)
+    for j, (i, step) in enumerate(zip(order, t)):
+        want = np.concatenate([np.full(sizes[k], base[k] + 10 * i + step) for k in fmq.RM_KEYS])
+        np.testing.assert_array_equal(data["observations"][j], want)
+        np.testing.assert_array_equal(data["next_observations"][j], want + 0.5)
+        np.testing.assert_allclose(data["actions"][j], i / 100)
+    np.testing.assert_array_equal(data["masks"], [1, 1, 1, 0, 1, 0, 1, 1, 1])
+    np.testing.assert_array_equal(data["rewards"], [0, 0, 0, 1, 0, 1, 0, 0, 0])
+    np.testing.assert_array_equal(data["ends"], [0, 1, 0, 1, 0, 1, 0, 0, 1])
+    assert fmq.RM_KEYS == ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
+    monkeypatch.setattr(fmq, "robomimic_mismatch", lambda f, env: dict(obs=0, replay=0.2, reward=0))
+    with pytest.raises(fmq.FMQError, match="does not reproduce it"):
+        fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
+
+
+# ---------------------------------------------------------------- issue 32: the env table against its sources
+def test_env_table_limits_and_rewards_match_their_sources():
+    """RoboMimic episode limits: Q-chunking's envs/robomimic_utils.py `_get_max_episode_length` (can 300, square
+    400), which the official FMQ code imports. OGBench ids: the names ogbench registers (their limits come from the
+    registered env spec: scene 750, cube-double 500, cube-triple 1000, humanoidmaze-medium 2000, antmaze-giant 1000).
+    Rewards (official README table / main.py): scene and the mazes sparse, can and square r - 1, cube the env's."""
+    import gymnasium
+    import ogbench  # noqa: F401 (registers the envs)
+    assert {k: v.get("max_episode_steps") for k, v in fmq.ENVS.items() if v["suite"] == "robomimic"} == dict(
+        can=300, square=400)
+    limits = {"scene": 750, "cube-double": 500, "cube-triple": 1000, "humanoidmaze-medium": 2000, "antmaze-giant": 1000}
+    r = np.array([-3.0, -1.0, 0.0, 1.0])
+    for env_id, spec in fmq.ENVS.items():
+        assert spec == fmq.env_spec(env_id)
+        if spec["suite"] == "robomimic":
+            assert spec["name"] == env_id and spec["reward"] == "minus_one"
+            np.testing.assert_array_equal(fmq.reward_fn(spec, False)(r), r - 1)
+            continue
+        parts = spec["name"].split("-")
+        env_name = "-".join(parts[:parts.index("singletask") - 1] + parts[parts.index("singletask"):])
+        family = "-".join(parts[:parts.index("singletask") - 1])
+        assert gymnasium.spec(env_name).max_episode_steps == limits[family], env_id
+        sparse = family.startswith(("scene", "humanoidmaze", "antmaze"))
+        assert spec["reward"] == ("sparse" if sparse else None), env_id
+        np.testing.assert_array_equal(fmq.reward_fn(spec, False)(r), [-1, -1, 0, -1] if sparse else r)
+        np.testing.assert_array_equal(fmq.reward_fn(spec, True)(r), [-1, -1, 0, -1])
+    assert [k for k in fmq.ENVS if fmq.ENVS[k]["suite"] == "ogbench"] == [
+        "cube-dbl-t3", "cube-dbl-t4", "cube-trl-t3", "cube-trl-t4", "scene-t4", "scene-t5", "hmaze-med-t3",
+        "hmaze-med-t4", "amaze-gnt-t4", "amaze-gnt-t5"]
+    assert [fmq.ENVS[k]["name"].split("-task")[1] for k in fmq.ENVS if k not in ("can", "square")] == [
+        "3-v0", "4-v0", "3-v0", "4-v0", "4-v0", "5-v0", "3-v0", "4-v0", "4-v0", "5-v0"]
