@@ -3406,6 +3406,9 @@ def test_load_robomimic_key_order_demo_order_masks_and_ends(tmp_path, monkeypatc
     np.testing.assert_array_equal(data["rewards"], [0, 0, 0, 1, 0, 1, 0, 0, 0])
     np.testing.assert_array_equal(data["ends"], [0, 1, 0, 1, 0, 1, 0, 0, 1])
     assert fmq.RM_KEYS == ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
+    (tmp_path / "v1.5").mkdir()  # hf_hub_download's layout: <root>/v1.5/<task>/mh/low_dim_v15.hdf5
+    (tmp_path / "can").rename(tmp_path / "v1.5" / "can")
+    np.testing.assert_array_equal(fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))[0]["ends"], data["ends"])
     monkeypatch.setattr(fmq, "robomimic_mismatch", lambda f, env: dict(obs=0, replay=0.2, reward=0))
     with pytest.raises(fmq.FMQError, match="does not reproduce it"):
         fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
