@@ -3,6 +3,7 @@ command, in a work folder outside the repo (mutmut reads its config from a setup
 
   python tools/mutmut_run.py --sample 60 --seed 0     # a seeded random sample of the mutants (~10 min, 2 cores)
   python tools/mutmut_run.py --sample 40 --only "fmq.x_fmq_loss*" "qgbs.*"   # a sample of named functions
+  python tools/mutmut_run.py --sample 30 --only method --seed 1   # a sample of the method's mutants only
   python tools/mutmut_run.py --full                   # every mutant (hours: see docs/testing.md)
   python tools/mutmut_run.py --counts                 # counts of the last runs in the work folder, method vs rest
 
@@ -101,7 +102,7 @@ def main():
     p.add_argument("--work", default="/tmp/fmq-mutmut", help="work folder (kept: results accumulate)")
     p.add_argument("--sample", type=int, default=0, help="run this many mutants, drawn at random with --seed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="*", default=[], help="mutant name patterns to draw from, e.g. 'fmq.x_flow*'")
+    p.add_argument("--only", nargs="*", default=[], help="mutant name patterns to draw from, e.g. 'fmq.x_flow*'; 'method': the method's functions")
     p.add_argument("--names", nargs="*", default=[], help="run exactly these mutants (e.g. last run's survivors)")
     p.add_argument("--full", action="store_true", help="run every mutant")
     p.add_argument("--counts", action="store_true", help="only print the counts of the runs so far")
@@ -117,7 +118,8 @@ def main():
         prepare(work)
         names = generate(work)
         if a.only:
-            names = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in a.only)]
+            pats = [q for pat in a.only for q in (METHOD if pat == "method" else (pat,))]
+            names = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in pats)]
         if a.names:
             names = a.names
         elif not a.full:
