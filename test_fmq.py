@@ -3445,3 +3445,15 @@ def test_env_table_limits_and_rewards_match_their_sources():
         "hmaze-med-t4", "amaze-gnt-t4", "amaze-gnt-t5"]
     assert [fmq.ENVS[k]["name"].split("-task")[1] for k in fmq.ENVS if k not in ("can", "square")] == [
         "3-v0", "4-v0", "3-v0", "4-v0", "4-v0", "5-v0", "3-v0", "4-v0", "4-v0", "5-v0"]
+
+
+def test_any_ogbench_singletask_id_gets_the_ogbench_spec_and_qgbs_keeps_the_papers_defaults():
+    """An id outside the table is an OGBench singletask env with its own reward; qgbs.py called alone uses the
+    paper's best setting (M 4, K 1, B 4) and the official evaluation's rho 1.5, eta 0.3, Alg. 2's K = 0."""
+    import inspect
+    name = "puzzle-3x3-play-singletask-task1-v0"
+    assert fmq.env_spec(name) == dict(suite="ogbench", name=name, reward=None)
+    defaults = {k: p.default for k, p in inspect.signature(qgbs.qgbs).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert defaults == dict(action_dim=None, M=4, K=1, B=4, rho=1.5, eta=0.3, generator=None, complete=None,
+                            k0_step=False, action_range=(-1.0, 1.0))

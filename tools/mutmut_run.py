@@ -49,7 +49,8 @@ METHOD = ("qgbs.*", *(f"fmq.x_{f}__mutmut_*" for f in (
     "select_action", "sampler_nfe", "act", "trust_region_velocity", "eulerian_target", "lagrangian_target",
     "progressive_target", "sample_r_t", "flow_map_loss", "fmq_loss", "mvp_target", "td_target", "critic_loss",
     "update", "make_losses", "evaluate")),
-          *(f"fmq.xǁ{c}ǁ*" for c in ("ReplayBuffer", "FlowMapActor", "EnsembleLinear", "EnsembleLayerNorm", "Critics")))
+          *(f"fmq.xǁ{c}ǁ*" for c in ("ReplayBuffer", "FlowMapActor", "EnsembleLinear", "EnsembleLayerNorm",
+                                      "Critics")))
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 36: "timeout", -24: "timeout",
           24: "timeout", 152: "timeout", 255: "timeout", 34: "skipped", None: "not checked"}
 
@@ -102,7 +103,8 @@ def main():
     p.add_argument("--work", default="/tmp/fmq-mutmut", help="work folder (kept: results accumulate)")
     p.add_argument("--sample", type=int, default=0, help="run this many mutants, drawn at random with --seed")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="*", default=[], help="mutant name patterns to draw from, e.g. 'fmq.x_flow*'; 'method': the method's functions")
+    p.add_argument("--only", nargs="*", default=[],
+                   help="mutant name patterns to draw from, e.g. 'fmq.x_flow*'; 'method': the method's functions")
     p.add_argument("--names", nargs="*", default=[], help="run exactly these mutants (e.g. last run's survivors)")
     p.add_argument("--full", action="store_true", help="run every mutant")
     p.add_argument("--counts", action="store_true", help="only print the counts of the runs so far")
