@@ -3002,7 +3002,7 @@ def test_compile_without_a_cpp_compiler_is_one_clear_error(monkeypatch):
         fmq.validate(fmq.Args(compile=True))
 
 
-# ================================================================ issue 32: what operator mutations do not reach
+# ================================================================ what operator mutations do not reach
 # Each random draw has the distribution the paper / official code says (checked at a fixed seed, tolerances of ~5
 # standard errors), each network starts as the official one (members differ), each flag acts only in its phase and
 # path (the rest bit-identical), the loaders read small files with known answers, the env table matches its sources.
@@ -3031,7 +3031,7 @@ def _is_uniform01(x, n_sigma=5.0):
     assert abs((x < 0.25).double().mean().item() - 0.25) < n_sigma * (0.1875 / n) ** 0.5
 
 
-# ---------------------------------------------------------------- issue 32: random draws
+# ---------------------------------------------------------------- random draws
 def test_one_step_starts_from_standard_normal_noise_one_row_per_sample():
     """Alg. 1, line 2: a_0 ~ N(0, I) of shape [B, act_dim], fresh per row, from `generator` when given."""
     seen = []
@@ -3159,7 +3159,7 @@ def test_qgbs_renoising_noise_is_fresh_standard_normal_per_beam_and_branch():
     assert abs(_corr(a_0, eps[:, :, 0])) < 5 / (batch * M * d) ** 0.5
 
 
-# ---------------------------------------------------------------- issue 32: initialisation
+# ---------------------------------------------------------------- initialisation
 @pytest.mark.parametrize("layer_norm", [False, True])
 def test_every_network_starts_as_the_official_one_and_ensemble_members_differ(layer_norm):
     """Official MLP init: Xavier-uniform kernels, U(-k, k) with k = sqrt(6 / (fan_in + fan_out)) (variance k^2 / 3),
@@ -3214,7 +3214,7 @@ def test_ensemble_layers_compute_per_member_affine_maps_and_layer_norm():
         torch.testing.assert_close(ln(y)[i], h * ln.weight[i] + ln.bias[i])
 
 
-# ---------------------------------------------------------------- issue 32: each flag acts where it applies only
+# ---------------------------------------------------------------- each flag acts where it applies only
 FLAG_BASE = dict(hidden_dim=16, num_layers=2, time_dim=4, best_of_n=4, batch_size=8, eta=0.5, curriculum_start=0,
                  curriculum_end=10)
 
@@ -3325,7 +3325,7 @@ def test_main_flags_act_in_their_phase_only(tmp_path, tiny_env):
     assert all(r["nfe"] == "20" for r in xs_evals[1::2])
 
 
-# ---------------------------------------------------------------- issue 32: the loaders on small files
+# ---------------------------------------------------------------- the loaders on small files
 def test_load_ogbench_masks_from_success_ends_from_terminals(tmp_path):
     """A 2-trajectory antmaze-giant file in OGBench's format (<name>.npz, <name>-val.npz; a trajectory's last row is
     its final observation, terminal 1). ogbench's own loader drops that row, shifts next_observations and terminals,
@@ -3414,7 +3414,7 @@ def test_load_robomimic_key_order_demo_order_masks_and_ends(tmp_path, monkeypatc
         fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
 
 
-# ---------------------------------------------------------------- issue 32: the env table against its sources
+# ---------------------------------------------------------------- the env table against its sources
 def test_env_table_limits_and_rewards_match_their_sources():
     """RoboMimic episode limits: Q-chunking's envs/robomimic_utils.py `_get_max_episode_length` (can 300, square
     400), which the official FMQ code imports. OGBench ids: the names ogbench registers (their limits come from the

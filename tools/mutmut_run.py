@@ -40,7 +40,7 @@ also_copy =
   pytest.ini
 process_isolation = forkserver
 """
-# The method (issue 32): networks and init, sampling, losses, update, TD target, acting, evaluation, the buffer, the
+# The method: networks and init, sampling, losses, update, TD target, acting, evaluation, the buffer, the
 # loaders, the env table, and all of qgbs.py. The rest of fmq.py is plumbing (main's loop, validation, checkpoints,
 # logs, videos, the compiled update, the RoboMimic env and its guard).
 METHOD = ("qgbs.*", *(f"fmq.x_{f}__mutmut_*" for f in (
