@@ -2461,6 +2461,8 @@ def test_make_dataset_writes_ogbench_play_files(tmp_path):
     code, err = run_make_dataset("--env", "cube-double-play-v0", "--episodes", "2", "--max-episode-steps", "60",
                                  "--workers", "2", "--out", str(tmp_path / "a"))
     assert code == 0, err[-2000:]
+    # fmq.py's filters hold here too: no glfw warning without a display, no gymnasium warning about float64 bounds
+    assert not [line for line in err.splitlines() if "Warn" in line or "WARN" in line or "GLFW" in line], err
     for split, episodes in (("", 2), ("-val", 1)):  # validation: a tenth of the episodes, at least one
         f = np.load(tmp_path / "a" / f"cube-double-play-v0{split}.npz")
         assert {k: (str(f[k].dtype), f[k].shape[1:]) for k in f.files} == CUBE_DOUBLE_FORMAT
@@ -2795,16 +2797,24 @@ def test_import_official_finds_the_released_file_by_env_id_and_seed(tmp_path, pr
 
 
 @pytest.mark.slow
-def test_import_official_offline_and_not_found_says_what_to_fetch(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1")
+@pytest.mark.parametrize("env,why", [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+                                     ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "http://127.0.0.1:9: ConnectError")],
+                         ids=["hf-offline", "unreachable"])
+def test_import_official_offline_and_not_found_says_what_to_fetch(tmp_path, env, why):
+    """Without the file and without the Hub: one line at once (no retries printed), and nothing left on disk (no
+    lock folder of a download that never started)."""
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("HF_")}, HF_HOME=str(tmp_path / "hf_home"),
+               OMP_NUM_THREADS="1", **env)
     code = subprocess.run([sys.executable, str(TOOLS / "import_official.py"), "--env-id", "cube-trl-t4", "--seed", "2",
                            "--official-dir", str(tmp_path / "none"), "--out", str(tmp_path / "x.pt")],
                           capture_output=True, text=True, env=env)
     rel = "checkpoints/ctrp4/params_online_sd002.pkl"
     assert code.returncode == 1 and code.stderr.count("\n") == 1, code.stderr
-    assert code.stderr.startswith(f"import_official: error: cube-trl-t4: {rel} is not under {tmp_path / 'none'}")
+    assert code.stderr.startswith(f"import_official: error: cube-trl-t4: {rel} is not under {tmp_path / 'none'} and "
+                                  f"cannot be downloaded ({why}); ")
     assert f"hf_hub_download('christoszi/flow-map-policies', '{rel}'" in code.stderr
     assert str(tmp_path / "none" / rel) in code.stderr and not (tmp_path / "x.pt").exists()
+    assert not (tmp_path / "none").exists()
 
 
 # ---------------------------------------------------------------- Weights & Biases: --track, --resume continues the run
