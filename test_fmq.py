@@ -1,6 +1,6 @@
-"""Tests for fmq.py and qgbs.py. `pytest -m "not slow"`: the fast tier (known answers, main on a tiny env), about a
-minute on 2 CPU cores; `pytest`: everything, with the end-to-end tier marked slow (real envs, subprocesses, training).
-CUDA tests skip without a GPU."""
+"""Tests for fmq.py, qgbs.py and tools/. `pytest -m "not slow"`: the fast tier (known answers, main on a tiny env);
+`pytest`: everything, with the end-to-end tier marked slow (real envs, subprocesses, training); their times are in
+docs/testing.md. CUDA tests skip without a GPU."""
 import dataclasses
 import json
 import os

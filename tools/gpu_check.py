@@ -37,9 +37,9 @@ TINY = dict(nets=["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16
                                                                   "--eval-envs", "2", "--curriculum-start", "5",
                                                                   "--curriculum-end", "20", "--start-training", "5"])
 FULL = dict(nets=[], bench=[], episodes=16, steps=3000, run=["--eval-episodes", "10", "--start-training", "500"])
-# Every package fmq.py, test_fmq.py and tools/ import, but torch and NOT_FETCHED (the test suite checks this list against
-# their imports), pinned as requirements.txt (gymnasium is not: pip picks it for ogbench). --fetch-wheels downloads
-# them with their dependencies.
+# Every package fmq.py, test_fmq.py and tools/ import, but torch and NOT_FETCHED (the test suite checks this list
+# against their imports), pinned as requirements.txt (gymnasium is not: pip picks it for ogbench). --fetch-wheels
+# downloads them with their dependencies.
 WHEELS = ["numpy==2.4.6", "scipy==1.17.1", "h5py==3.16.0", "tyro==1.0.17", "tqdm==4.70.1", "tensorboard==2.21.0",
           "ogbench==1.2.2", "mujoco==3.3.7", "dm_control==1.0.34", "gymnasium", "imageio==2.38.2",
           "pytest==9.2.0", "pandas==2.3.3", "rliable==1.2.0", "matplotlib==3.11.2", "huggingface_hub==2.4.0"]

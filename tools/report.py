@@ -373,7 +373,8 @@ def main(argv=None):
     seed_sets = {tuple(v) for v in seeds.values()}
     note = (f"seeds {', '.join(map(str, next(iter(seed_sets))))}" if len(seed_sets) == 1 else
             "seeds: " + "; ".join(f"{m} {', '.join(map(str, v))}" for m, v in seeds.items()))
-    plot_learning_curves(df, methods, fig_dir / "learning_curves.png", "; ".join(filter(None, [note, scale_text(same)])))
+    note = "; ".join(filter(None, [note, scale_text(same)]))
+    plot_learning_curves(df, methods, fig_dir / "learning_curves.png", note)
     print(f"\nwrote {fig_dir / 'learning_curves.png'}")
     if out["speedup"]:
         plot_speedup(out["speedup"], ref, base, fig_dir / "speedup.png")
