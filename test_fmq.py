@@ -2144,8 +2144,10 @@ def test_sweep_records_its_flags_and_the_report_takes_them(tmp_path, capsys):
     capsys.readouterr()
     assert report.main(["--runs-dir", str(runs), "--reps", "10", "--out-json", str(tmp_path / "r.json")]) == 0
     assert f"the sweep's flags, from {runs / 'sweep.json'}: {shlex.join(TOY)}" in capsys.readouterr().out
-    res = json.loads((tmp_path / "r.json").read_text())
+    text = (tmp_path / "r.json").read_text()
+    res = json.loads(text)
     assert res["seeds"] == {"mvp": [0, 1, 2, 3], "fmq": [0, 1, 2, 3]} and res["flags"] == TOY
+    assert '"fmq": [\n   0,\n   1,' in text  # seeds as ints, not 0.0
     assert res["sweep"] == record and res["report"]["commit"] == sweep.git_commit()
     assert res["config"]["offline_steps"] == 100 and res["config"]["sampler"] == "onestep"
     assert "seed" not in res["config"] and "device" not in res["config"]  # a run's own, and how it ran

@@ -311,7 +311,7 @@ def main(argv=None):
     finals, tasks = final_scores(df), task_order(df)
     configs = {r: json.loads((Path(args.runs_dir) / r / "config.json").read_text()) for r in sorted(set(df.run))}
     same, own = shared_config(configs)
-    seeds = {m: sorted(set(df.seed[df.method == m])) for m in methods}
+    seeds = {m: sorted(int(s) for s in set(df.seed[df.method == m])) for m in methods}
     out = {"report": {"command": command, "commit": sweep.git_commit(), "date": time.strftime("%Y-%m-%d %H:%M %Z")},
            "sweep": swept, "flags": flags, "seeds": seeds, "config": same, "config_per_run": own,
            "std_ddof": STD_DDOF, "table": {}, "aggregate": {}, "speedup": {}, "speedup_left_out": {}}
