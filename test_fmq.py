@@ -1,6 +1,6 @@
-"""Tests for fmq.py and qgbs.py. `pytest -m "not slow"`: the fast tier (known answers, main on a tiny env), about a
-minute on 2 CPU cores; `pytest`: everything, with the end-to-end tier marked slow (real envs, subprocesses, training).
-CUDA tests skip without a GPU."""
+"""Tests for fmq.py, qgbs.py and tools/. `pytest -m "not slow"`: the fast tier (known answers, main on a tiny env);
+`pytest`: everything, with the end-to-end tier marked slow (real envs, subprocesses, training); their times are in
+docs/testing.md. CUDA tests skip without a GPU."""
 import dataclasses
 import json
 import os
@@ -2065,8 +2065,8 @@ def test_buffer_that_does_not_fit_is_reported_before_training():
 # ---------------------------------------------------------------- tools/gpu_check.py (the GPU check, here at toy sizes)
 @pytest.mark.slow
 def test_gpu_check_runs_every_step_at_tiny_sizes(tmp_path):
-    """The lease's one command, on the CPU: tests, bench, made data, a run SIGKILLed past the phase switch and
-    resumed to its end. Its summary names the device and holds the update and real-loop times."""
+    """The GPU check, on the CPU: tests, bench, made data, a run SIGKILLed past the phase switch and resumed to its
+    end. Its summary names the device and holds the update and real-loop times."""
     import gpu_check
     assert gpu_check.main(["--tiny", "--out", str(tmp_path)]) == 0
     summary = json.loads((tmp_path / "bench_gpu.json").read_text())
@@ -2081,8 +2081,8 @@ def test_gpu_check_runs_every_step_at_tiny_sizes(tmp_path):
 
 
 def test_gpu_check_strips_unused_assets_from_a_wheel(tmp_path):
-    """dm_control's wheel is 56 MB, 47 of them locomotion/suite assets that ogbench never loads: without them the
-    wheels a bare torch machine lacks fit a 64 MB lease. The RECORD loses the same lines."""
+    """dm_control's wheel is 56 MB, 47 of them locomotion/suite assets that ogbench never loads: --fetch-wheels drops
+    them. The RECORD loses the same lines."""
     import gpu_check
     whl = tmp_path / "pkg-1.0-py3-none-any.whl"
     with zipfile.ZipFile(whl, "w") as z:
@@ -2094,6 +2094,129 @@ def test_gpu_check_strips_unused_assets_from_a_wheel(tmp_path):
     with zipfile.ZipFile(whl) as z:
         assert z.namelist() == ["dm_control/mjcf/a.py", "pkg-1.0.dist-info/RECORD"]
         assert z.read("pkg-1.0.dist-info/RECORD") == b"dm_control/mjcf/a.py,,\n"
+
+
+# ---------------------------------------------------------------- the tools at their edges: report.py's defaults and
+# one-line errors, the sweep's record (sweep.json), what the report says of its runs, the GPU check's wheels
+def test_report_writes_its_figures_under_the_runs_folder_by_default(tmp_path, monkeypatch):
+    """No --fig-dir: the figures go to {runs_dir}/report, never to a docs/ folder (the repo's tracked figures)."""
+    make_grid(tmp_path / "runs")
+    monkeypatch.chdir(tmp_path)
+    assert report.main(["--runs-dir", "runs", "--reps", "10", "--", *TOY]) == 0
+    assert (tmp_path / "runs" / "report" / "learning_curves.png").exists()
+    assert (tmp_path / "runs" / "report" / "speedup.png").exists() and not (tmp_path / "docs").exists()
+
+
+def test_report_without_the_sweeps_flags_says_so_in_one_line(tmp_path, capsys):
+    """Runs swept with flags after `--`, reported without them (and no sweep.json): every folder holds another run
+    than the paper's cell. One line on stderr names a folder, the setting and what to pass; exit status 1."""
+    make_grid(tmp_path / "runs")
+    assert report.main(["--runs-dir", str(tmp_path / "runs"), "--fig-dir", str(tmp_path / "figs")]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1
+    assert err.startswith(f"report: error: none of the 24 run folders under {tmp_path / 'runs'} is reported (e.g. "
+                          f"can__fmq__0: it holds another run than its cell (offline_steps is 100, the cell's 1000000))"
+                          f"; pass the flags that tools/sweep.py got after `--` the same way")
+    assert not (tmp_path / "figs").exists()
+    assert report.main(["--runs-dir", str(tmp_path / "empty")]) == 1
+    assert capsys.readouterr().err == (f"report: error: no run folder with an eval.csv under {tmp_path / 'empty'}: run "
+                                       f"tools/sweep.py first, or pass --runs-dir (the folder holding the run "
+                                       f"folders)\n")
+    assert report.main(["--runs-dir", str(tmp_path / "runs"), "--methods", "qc", "--", *TOY]) == 1
+    assert capsys.readouterr().err == f"report: error: no runs of --methods qc under {tmp_path / 'runs'}; it holds " \
+                                      f"fmq, mvp\n"
+
+
+def test_sweep_records_its_flags_and_the_report_takes_them(tmp_path, capsys):
+    """A launched sweep writes runs/sweep.json (command, flags after `--`, methods, commit, date); the report, given
+    no `--`, takes the flags from it, and its JSON carries the seeds per method, the settings every run shares, each
+    run's own, the sweep's record and its own commit and date."""
+    runs, noop = tmp_path / "runs", tmp_path / "noop.py"
+    noop.write_text("")  # stands in for fmq.py: the sweep launches it with the cell's flags, it does nothing
+    argv = ["--env-ids", "square", "--seeds", "9", "--method", "fmq", "--runs-dir", str(runs), "--script", str(noop),
+            "--workers", "1", "--", *TOY]
+    assert sweep.main(argv) == 0
+    record = json.loads((runs / "sweep.json").read_text())
+    assert record["flags"] == TOY and record["methods"] == {"fmq": sweep.METHODS["fmq"]}
+    assert record["command"] == shlex.join(["python", "tools/sweep.py", *argv]) and record["seeds"] == [9]
+    assert record["commit"] == sweep.git_commit() and record["date"][:2] == "20"
+    make_grid(runs)  # the runs of that sweep's flags (square__fmq__9 holds no eval.csv: not a run)
+    capsys.readouterr()
+    assert report.main(["--runs-dir", str(runs), "--reps", "10", "--out-json", str(tmp_path / "r.json")]) == 0
+    assert f"the sweep's flags, from {runs / 'sweep.json'}: {shlex.join(TOY)}" in capsys.readouterr().out
+    text = (tmp_path / "r.json").read_text()
+    res = json.loads(text)
+    assert res["seeds"] == {"mvp": [0, 1, 2, 3], "fmq": [0, 1, 2, 3]} and res["flags"] == TOY
+    assert '"fmq": [\n   0,\n   1,' in text  # seeds as ints, not 0.0
+    assert res["sweep"] == record and res["report"]["commit"] == sweep.git_commit()
+    assert res["config"]["offline_steps"] == 100 and res["config"]["sampler"] == "onestep"
+    assert "seed" not in res["config"] and "device" not in res["config"]  # a run's own, and how it ran
+    assert res["config_per_run"]["can__mvp__2"] == {"env_id": "can", "exp_name": "mvp", "online_target": "mvp",
+                                                    "seed": 2}
+    assert res["table"]["can"]["fmq"]["mean"] == pytest.approx(0.5)
+
+
+def test_report_figure_states_seeds_scale_and_axes(tmp_path, monkeypatch):
+    import matplotlib.figure
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figures.append(fig))
+    make_grid(tmp_path / "runs")
+    assert report.main(["--runs-dir", str(tmp_path / "runs"), "--reps", "10", "--", *TOY]) == 0
+    curves = figures[0]
+    assert curves._suptitle.get_text().splitlines()[1] == ("seeds 0, 1, 2, 3; 100 offline + 100 online steps, 4x512 "
+                                                           "nets, batch 256, 50 episodes per evaluation")
+    assert curves.axes[0].get_xlabel() == "step (offline: updates; online: env steps)"
+    assert [ax.get_title() for ax in curves.axes] == ["can", "square", "scene-t4"]
+
+
+def test_report_leaves_out_the_speedup_over_a_baseline_that_never_succeeds(tmp_path, capsys):
+    """A baseline whose best online mean success is 0.05 gives a target xi of 0.025-0.05, met by evaluation noise: the
+    task is left out and named, with the best it reached; no speedup figure."""
+    x = np.arange(1, 5) * 10
+    assert np.isnan(report.speedup(x, [0.0, 0.05, 0.0, 0.05], x, [0.1, 0.2, 0.3, 0.4], min_best=0.1)).all()
+    assert report.speedup(x, [0.0, 0.1, 0.0, 0.1], x, [0.1, 0.2, 0.3, 0.4], qs=(1.0,), min_best=0.1) == [2.0]
+    make_run(tmp_path / "runs", "can", "fmq", 0, 0.5, 40)
+    make_run(tmp_path / "runs", "can", "mvp", 0, 0.05, 80)
+    assert report.main(["--runs-dir", str(tmp_path / "runs"), "--reps", "10", "--out-json", str(tmp_path / "r.json"),
+                        "--", *TOY]) == 0
+    out = capsys.readouterr().out
+    assert "speedup: can left out: mvp's best online mean success is 0.05, below --min-baseline-success 0.1" in out
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["speedup"] == {} and res["speedup_left_out"] == {"can": 0.05}
+    assert not (tmp_path / "runs" / "report" / "speedup.png").exists()
+
+
+def test_gpu_check_fetches_every_package_the_code_imports():
+    """--fetch-wheels covers every module fmq.py, qgbs.py, test_fmq.py and tools/*.py import (found with ast, mapped
+    to its distribution), but the standard library, the repo's own modules and NOT_FETCHED (torch, and what no step
+    of the check runs); its pins are requirements.txt's."""
+    import ast
+    import importlib.metadata
+    import gpu_check
+    norm = lambda name: re.sub(r"[-_.]+", "-", name).lower()
+    own = {"fmq", "qgbs", *(p.stem for p in TOOLS.glob("*.py"))}
+    imported = {}
+    for path in [ROOT / "fmq.py", ROOT / "qgbs.py", ROOT / "test_fmq.py", *sorted(TOOLS.glob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for name in names:
+                top = name.split(".")[0]
+                if top not in sys.stdlib_module_names and top not in own:
+                    imported.setdefault(top, set()).add(path.name)
+                if name.startswith("torch.utils.tensorboard"):  # torch's module imports the tensorboard package
+                    imported.setdefault("tensorboard", set()).add(path.name)
+    dists = importlib.metadata.packages_distributions()
+    needed = {norm(dists[m][0]): files for m, files in imported.items()}
+    fetched = {norm(w.split("==")[0]) for w in gpu_check.WHEELS}
+    missing = {d: sorted(f) for d, f in needed.items() if d not in fetched and d not in gpu_check.NOT_FETCHED}
+    assert not missing, f"imported but not fetched by gpu_check --fetch-wheels: {missing}"
+    assert {"tensorboard", "tqdm", "pytest", "pandas", "rliable", "scipy", "ogbench", "tyro"} <= fetched & set(needed)
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    assert {norm(w.split("==")[0]): w.partition("==")[2] for w in gpu_check.WHEELS} == {
+        d: next((v for k, v in pins.items() if norm(k) == d), "") for d in fetched}  # unpinned only if not in there
+    assert set(gpu_check.NOT_FETCHED) <= {norm(k) for k in pins}
 
 
 # ---------------------------------------------------------------- RoboMimic v1.5: files the tests record, the env guard
@@ -2461,6 +2584,8 @@ def test_make_dataset_writes_ogbench_play_files(tmp_path):
     code, err = run_make_dataset("--env", "cube-double-play-v0", "--episodes", "2", "--max-episode-steps", "60",
                                  "--workers", "2", "--out", str(tmp_path / "a"))
     assert code == 0, err[-2000:]
+    # fmq.py's filters hold here too: no glfw warning without a display, no gymnasium warning about float64 bounds
+    assert not [line for line in err.splitlines() if "Warn" in line or "WARN" in line or "GLFW" in line], err
     for split, episodes in (("", 2), ("-val", 1)):  # validation: a tenth of the episodes, at least one
         f = np.load(tmp_path / "a" / f"cube-double-play-v0{split}.npz")
         assert {k: (str(f[k].dtype), f[k].shape[1:]) for k in f.files} == CUBE_DOUBLE_FORMAT
@@ -2795,16 +2920,24 @@ def test_import_official_finds_the_released_file_by_env_id_and_seed(tmp_path, pr
 
 
 @pytest.mark.slow
-def test_import_official_offline_and_not_found_says_what_to_fetch(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"), OMP_NUM_THREADS="1")
+@pytest.mark.parametrize("env,why", [({"HF_HUB_OFFLINE": "1"}, "HF_HUB_OFFLINE is set"),
+                                     ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "http://127.0.0.1:9: ConnectError")],
+                         ids=["hf-offline", "unreachable"])
+def test_import_official_offline_and_not_found_says_what_to_fetch(tmp_path, env, why):
+    """Without the file and without the Hub: one line at once (no retries printed), and nothing left on disk (no
+    lock folder of a download that never started)."""
+    env = dict({k: v for k, v in os.environ.items() if not k.startswith("HF_")}, HF_HOME=str(tmp_path / "hf_home"),
+               OMP_NUM_THREADS="1", **env)
     code = subprocess.run([sys.executable, str(TOOLS / "import_official.py"), "--env-id", "cube-trl-t4", "--seed", "2",
                            "--official-dir", str(tmp_path / "none"), "--out", str(tmp_path / "x.pt")],
                           capture_output=True, text=True, env=env)
     rel = "checkpoints/ctrp4/params_online_sd002.pkl"
     assert code.returncode == 1 and code.stderr.count("\n") == 1, code.stderr
-    assert code.stderr.startswith(f"import_official: error: cube-trl-t4: {rel} is not under {tmp_path / 'none'}")
+    assert code.stderr.startswith(f"import_official: error: cube-trl-t4: {rel} is not under {tmp_path / 'none'} and "
+                                  f"cannot be downloaded ({why}); ")
     assert f"hf_hub_download('christoszi/flow-map-policies', '{rel}'" in code.stderr
     assert str(tmp_path / "none" / rel) in code.stderr and not (tmp_path / "x.pt").exists()
+    assert not (tmp_path / "none").exists()
 
 
 # ---------------------------------------------------------------- Weights & Biases: --track, --resume continues the run

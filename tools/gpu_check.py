@@ -1,11 +1,11 @@
-"""fmq.py on a GPU in one short command: CUDA tests, the update's speed, and a real run killed and resumed.
+"""fmq.py on a GPU in one command: CUDA tests, the update's speed, and a real run killed and resumed.
 
-Made for a lent GPU with a few minutes on it (the whole check is sized for 8 minutes on an H100/H200), and for
-your own card. On a CUDA machine it writes docs/bench_gpu.json; anywhere, OUT/bench_gpu.json and OUT/gpu_check.log.
+Run it on your card before a long run with --compile --cudagraphs. It writes OUT/bench_gpu.json (the summary) and
+OUT/gpu_check.log (every step's output); OUT is --out, else $OUT, else runs/gpu_check.
 
   python tools/gpu_check.py                           # on a CUDA machine, default sizes (4x512, batch 256, N 32)
   python tools/gpu_check.py --tiny --out /tmp/check   # any machine: the same steps at toy sizes (the tests run it)
-  python tools/gpu_check.py --fetch-wheels .whl       # with internet: the packages a bare torch machine lacks
+  python tools/gpu_check.py --fetch-wheels .whl       # with internet: all a machine with only torch lacks
   python tools/gpu_check.py --wheels .whl             # ... installed from there first (no index), then the check
 
 Steps (each with a time limit, its output in the log; a failed step is reported and the others still run):
@@ -37,23 +37,35 @@ TINY = dict(nets=["--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16
                                                                   "--eval-envs", "2", "--curriculum-start", "5",
                                                                   "--curriculum-end", "20", "--start-training", "5"])
 FULL = dict(nets=[], bench=[], episodes=16, steps=3000, run=["--eval-episodes", "10", "--start-training", "500"])
-# What a machine with torch, numpy, scipy, h5py, tensorboard, tqdm, absl-py, etils, lxml and protobuf lacks (the
-# lent H200's image): pinned as requirements.txt, for CPython 3.12 on x86_64 Linux.
-WHEELS = ["ogbench==1.2.2", "mujoco==3.3.7", "dm_control==1.0.34", "gymnasium==1.4.0", "farama-notifications",
-          "glfw", "pyopengl", "dm-env", "dm-tree", "labmaze", "tyro==1.0.17", "docstring-parser", "typeguard"]
+# Every package fmq.py, test_fmq.py and tools/ import, but torch and NOT_FETCHED (the test suite checks this list
+# against their imports), pinned as requirements.txt (gymnasium is not: pip picks it for ogbench). --fetch-wheels
+# downloads them with their dependencies.
+WHEELS = ["numpy==2.4.6", "scipy==1.17.1", "h5py==3.16.0", "tyro==1.0.17", "tqdm==4.70.1", "tensorboard==2.21.0",
+          "ogbench==1.2.2", "mujoco==3.3.7", "dm_control==1.0.34", "gymnasium", "imageio==2.38.2",
+          "pytest==9.2.0", "pandas==2.3.3", "rliable==1.2.0", "matplotlib==3.11.2", "huggingface_hub==2.4.0"]
+NOT_FETCHED = {"torch": "the machine has it", "wandb": "fmq.py --track only", "robosuite": "the RoboMimic tasks only",
+               "submitit": "tools/sweep.py --launcher slurm only"}  # imported, but not by any step of the check
+SDIST_ONLY = ["rliable==1.2.0"]  # no wheel on PyPI: built here (pure Python), then found by the download
 STRIP = ("dm_control/locomotion/", "dm_control/suite/")  # 47 of dm_control's 56 MB; ogbench uses only mjcf
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64")
 
 
-def fetch_wheels(folder):
-    """pip download WHEELS for CPython 3.12 manylinux x86_64, then drop dm_control's unused assets (fits 64 MB)."""
-    platforms = [a for p in ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64",
-                             "manylinux_2_17_x86_64", "manylinux2014_x86_64") for a in ("--platform", p)]
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                    "--python-version", "3.12", "--implementation", "cp", *platforms, "-d", str(folder), *WHEELS],
+def fetch_wheels(folder, python_version):
+    """pip download WHEELS and their dependencies (not torch) for CPython `python_version` on x86_64 Linux, then drop
+    dm_control's unused assets."""
+    pip, platforms = [sys.executable, "-m", "pip"], [a for p in PLATFORMS for a in ("--platform", p)]
+    subprocess.run([*pip, "wheel", "-q", "--no-deps", "-w", str(folder), *SDIST_ONLY], check=True)
+    subprocess.run([*pip, "download", "-q", "--only-binary=:all:", "--python-version", python_version,
+                    "--implementation", "cp", *platforms, "--find-links", str(folder), "-d", str(folder), *WHEELS],
                    check=True)
+    pulled = [w.name for w in Path(folder).glob("*.whl") if w.name.split("-")[0].lower() in NOT_FETCHED]
+    if pulled:  # a dependency of WHEELS: the check would install it over the machine's own
+        raise SystemExit(f"gpu_check: error: {', '.join(pulled)} came as a dependency; remove it from {folder}")
     for whl in Path(folder).glob("dm_control-*.whl"):
         strip_wheel(whl, STRIP)
-    print(f"{folder}: {sum(f.stat().st_size for f in Path(folder).glob('*.whl')) / 2**20:.0f} MB of wheels")
+    print(f"{folder}: {sum(f.stat().st_size for f in Path(folder).glob('*.whl')) / 2**20:.0f} MB of wheels "
+          f"for CPython {python_version}; on the machine with torch: python tools/gpu_check.py --wheels {folder}")
 
 
 def strip_wheel(path, prefixes):
@@ -128,10 +140,12 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="toy sizes: seconds on a CPU (what the test suite runs)")
     p.add_argument("--wheels", default=None, help="pip install these wheels (no index) into OUT/site first")
     p.add_argument("--fetch-wheels", default=None, metavar="DIR", help="only download the wheels into DIR, and stop")
+    p.add_argument("--python-version", default="%d.%d" % sys.version_info[:2],
+                   help="--fetch-wheels: the Python of the machine that will run the check (default: %(default)s)")
     p.add_argument("--skip", nargs="*", default=[], choices=["tests", "bench", "run"], help="steps to leave out")
     a = p.parse_args(argv)
     if a.fetch_wheels:
-        return fetch_wheels(Path(a.fetch_wheels))
+        return fetch_wheels(Path(a.fetch_wheels), a.python_version)
     out = Path(a.out or os.environ.get("OUT") or ROOT / "runs" / "gpu_check").resolve()
     out.mkdir(parents=True, exist_ok=True)
     size, check, t0 = TINY if a.tiny else FULL, Check(out), time.time()
@@ -173,8 +187,6 @@ def main(argv=None):
     summary["ok"] = all(s["ok"] for s in check.steps.values())
     text = json.dumps(summary, indent=2)
     (out / "bench_gpu.json").write_text(text)
-    if cuda and not a.tiny:
-        (ROOT / "docs" / "bench_gpu.json").write_text(text)
     print(text)
     return 0 if summary["ok"] else 1
 

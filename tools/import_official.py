@@ -18,6 +18,7 @@ checkpoints/), else that one file is downloaded there with huggingface_hub.
 import argparse
 import pickle
 import re
+import shutil
 import sys
 import warnings
 from dataclasses import asdict
@@ -46,15 +47,38 @@ def find_released(env_id, seed, official_dir=None):
     for path in (root / rel, root / rel.split("/", 1)[1]):
         if path.is_file():
             return path
+    hint = (f"on a machine with internet run `python -c \"import huggingface_hub as h; h.hf_hub_download('{HF_REPO}', "
+            f"'{rel}', local_dir='.')\"` (all of them: h.snapshot_download('{HF_REPO}', local_dir='.')) and copy the "
+            f"file to {root / rel}")
     try:
         import huggingface_hub
+        from huggingface_hub import constants
+    except ImportError:
+        raise ConversionError(f"{rel} is not under {root} and huggingface_hub is not installed (pip install "
+                              f"huggingface_hub); or {hint}") from None
+    offline = why_offline(huggingface_hub, constants, rel)
+    if offline:  # hf_hub_download would retry for ~25 s, printing each try, and leave a lock file behind
+        raise ConversionError(f"{rel} is not under {root} and cannot be downloaded ({offline}); {hint}")
+    made = [d for d in (root, root / ".cache", root / "checkpoints") if not d.exists()]
+    try:
         return Path(huggingface_hub.hf_hub_download(HF_REPO, rel, local_dir=str(root)))
-    except Exception as e:  # not installed, offline, not found: all say the same thing to do
-        why = "pip install huggingface_hub" if isinstance(e, ImportError) else type(e).__name__
-        raise ConversionError(f"{rel} is not under {root} and could not be downloaded ({why}); on a machine with "
-                              f"internet run `python -c \"import huggingface_hub as h; h.hf_hub_download('{HF_REPO}', "
-                              f"'{rel}', local_dir='.')\"` (all of them: h.snapshot_download('{HF_REPO}', "
-                              f"local_dir='.')) and copy the file to {root / rel}") from None
+    except Exception as e:  # the download failed midway: remove what it created
+        for d in made:
+            shutil.rmtree(d, ignore_errors=True)
+        raise ConversionError(f"{rel} is not under {root} and its download failed ({type(e).__name__}); {hint}") \
+            from None
+
+
+def why_offline(huggingface_hub, constants, rel):
+    """None if the Hub answers one request for the file (no retries), else why not, in a few words."""
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = huggingface_hub.hf_hub_url(HF_REPO, rel)
+    try:
+        huggingface_hub.get_hf_file_metadata(url, timeout=10)
+    except Exception as e:  # no network, DNS, refused, timeout, 404: one request, no retry
+        return f"{constants.ENDPOINT}: {type(e).__name__}"
+    return None
 
 
 # ---------------------------------------------------------------- reading the pickle without jax

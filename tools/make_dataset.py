@@ -17,6 +17,7 @@ the files do not depend on --workers.
 import argparse
 import os
 import sys
+import warnings
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -31,6 +32,12 @@ NOISE, NOISE_SMOOTHING = 0.1, 0.5  # the generator's defaults for the plan oracl
 # Probability that a cube subtask stacks the cube on another one, drawn per episode (the generator's ranges).
 P_STACK = {"cube-single": (0.0, 0.0), "cube-double": (0.0, 0.25), "cube-triple": (0.05, 0.35),
            "cube-quadruple": (0.1, 0.5), "scene": (0.5, 0.5)}
+
+
+# fmq.py's filter: glfw's warning without a display (dm_control imports it; nothing here renders) and gymnasium's about
+# OGBench's float64 bounds. Set again in each worker, which a spawned (not forked) process needs.
+QUIET = r".*(X11: The DISPLAY environment variable is missing|Box (low|high)'s precision)"
+warnings.filterwarnings("ignore", QUIET)
 
 
 class DatasetError(Exception):
@@ -128,6 +135,7 @@ _worker = {}  # each process builds its env and oracles once
 
 
 def _init_worker(suite, max_episode_steps):
+    warnings.filterwarnings("ignore", QUIET)
     _worker.update(suite=suite, env_oracles=make_env(suite, max_episode_steps))
 
 

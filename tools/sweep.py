@@ -11,6 +11,8 @@ setting that differs, and is neither skipped as finished nor run.
 The paper's columns are named methods (METHODS below: the one place that says which fmq.py flags each column
 trains with); `--method NAME=FLAGS` adds any other. The "+ QGBS" columns need no runs of their own: the mvp and fmq
 runs evaluate with QGBS too (--extra-samplers qgbs), and tools/report.py shows those rows as mvp/qgbs, fmq/qgbs.
+Each launch writes {runs_dir}/sweep.json (the command, the flags after `--`, the methods, the commit and the date),
+from which tools/report.py takes the flags.
 
   python tools/sweep.py --dry-run                       # the paper's grid: 12 tasks x 5 seeds x qc, mvp, fmq
   python tools/sweep.py --env-ids can square --seeds 0 1 --workers 2 --method fmq --method mvp
@@ -44,6 +46,7 @@ RUN_SETTINGS = {"runs_dir", "resume", "device", "compile", "amp", "cudagraphs", 
                 "video_frame_skip", "save_interval", "keep_checkpoints"}
 PAPER_ENV_IDS = ["can", "square", "cube-dbl-t3", "cube-dbl-t4", "cube-trl-t3", "cube-trl-t4",
                  "scene-t4", "scene-t5", "hmaze-med-t3", "hmaze-med-t4", "amaze-gnt-t4", "amaze-gnt-t5"]
+SWEEP_JSON = "sweep.json"  # {runs_dir}/sweep.json: what the last launch ran, for tools/report.py
 
 
 def visible_gpus():
@@ -133,6 +136,27 @@ def config_mismatch(run_dir, expected, keys=None):
     return None
 
 
+def git_commit(root=Path(__file__).resolve().parents[1]):
+    """The repo's commit (short), '+changes' if fmq.py, qgbs.py or tools/ differ from it; None outside git."""
+    try:
+        git = ["git", "-C", str(root)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        dirty = subprocess.run([*git, "status", "--porcelain", "fmq.py", "qgbs.py", "tools"], capture_output=True,
+                               text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
+
+
+def write_sweep_json(args, argv):
+    """{runs_dir}/sweep.json: the command, the flags after `--`, each method's flags, env ids, seeds, commit, date."""
+    methods = dict(m.partition("=")[::2] if "=" in m else (m, METHODS[m]) for m in args.methods)
+    info = dict(command=shlex.join(["python", "tools/sweep.py", *argv]), flags=args.extra, methods=methods,
+                env_ids=args.env_ids, seeds=args.seeds, commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M %Z"))
+    Path(args.runs_dir).mkdir(parents=True, exist_ok=True)
+    (Path(args.runs_dir) / SWEEP_JSON).write_text(json.dumps(info, indent=1) + "\n")
+
+
 def run_local(todo, runs_dir, workers, gpus):
     """Run each command as a subprocess, `workers` at a time, each pinned to one GPU if there are several."""
     free = queue.Queue()  # one slot per worker, each slot holding the GPU it uses (None: leave env alone)
@@ -177,6 +201,7 @@ def run_slurm(todo, args):
 
 
 def main(argv=None):
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     runs_dir = Path(args.runs_dir)
     runs, other = build_runs(args), {}
@@ -198,6 +223,7 @@ def main(argv=None):
     if not todo:
         print("all runs finished")
         return 0
+    write_sweep_json(args, argv)
     if args.launcher == "slurm":
         run_slurm(todo, args)
         return 0
