@@ -49,6 +49,7 @@ class Args:
     seed: int = 0  # seed of python, numpy, torch and the training env (evaluation episodes use seed + 10000 on)
     deterministic: bool = False  # deterministic torch kernels: a rerun on the same device gives the same numbers
     device: str = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'
+    threads: int = 1  # CPU threads of torch's ops (torch.set_num_threads); on a GPU run only host-side ops use them
     compile: bool = False  # compile each phase's whole update into one graph with torch.compile (needs g++)
     amp: bool = False  # run the networks' forward passes in bfloat16 autocast
     cudagraphs: bool = False  # GPU only: capture each phase's whole update as one CUDA graph and replay it (fastest)
@@ -908,7 +909,8 @@ def validate(args):
          "--online-target fmq needs a flow map (u(a_r, r, 1), one jump): not --flow-map-loss none or --euler-steps"),
         (min(args.euler_steps, args.time_dim) < 0 or args.time_dim % 2, "need --euler-steps >= 0, --time-dim 0/even"),
         (args.num_critics < 2, "--num-critics must be >= 2 (FMQ's delta_critic is the critics' spread)"),
-        (min(args.best_of_n, args.batch_size, args.utd_ratio) < 1, "need --best-of-n, --batch-size, --utd-ratio >= 1"),
+        (min(args.best_of_n, args.batch_size, args.utd_ratio, args.threads) < 1,
+         "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
         (not 0 < args.dataset_proportion <= 1, "--dataset-proportion must be in (0, 1]"),
         (min(args.eval_episodes, args.eval_envs, args.log_interval, args.eval_interval, args.save_interval,
              args.keep_checkpoints, args.video_episodes + 1, args.video_frame_skip) < 1,
@@ -937,6 +939,7 @@ def preallocation_check(n_rows, row_floats, device):
 def main(args: Args):
     spec = env_spec(args.env_id)
     validate(args)
+    torch.set_num_threads(args.threads)
     named = args.resume not in (None, "auto")  # --resume names the run folder
     run_dir = Path(args.resume) if named else Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
     resume_from = latest_checkpoint(run_dir)  # None unless resuming: a new run never starts over a checkpoint

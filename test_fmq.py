@@ -23,6 +23,8 @@ import tyro
 
 ROOT = Path(__file__).resolve().parent
 TOOLS = ROOT / "tools"
+os.environ["OMP_NUM_THREADS"] = "1"  # one CPU thread, here and in the fmq.py subprocesses: tests share a loaded CPU
+torch.set_num_threads(1)
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(TOOLS))
 import fmq  # noqa: E402
@@ -1396,8 +1398,9 @@ def test_make_update_runs_update_on_a_fresh_batch_of_the_runs_size_and_discount(
     (dict(num_critics=1), "--num-critics must be >= 2"), (dict(horizon=0), "--horizon must be >= 1"),
     (dict(time_dim=3), "--time-dim 0/even"), (dict(euler_steps=-1, online_target="mvp"), "--euler-steps >= 0"),
     (dict(eval_episodes=0), "counts must be >= 1"), (dict(start_training=-1), "step counts must be >= 0"),
-    (dict(best_of_n=0), "need --best-of-n, --batch-size, --utd-ratio >= 1"),
-    (dict(utd_ratio=0), "need --best-of-n, --batch-size, --utd-ratio >= 1"),
+    (dict(best_of_n=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
+    (dict(utd_ratio=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
+    (dict(threads=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
     (dict(dataset_proportion=0.0), "--dataset-proportion must be in (0, 1]"),
     (dict(dataset_proportion=1.5), "--dataset-proportion must be in (0, 1]")])
 def test_validate_names_each_bad_setting_and_accepts_the_edges(bad, message):
@@ -2341,6 +2344,17 @@ def test_missing_robomimic_dataset_names_the_path_and_the_v15_download(tmp_path)
     with pytest.raises(fmq.FMQError, match=rf"not found at {tmp_path}/square/mh/low_dim_v15.hdf5; use robomimic's "
                        r"v1.5 file.*hf_hub_download\('robomimic/robomimic_datasets', 'v1.5/square/mh/low_dim_v15"):
         fmq.load_dataset(fmq.env_spec("square"), str(tmp_path))
+
+
+# ---------------------------------------------------------------- run behaviour: resume, load, stop, eval-only, threads
+def test_main_runs_on_the_threads_it_is_given(tmp_path, tiny_env):
+    """--threads (default 1) sets torch's CPU threads at the start of a run, whatever they were."""
+    torch.set_num_threads(2)
+    try:
+        fmq.main(tiny_env_args(tmp_path, offline_steps=2, online_steps=0))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
 
 
 # ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py
