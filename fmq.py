@@ -1,8 +1,11 @@
-"""FMQ (Flow Map Q-Guidance, "Aligning Flow Map Policies with Optimal Q-Guidance", Ziakas, Russo, Bose, 2026): trains
+r"""FMQ (Flow Map Q-Guidance, "Aligning Flow Map Policies with Optimal Q-Guidance", Ziakas, Russo, Bose, 2026): trains
 a one-step flow map policy offline on the task's dataset, then online in its env (runs/{env_id}__{exp_name}__{seed}).
 
 examples:
-  python fmq.py --exp-name quick --offline-steps 1000 --online-steps 1000 --hidden-dim 64   # a short check
+  python tools/make_dataset.py --env scene-play-v0 --episodes 4 --out /tmp/ogbench-small   # a small scene dataset
+  python fmq.py --exp-name quick --dataset-dir /tmp/ogbench-small --hidden-dim 64 --num-layers 2 --batch-size 64 \
+    --best-of-n 8 --offline-steps 1000 --online-steps 1000 --start-training 100 --curriculum-start 100 \
+    --curriculum-end 500 --eval-interval 1000 --eval-episodes 5 --log-interval 250   # the quick check on it
   python fmq.py --env-id cube-dbl-t3 --extra-samplers qgbs --cudagraphs   # a paper run (FMQ, FMQ + QGBS) on a GPU
   python fmq.py --env-id cube-dbl-t3 --resume auto                         # continue that run after a stop
 """
@@ -916,6 +919,8 @@ def validate(args):
              args.keep_checkpoints, args.video_episodes + 1, args.video_frame_skip) < 1,
          "eval/log/save intervals and counts must be >= 1 (--video-episodes >= 0)"),
         (min(args.offline_steps, args.online_steps, args.start_training) < 0, "step counts must be >= 0"),
+        (0 < args.online_steps < args.start_training, f"--start-training {args.start_training} > --online-steps "
+         f"{args.online_steps}: the online phase would never update; lower --start-training"),
         (args.cudagraphs and not (torch.cuda.is_available() and "cpu" not in args.device), "--cudagraphs needs CUDA"),
         (args.compile and not shutil.which(os.environ.get("CXX", "g++")), "--compile needs a C++ compiler for its "
          "kernels (g++, or set CXX): install one (e.g. apt-get install g++) or leave out --compile"),

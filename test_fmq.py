@@ -840,8 +840,8 @@ def test_online_from_offline_checkpoint_with_qgbs_and_mvp_target(tmp_path, ogb):
 def test_cli_smoke_cube_double(tmp_path, ogbench_data):
     code, err = run_cli("--env-id", "cube-dbl-t3", "--dataset-dir", ogbench_data("cube-double-play-v0"), "--runs-dir",
                         str(tmp_path), "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--best-of-n",
-                        "4", "--offline-steps", "10", "--online-steps", "10", "--eval-episodes", "2", "--eval-interval",
-                        "10", "--log-interval", "5", "--device", "cpu")
+                        "4", "--offline-steps", "10", "--online-steps", "10", "--start-training", "1",
+                        "--eval-episodes", "2", "--eval-interval", "10", "--log-interval", "5", "--device", "cpu")
     assert code == 0, err[-2000:]
     evals = read_csv(tmp_path / "cube-dbl-t3__fmq__0" / "eval.csv")
     assert len(evals) == 3 and all(np.isfinite(float(r["return_env"])) for r in evals)
@@ -2355,6 +2355,32 @@ def test_main_runs_on_the_threads_it_is_given(tmp_path, tiny_env):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(1)
+
+
+def shell_commands(text):
+    """The `python ...` command lines of a text as argv lists: continuation lines joined, comments dropped."""
+    lines = text.replace("\\\n", " ").splitlines()
+    return [shlex.split(line.split("#")[0]) for line in lines if line.strip().startswith("python ")]
+
+
+def test_help_examples_are_the_readme_quick_check_and_each_trains_online():
+    """fmq.py --help's examples: the README's quick check (dataset made offline, its own folder, 5-episode
+    evaluations, online updates from step 100), then paper runs; every fmq.py example passes `validate` and updates
+    online. A run whose online phase would never update is refused, naming both flags."""
+    doc, readme = shell_commands(fmq.__doc__), shell_commands((ROOT / "README.md").read_text())
+    assert doc[0][:2] == ["python", "tools/make_dataset.py"] and doc[0] in readme
+    assert doc[1][:4] == ["python", "fmq.py", "--exp-name", "quick"] and doc[1] in readme
+    quick = tyro.cli(fmq.Args, args=doc[1][2:])
+    assert (quick.dataset_dir, quick.eval_episodes, quick.start_training) == (doc[0][-1], 5, 100)
+    for cmd in doc[1:]:
+        assert cmd[1] == "fmq.py"
+        args = tyro.cli(fmq.Args, args=cmd[2:])
+        fmq.validate(dataclasses.replace(args, cudagraphs=False))  # the paper runs' --cudagraphs: on a GPU
+        assert args.start_training <= args.online_steps
+    with pytest.raises(fmq.FMQError, match="--start-training 5000 > --online-steps 1000: the online phase would "
+                                           "never update; lower --start-training"):
+        fmq.validate(fmq.Args(online_steps=1000))
+    fmq.validate(fmq.Args(online_steps=1000, start_training=1000)), fmq.validate(fmq.Args(online_steps=0))
 
 
 # ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py

@@ -3,8 +3,8 @@
 People copy fmq.py and qgbs.py into other codebases and port them; the tests are how they know the copy is right.
 This tool plants classic porting bugs, one at a time, and checks that the test suite notices each one:
   * every bug in BUGS is a small textual patch (file, exact old snippet, new snippet) with a one-line reason;
-  * each is applied to a copy of the code (fmq.py, qgbs.py, test_fmq.py, pytest.ini, tools/) in a temp folder, and
-    the fast tier (the tests not marked `slow`) runs there with `pytest -x` (stop at the first failure);
+  * each is applied to a copy of the code (fmq.py, qgbs.py, test_fmq.py, pytest.ini, tools/, README.md) in a temp
+    folder, and the fast tier (the tests not marked `slow`) runs there with `pytest -x` (stop at the first failure);
   * it prints a table (bug, killed or SURVIVED, by which test, seconds) and, last, `N of M porting bugs caught`.
 First the unpatched copy runs the same tests: they must pass (that run also measures each test, to order them).
 A patch whose old snippet is not found exactly once is an ERROR, never a silent skip. Exit status 0 only when
@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ("fmq.py", "qgbs.py", "test_fmq.py", "pytest.ini", "tools")  # what each temp copy holds
+COPY = ("fmq.py", "qgbs.py", "test_fmq.py", "pytest.ini", "tools", "README.md")  # what each temp copy holds
 
 
 def bug(name, why, old, new, file="fmq.py", also=()):
