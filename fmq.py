@@ -388,14 +388,18 @@ class ReplayBuffer:
                     written=self.written, ring=(self.starts_host.copy(), self.head, self.n_starts), ep_len=self.ep_len)
 
     def load_online_state(self, state):
+        """online_state into this buffer, whose capacity may differ (a run resumed with other --online-steps): row v
+        at v % capacity, and the ring, in order from its head, of the chunk starts whose rows this capacity holds."""
         if "ring" not in state:
             raise FMQError("the checkpoint was written by an older fmq.py (linear replay buffer); resume it with that")
-        w, kept = state["written"], len(state["rows"]["rewards"])
+        (w, kept), (starts, head, n) = (state["written"], min(len(state["rows"]["rewards"]), self.cap)), state["ring"]
         for k, x in state["rows"].items():
-            self.data[k][torch.arange(w - kept, w, device=self.device) % self.cap] = x.to(self.device)
-        self.starts_host[:], self.head, self.n_starts = state["ring"]
+            self.data[k][torch.arange(w - kept, w, device=self.device) % self.cap] = x[len(x) - kept:].to(self.device)
+        ring = starts[(head + np.arange(n)) % len(starts)]
+        ring = ring[ring >= w - self.cap]  # a start whose first row a smaller capacity overwrote leaves
+        self.starts_host[:len(ring)], self.head, self.n_starts = ring, 0, len(ring)
         self.starts.copy_(torch.from_numpy(self.starts_host))
-        self.written, self.ep_len, self.ring_t[0], self.ring_t[1] = w, state["ep_len"], self.head, self.n_starts
+        self.written, self.ep_len, self.ring_t[0], self.ring_t[1] = w, state["ep_len"], 0, len(ring)
 
 
 # ---------------------------------------------------------------- networks

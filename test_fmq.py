@@ -2383,6 +2383,56 @@ def test_help_examples_are_the_readme_quick_check_and_each_trains_online():
     fmq.validate(fmq.Args(online_steps=1000, start_training=1000)), fmq.validate(fmq.Args(online_steps=0))
 
 
+def ring(buf):
+    """A buffer's chunk starts, in order from the ring's head."""
+    return buf.starts_host[(buf.head + np.arange(buf.n_starts)) % buf.cap].tolist()
+
+
+class Killed(Exception):
+    pass
+
+
+def killed_at(monkeypatch, kill_step):
+    """Patches fmq.update to raise Killed at the update of step kill_step (a crash between checkpoints)."""
+    real = fmq.update
+
+    def update(agent, batch, step, *a):
+        if int(step) == kill_step:
+            raise Killed
+        return real(agent, batch, step, *a)
+    monkeypatch.setattr(fmq, "update", update)
+    return lambda: monkeypatch.setattr(fmq, "update", real)
+
+
+def test_resume_with_more_online_steps_extends_a_finished_and_a_stopped_run(tmp_path, monkeypatch, tiny_env):
+    """--resume with --online-steps 30 -> 50 (a buffer of 60 + 30 rows becomes one of 60 + 50): a finished run and a
+    run killed at step 27 (checkpoint 20) both go on to step 60 exactly as a run of 50 online steps from the start:
+    the same csv rows, networks and result, and a buffer that holds the same rows and chunk starts."""
+    buffers, _ = recording_buffer(monkeypatch)
+    args = lambda d, online: tiny_env_args(tmp_path / d, online_steps=online, resume="auto")  # noqa: E731
+    fmq.main(args("long", 50))
+    fmq.main(args("done", 30))
+    restore = killed_at(monkeypatch, 27)
+    with pytest.raises(Killed):
+        fmq.main(args("stopped", 30))
+    restore()
+    assert [b.cap for b in buffers] == [110, 90, 90] and buffers[-1].written == 60 + 18  # online steps 0..17
+    for d in ("done", "stopped"):
+        fmq.main(args(d, 50))
+        long, run = (tmp_path / x / "runs" / "tiny__fmq__0" for x in ("long", d))
+        assert buffers[-1].cap == 110 and buffers[-1].written == buffers[0].written == 110
+        for k in fmq.ReplayBuffer.FIELDS:
+            assert torch.equal(buffers[-1].rows(k, 0, 110), buffers[0].rows(k, 0, 110)), (d, k)
+        assert ring(buffers[-1]) == ring(buffers[0])
+        for name in ("train.csv", "eval.csv"):
+            assert strip_timing(read_csv(run / name)) == strip_timing(read_csv(long / name)), (d, name)
+        assert [int(r["step"]) for r in read_csv(run / "eval.csv")] == [0, 10, 20, 40, 60]
+        a, b = (torch.load(r / "checkpoints" / "step_000000060.pt", weights_only=False) for r in (long, run))
+        for k in ("actor", "critic", "u_off"):
+            assert all(torch.equal(a[k][n], v) for n, v in b[k].items()), (d, k)
+        assert (run / "final.json").read_text() == (long / "final.json").read_text()
+
+
 # ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py
 # The OGBench tests use no downloaded files: these fixtures make a few short episodes through the real envs, write them
 # in OGBench's format (<dataset>.npz, <dataset>-val.npz) and fmq loads them through ogbench's own loader, exactly as it
