@@ -992,16 +992,19 @@ def main(args: Args):
 
     agent = make_agent(args, obs_dim, act_dim * args.horizon, device)
     losses = make_losses()
-    total, step, ep = args.offline_steps + args.online_steps, 0, dict(index=0, start=buffer.written, ret=0.0)
+    # step0: the step the loaded networks had reached, from which the flow-map loss's curriculum goes on (as the
+    # official restore, which keeps its step); a run's own steps count from 0 all the same
+    total, step, step0, ep = args.offline_steps + args.online_steps, 0, 0, dict(index=0, start=buffer.written, ret=0.0)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, args, agent)
-        step, ep, rng = ckpt["step"], ckpt["episode"], ckpt["rng"]
+        step, step0, ep, rng = ckpt["step"], ckpt.get("step0", 0), ckpt["episode"], ckpt["rng"]
         buffer.load_online_state(ckpt["buffer"])
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     elif args.load_checkpoint:
-        load_checkpoint(args.load_checkpoint, args, agent)
+        ckpt = load_checkpoint(args.load_checkpoint, args, agent)
+        step0 = ckpt["step"] + ckpt.get("step0", 0)
     update_fn = make_update(agent, buffer, args, losses)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
     (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
@@ -1030,7 +1033,7 @@ def main(args: Args):
     def checkpoint(s):
         guard.check(last_ckpt)  # a bad state is never saved over the last good one
         state = {k: getattr(agent, k).state_dict() for k in NETS}
-        state.update(step=s, args=asdict(args), u_off=agent.u_off.state_dict() if agent.u_off else None,
+        state.update(step=s, step0=step0, args=asdict(args), u_off=agent.u_off.state_dict() if agent.u_off else None,
                      buffer=buffer.online_state(), episode=dict(ep, queue=list(queue)),
                      rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
@@ -1073,7 +1076,7 @@ def main(args: Args):
         info = {}  # online warm-up: the first start_training - 1 online steps only collect data (official main.py)
         if step < args.offline_steps or step - args.offline_steps + 1 >= args.start_training:
             for _ in range(1 if step < args.offline_steps else args.utd_ratio):
-                info = update_fn(step)  # Alg. 1, lines 4-9, on a fresh batch
+                info = update_fn(step0 + step)  # Alg. 1, lines 4-9, on a fresh batch
                 guard.track(info, step)
         step += 1
         pbar.update(1)

@@ -2433,6 +2433,29 @@ def test_resume_with_more_online_steps_extends_a_finished_and_a_stopped_run(tmp_
         assert (run / "final.json").read_text() == (long / "final.json").read_text()
 
 
+@pytest.mark.parametrize("target", ["flow-map", "mvp"])
+def test_a_run_loaded_from_a_checkpoint_goes_on_with_its_curriculum(tmp_path, monkeypatch, tiny_env, target):
+    """The flow-map loss's step (its (r, t) curriculum, and its self-distillation from step curriculum_start on)
+    follows the loaded networks' progress, as the official restore keeps its step: online from an offline checkpoint of
+    step 10 (--offline-steps 0), the online updates of the flow-map and MVP targets see steps 10, 11, ..; so too a
+    resumed run (16, 17) and a run loaded from a checkpoint of that one (10 + 8 = 18)."""
+    steps, real = [], fmq.flow_map_loss
+    monkeypatch.setattr(fmq, "flow_map_loss", lambda actor, obs, a, step, args: steps.append(int(step)) or real(
+        actor, obs, a, step, args))
+    kw = dict(curriculum_start=12, curriculum_end=16, online_target=target)
+    fmq.main(tiny_env_args(tmp_path, online_steps=0, **kw))
+    assert steps == list(range(10))
+    online = lambda n, ckpt, name="online": tiny_env_args(  # noqa: E731
+        tmp_path, exp_name=name, offline_steps=0, online_steps=n, load_checkpoint=str(ckpt), resume="auto", **kw)
+    for n, expected in [(6, list(range(10, 16))), (8, [16, 17])]:  # then resumed with 2 more online steps
+        steps.clear()
+        fmq.main(online(n, tmp_path / "runs" / "tiny__fmq__0" / "checkpoints" / "step_000000010.pt"))
+        assert steps == expected
+    steps.clear()
+    fmq.main(online(2, tmp_path / "runs" / "tiny__online__0" / "checkpoints" / "step_000000008.pt", "again"))
+    assert steps == [18, 19]
+
+
 # ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py
 # The OGBench tests use no downloaded files: these fixtures make a few short episodes through the real envs, write them
 # in OGBench's format (<dataset>.npz, <dataset>-val.npz) and fmq loads them through ogbench's own loader, exactly as it
