@@ -818,13 +818,14 @@ NETS = ("actor", "critic", "critic_target", "actor_opt", "critic_opt")
 
 
 def save_checkpoint(run_dir, state, keep):
-    """Atomic write (temp file + rename); keeps the `keep` most recent checkpoints."""
+    """Atomic write (temp file + rename); keeps the `keep` most recent checkpoints, and the phase switch's (the one
+    to --load-checkpoint to go online)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step_{state['step']:09d}.pt"
+    path, switch = (ckpt_dir / f"step_{s:09d}.pt" for s in (state["step"], state["args"]["offline_steps"]))
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
-    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
+    for old in sorted(set(ckpt_dir.glob("step_*.pt")) - {switch})[:-keep]:
         old.unlink()
     return path
 

@@ -1155,7 +1155,7 @@ def test_main_stores_the_reward_training_uses_masks_and_ends(tmp_path, monkeypat
     buffers, rows = recording_buffer(monkeypatch)
     fmq.main(tiny_env_args(tmp_path, sparse=sparse, seed=seed, eval_interval=1000, keep_checkpoints=2))
     ckpts = (tmp_path / "runs" / f"tiny__fmq__{seed}" / "checkpoints").glob("*.pt")
-    assert sorted(p.name for p in ckpts) == ["step_000000030.pt", "step_000000040.pt"]  # every 10 steps, 2 kept
+    assert sorted(p.name for p in ckpts) == [f"step_0000000{s}.pt" for s in (10, 30, 40)]  # 2 kept, and the switch
     transform = {None: lambda r: r, "sparse": lambda r: -float(r != 0), "minus_one": lambda r: r - 1}[reward]
     final = (lambda r: -float(r != 0)) if sparse else (lambda r: r)
     raw, masks, ends, t = [], [], [], []
@@ -2454,6 +2454,16 @@ def test_a_run_loaded_from_a_checkpoint_goes_on_with_its_curriculum(tmp_path, mo
     steps.clear()
     fmq.main(online(2, tmp_path / "runs" / "tiny__online__0" / "checkpoints" / "step_000000008.pt", "again"))
     assert steps == [18, 19]
+
+
+def test_keep_checkpoints_never_deletes_the_phase_switch_checkpoint(tmp_path):
+    """--keep-checkpoints 2 of a run with 20 offline steps, saving every 10 steps: the two newest and step 20's, the
+    one docs/long_runs.md loads to go online."""
+    args = dataclasses.asdict(fmq.Args(offline_steps=20))
+    for step in range(0, 60, 10):
+        fmq.save_checkpoint(tmp_path, dict(step=step, args=args), keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_000000020.pt", "step_000000040.pt", "step_000000050.pt"]
 
 
 # ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py
