@@ -1028,8 +1028,7 @@ def main(args: Args):
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(True))
 
-    offline_only = args.online_steps == 0 and agent.u_off is None  # (evaluating an online checkpoint alone: online)
-    phase_of = lambda s: "offline" if s < args.offline_steps or offline_only else "online"
+    phase_of = lambda s: "offline" if s < args.offline_steps else "online"  # of train.csv's rows
 
     def checkpoint(s):
         guard.check(last_ckpt)  # a bad state is never saved over the last good one
@@ -1046,9 +1045,9 @@ def main(args: Args):
         results = {}
         for sampler in dict.fromkeys((args.sampler, *args.extra_samplers)):  # the first is the run's own
             res = evaluate(agent, eval_envs, args, sampler, rewards)
-            log_eval(dict(step=s, phase=phase_of(s), env_steps=max(s - args.offline_steps, 0), sampler=sampler,
-                          nfe=sampler_nfe(sampler, args), episodes=args.eval_episodes,
-                          time=round(time.time() - t0, 1), **res))
+            log_eval(dict(step=s, phase="offline" if agent.u_off is None else "online", sampler=sampler,
+                          env_steps=max(s - args.offline_steps, 0), nfe=sampler_nfe(sampler, args),
+                          episodes=args.eval_episodes, time=round(time.time() - t0, 1), **res))
             key = "eval/success" + ("" if sampler == args.sampler else f"_{sampler}")
             writer.add_scalar(key, res["success"], s), log_wandb({key: res["success"]}, s)
             results[sampler] = res["success"]
@@ -1057,11 +1056,11 @@ def main(args: Args):
             write_video(run_dir / "videos" / f"step_{s:09d}.mp4", np.stack(frames), writer, log_wandb, s)
         return results
 
-    if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None:  # online from an offline ckpt
-        freeze_offline_copy(agent)
     print(f"fmq: run {run_dir} on {device}, dataset {n_off} rows; {args.offline_steps} offline + {args.online_steps} "
           f"online steps (updates from online step {args.start_training}), starting at step {step}", flush=True)
     results = run_eval(step) if resume_from is None else {r["sampler"]: float(r["success"]) for r in evals}
+    if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None:  # online from an offline ckpt
+        freeze_offline_copy(agent)
     pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
     while step < total:
         if step >= args.offline_steps:  # Alg. 1, lines 2-3: act (best-of-N, as the official code), store the transition
@@ -1081,9 +1080,6 @@ def main(args: Args):
                 guard.track(info, step)
         step += 1
         pbar.update(1)
-        if step == args.offline_steps and args.online_steps > 0:  # phase switch: freeze u_off (Alg. 1 input)
-            guard.check(last_ckpt)
-            freeze_offline_copy(agent)
         if step % args.log_interval == 0 or step in (total, args.offline_steps):
             guard.check(last_ckpt)
             sps = (step - last_log[0]) / (time.time() - last_log[1])
@@ -1099,6 +1095,8 @@ def main(args: Args):
         if evaluated:
             results = run_eval(step)
             pbar.set_postfix(phase=phase_of(step), success=results[args.sampler])
+        if step == args.offline_steps and args.online_steps > 0:  # phase switch, after the offline agent's evaluation
+            freeze_offline_copy(agent)  # u_off, Alg. 1's input (the log above checked the losses)
         if evaluated or step % args.save_interval == 0 or stop:
             last_ckpt = checkpoint(step)
         if stop:

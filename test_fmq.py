@@ -810,7 +810,7 @@ def test_tiny_run_end_to_end_and_deterministic(tmp_path, ogb):
     run = tmp_path / "a" / "runs" / "scene-t5__fmq__0"
     train, evals = read_csv(run / "train.csv"), read_csv(run / "eval.csv")
     assert [int(r["step"]) for r in train] == [10, 20, 30, 40]
-    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (20, "online"), (40, "online")]
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (20, "offline"), (40, "online")]
     assert all(np.isfinite(float(r[k])) for r in train for k in ("critic/loss", "actor/grad_norm"))
     assert train[-1]["actor/fmq_loss"] != "" and train[0]["actor/diag_loss"] != ""
     assert json.loads((run / "final.json").read_text())["step"] == 40 == final["step"]
@@ -1211,7 +1211,7 @@ def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, mon
     assert [(r["actor/diag_loss"] != "", r["actor/fmq_loss"] != "") for r in train] == [(True, False)] * 2 + [
         (False, True)] * 6  # the offline loss up to the phase switch, FMQ's after it
     evals = read_csv(run / "eval.csv")
-    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "online"), (20, "online"),
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "offline"), (20, "online"),
                                                             (40, "online")]
     assert [(float(r["success"]), float(r["length"])) for r in evals] == [(0.8, 6.2)] * 4
     assert [int(r["env_steps"]) for r in evals] == [0, 0, 10, 30]
@@ -2288,7 +2288,7 @@ def test_robomimic_end_to_end(rm_data, task, tmp_path, monkeypatch):
     run = tmp_path / "runs" / f"{task}__fmq__0"
     evals = read_csv(run / "eval.csv")
     assert final["step"] == 20 and [(int(r["step"]), r["phase"]) for r in evals] == [
-        (0, "offline"), (10, "online"), (20, "online")]
+        (0, "offline"), (10, "offline"), (20, "online")]
     assert all(0.0 <= float(r["success"]) <= 1.0 and np.isfinite(float(r["return_env"])) for r in evals)
     for r in evals:  # robomimic trains on r - 1 (ENVS table): one less per step
         assert float(r["return_train"]) == pytest.approx(float(r["return_env"]) - float(r["length"]))
@@ -2466,6 +2466,34 @@ def test_keep_checkpoints_never_deletes_the_phase_switch_checkpoint(tmp_path):
         "step_000000020.pt", "step_000000040.pt", "step_000000050.pt"]
 
 
+def test_the_phase_switch_evaluates_the_offline_agent_before_u_off_is_frozen(tmp_path, monkeypatch, tiny_env):
+    """As the official main.py (it evaluates the offline agent at its last offline step, then switches): the
+    evaluation at step 10, the phase switch, is the offline agent's, labelled offline, its critics aggregated as
+    offline (mean; FMQ's online min after). Online from an offline checkpoint (--offline-steps 0): so at step 0."""
+    seen, inside, real_eval, real_agg = [], [], fmq.evaluate, fmq.q_agg
+
+    def evaluate(*a, **k):
+        seen.append(set()), inside.append(True)
+        try:
+            return real_eval(*a, **k)
+        finally:
+            inside.pop()
+    monkeypatch.setattr(fmq, "evaluate", evaluate)
+    monkeypatch.setattr(fmq, "q_agg", lambda critic, how: (inside and seen[-1].add(how), real_agg(critic, how))[1])
+    fmq.main(tiny_env_args(tmp_path))
+    evals = read_csv(tmp_path / "runs" / "tiny__fmq__0" / "eval.csv")
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "offline"), (20, "online"),
+                                                            (40, "online")]
+    assert seen == [{"mean"}, {"mean"}, {"min"}, {"min"}]
+    fmq.main(tiny_env_args(tmp_path, exp_name="offline", online_steps=0))
+    seen.clear()
+    fmq.main(tiny_env_args(tmp_path, exp_name="loaded", offline_steps=0, online_steps=20, load_checkpoint=str(
+        tmp_path / "runs" / "tiny__offline__0" / "checkpoints" / "step_000000010.pt")))
+    evals = read_csv(tmp_path / "runs" / "tiny__loaded__0" / "eval.csv")
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (20, "online")]
+    assert seen == [{"mean"}, {"min"}]
+
+
 # ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py
 # The OGBench tests use no downloaded files: these fixtures make a few short episodes through the real envs, write them
 # in OGBench's format (<dataset>.npz, <dataset>-val.npz) and fmq loads them through ogbench's own loader, exactly as it
@@ -2562,7 +2590,7 @@ def test_tiny_run_on_each_ogbench_suite(tmp_path, ogbench_data, monkeypatch, env
                                eval_interval=1000, eval_episodes=1, eval_envs=1))
     run = tmp_path / "runs" / f"{env_id}__fmq__0"
     evals = read_csv(run / "eval.csv")
-    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "online"), (20, "online")]
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "offline"), (20, "online")]
     assert [float(r["length"]) for r in evals] == [40.0] * 3  # untrained policies do not solve a task in 40 steps
     assert final["step"] == 20 and final["success"] == 0.0
     assert json.loads((run / "config.json").read_text())["discount"] == 0.99  # official: 0.99 for every task
