@@ -766,16 +766,17 @@ def make_losses():
 
 
 # ---------------------------------------------------------------- evaluate
-def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None):
+def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None, stop=()):
     """Success, return_train (rewards as training sees them: `reward`, reward_fn), return_env and length, means over
     args.eval_episodes episodes run in lockstep in `envs`; episode i resets with seed args.seed + 10_000 + i. With a
     list `frames` (envs that render), the args.video_episodes episodes after those instead, which the official
-    `evaluate` renders and does not count: a frame every --video-frame-skip env steps and at each episode's end."""
+    `evaluate` renders and does not count: a frame every --video-frame-skip env steps and at each episode's end.
+    None as soon as `stop` (main's stop requests) holds one: before the next env step."""
     gen, episodes = torch.Generator(next(agent.actor.parameters()).device).manual_seed(args.seed + 10_000), []
     start = args.eval_episodes if frames is not None else 0  # the video episodes come after the counted ones
-    stop = start + (args.video_episodes if frames is not None else args.eval_episodes)
-    for first in range(start, stop, len(envs)):
-        wave = envs[:min(len(envs), stop - first)]
+    end = start + (args.video_episodes if frames is not None else args.eval_episodes)
+    for first in range(start, end, len(envs)):
+        wave = envs[:min(len(envs), end - first)]
         obs = np.stack([e.reset(seed=args.seed + 10_000 + first + i)[0] for i, e in enumerate(wave)])
         live, (succ, ret_train, ret_env, length) = np.ones(len(wave), bool), np.zeros((4, len(wave)))
         while live.any():
@@ -783,6 +784,8 @@ def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None):
             chunk = act(agent, obs[idx], sampler, args, gen)
             for k in range(args.horizon):  # the chunk runs open-loop
                 for j, i in enumerate(idx):
+                    if stop:
+                        return None
                     if live[i]:
                         obs[i], r, term, trunc, info = wave[i].step(chunk[j, k])
                         ret_train[i], ret_env[i], length[i] = ret_train[i] + reward(r), ret_env[i] + r, length[i] + 1
@@ -950,6 +953,7 @@ def main(args: Args):
     spec = env_spec(args.env_id)
     validate(args)
     torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # start-up: SIGTERM stops as Ctrl-C does (`__main__`)
     named = args.resume not in (None, "auto")  # --resume names the run folder
     run_dir = Path(args.resume) if named else Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
     resume_from = latest_checkpoint(run_dir)  # None unless resuming: a new run never starts over a checkpoint
@@ -1007,6 +1011,15 @@ def main(args: Args):
         ckpt = load_checkpoint(args.load_checkpoint, args, agent)
         step0 = ckpt["step"] + ckpt.get("step0", 0)
     update_fn = make_update(agent, buffer, args, losses)
+    stop = []  # from here on a stop request (Ctrl-C, SIGTERM) is acknowledged at once and honoured within one env step
+
+    def request_stop(sig, _):
+        if stop:
+            raise SystemExit(f"fmq: stopped at once by a second {signal.Signals(sig).name}")
+        stop.append(sig)
+        tqdm.write(f"fmq: {signal.Signals(sig).name}: stopping within one env step (again: at once)", file=sys.stderr)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
     (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
     log_wandb = wandb_logger(args, run_dir, resume_from is not None)
@@ -1024,10 +1037,6 @@ def main(args: Args):
         raise FMQError("replaying the interrupted episode did not reproduce its observations (env or version changed?)")
     queue = list(ep.get("queue", []))
     eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time(), (step, time.time())
-    stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
-
     phase_of = lambda s: "offline" if s < args.offline_steps else "online"  # of train.csv's rows
 
     def checkpoint(s):
@@ -1040,29 +1049,36 @@ def main(args: Args):
         return save_checkpoint(run_dir, state, args.keep_checkpoints)
 
     def run_eval(s):
+        """{sampler: success} at step s, logged; None if a stop request cut it short (no rows: redone on resume)."""
         nonlocal eval_envs
         eval_envs = eval_envs or [make_env(spec, env_args) for _ in range(min(args.eval_envs, args.eval_episodes))]
-        results = {}
-        for sampler in dict.fromkeys((args.sampler, *args.extra_samplers)):  # the first is the run's own
-            res = evaluate(agent, eval_envs, args, sampler, rewards)
+        results = {sampler: evaluate(agent, eval_envs, args, sampler, rewards, stop=stop)
+                   for sampler in dict.fromkeys((args.sampler, *args.extra_samplers))}  # the first is the run's own
+        if stop:
+            return None
+        for sampler, res in results.items():
             log_eval(dict(step=s, phase="offline" if agent.u_off is None else "online", sampler=sampler,
                           env_steps=max(s - args.offline_steps, 0), nfe=sampler_nfe(sampler, args),
                           episodes=args.eval_episodes, time=round(time.time() - t0, 1), **res))
             key = "eval/success" + ("" if sampler == args.sampler else f"_{sampler}")
             writer.add_scalar(key, res["success"], s), log_wandb({key: res["success"]}, s)
-            results[sampler] = res["success"]
-        if args.video_episodes:  # the run's sampler; official: rendered episodes are not counted
-            evaluate(agent, [video_env], args, args.sampler, frames=(frames := []))
+        if args.video_episodes and evaluate(agent, [video_env], args, args.sampler, frames=(frames := []), stop=stop):
             write_video(run_dir / "videos" / f"step_{s:09d}.mp4", np.stack(frames), writer, log_wandb, s)
-        return results
+        return {sampler: res["success"] for sampler, res in results.items()}
+
+    def go_online():  # the phase switch, after the offline agent's evaluation: u_off frozen (after a stop: on resume)
+        if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None and not stop:
+            freeze_offline_copy(agent)  # Alg. 1's input (the log at the switch checked the losses)
 
     print(f"fmq: run {run_dir} on {device}, dataset {n_off} rows; {args.offline_steps} offline + {args.online_steps} "
           f"online steps (updates from online step {args.start_training}), starting at step {step}", flush=True)
-    results = run_eval(step) if resume_from is None else {r["sampler"]: float(r["success"]) for r in evals}
-    if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None:  # online from an offline ckpt
-        freeze_offline_copy(agent)
+    evaluated = lambda s: s % args.eval_interval == 0 or s in (total, args.offline_steps)
+    results = {r["sampler"]: float(r["success"]) for r in evals}
+    if evaluated(step) and all(int(r["step"]) != step for r in evals):  # step 0, or an evaluation a stop cut short
+        results = run_eval(step) or results
+    go_online()  # (online from an offline checkpoint)
     pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
-    while step < total:
+    while step < total and not stop:
         if step >= args.offline_steps:  # Alg. 1, lines 2-3: act (best-of-N, as the official code), store the transition
             queue = queue or list(act(agent, obs[None], args.train_sampler, args)[0])
             action = queue.pop(0)
@@ -1091,21 +1107,19 @@ def main(args: Args):
             log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0),
                            sps=round(sps, 1)))
             pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=results.get(args.sampler, "-"))
-        evaluated = step % args.eval_interval == 0 or step in (total, args.offline_steps)
-        if evaluated:
-            results = run_eval(step)
-            pbar.set_postfix(phase=phase_of(step), success=results[args.sampler])
-        if step == args.offline_steps and args.online_steps > 0:  # phase switch, after the offline agent's evaluation
-            freeze_offline_copy(agent)  # u_off, Alg. 1's input (the log above checked the losses)
-        if evaluated or step % args.save_interval == 0 or stop:
+        if evaluated(step):
+            results = run_eval(step) or results
+            pbar.set_postfix(phase=phase_of(step), success=results.get(args.sampler))
+        go_online()
+        if (evaluated(step) or step % args.save_interval == 0) and not stop:
             last_ckpt = checkpoint(step)
-        if stop:
-            pbar.close()
-            raise FMQError(f"stopped by signal at step {step}; saved {last_ckpt}; continue with --resume {run_dir}")
-    pbar.close()
-    writer.close()
+    pbar.close(), writer.close()
     if args.track:
         sys.modules["wandb"].finish()
+    if stop:  # a requested stop, not an error
+        print(f"fmq: stopped at step {step} as asked; saved {checkpoint(step)}; continue with the same flags and "
+              f"--resume {run_dir}", file=sys.stderr)
+        return None
     final = dict(step=step, success=results.get(args.sampler), sampler=args.sampler)
     (run_dir / "final.json").write_text(json.dumps(final))
     print(f"fmq: done at step {step}; success " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()) + f" "
@@ -1118,3 +1132,5 @@ if __name__ == "__main__":
         main(tyro.cli(Args, description=__doc__))
     except FMQError as e:
         sys.exit(f"fmq: error: {e}")
+    except KeyboardInterrupt:  # a stop request during start-up, before the run's folder is made: nothing to save
+        sys.exit("fmq: stopped during start-up; nothing was saved")
