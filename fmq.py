@@ -970,7 +970,9 @@ def main(args: Args):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # JAX's default GPU precision
 
-    data, env_args = load_dataset(spec, args.dataset_dir)
+    eval_only = args.offline_steps + args.online_steps == 0 and args.resume is None  # no buffer, and no dataset: the
+    # env gives the shapes (RoboMimic's settings, though, come from its dataset file)
+    data, env_args = ({}, None) if eval_only and spec["suite"] != "robomimic" else load_dataset(spec, args.dataset_dir)
     data = {k: v[:int(len(v) * args.dataset_proportion)] for k, v in data.items()}  # official dataset_proportion
     env = make_env(spec, env_args)
     try:  # videos: a first frame now, not at the first evaluation hours later
@@ -982,24 +984,24 @@ def main(args: Args):
                        f"{type(e).__name__}: {str(e).strip()[:200]}); headless, use MUJOCO_GL=egl on a GPU machine or "
                        f"MUJOCO_GL=osmesa (apt-get install libosmesa6)") from None
     obs_dim, act_dim, limit = env.observation_space.shape[0], env.action_space.shape[0], env.spec.max_episode_steps
-    if data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,):
+    if data and (data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,)):
         raise FMQError(f"dataset shapes (obs {data['observations'].shape[1:]}, actions {data['actions'].shape[1:]}) "
                        f"do not match env {spec['name']} (obs ({obs_dim},), actions ({act_dim},))")
     if args.horizon >= limit:
         raise FMQError(f"--horizon {args.horizon} must be shorter than the episode ({limit} steps)")
-    rewards = reward_fn(spec, args.sparse)
-    data["rewards"] = rewards(data["rewards"]).astype(np.float32)
-    n_off = len(data["observations"])
-    capacity = min(max(args.buffer_size, n_off + 1), n_off + args.online_steps)  # official size; no row never written
-    preallocation_check(capacity, 2 * obs_dim + act_dim + 2, device)
-    buffer = ReplayBuffer(data, capacity, args.horizon, device)
+    rewards, buffer, n_off = reward_fn(spec, args.sparse), None, len(data.get("observations", ()))
+    if not eval_only:
+        data["rewards"] = rewards(data["rewards"]).astype(np.float32)
+        capacity = min(max(args.buffer_size, n_off + 1), n_off + args.online_steps)  # official; no row never written
+        preallocation_check(capacity, 2 * obs_dim + act_dim + 2, device)
+        buffer = ReplayBuffer(data, capacity, args.horizon, device)
     del data
 
     agent = make_agent(args, obs_dim, act_dim * args.horizon, device)
     losses = make_losses()
     # step0: the step the loaded networks had reached, from which the flow-map loss's curriculum goes on (as the
     # official restore, which keeps its step); a run's own steps count from 0 all the same
-    total, step, step0, ep = args.offline_steps + args.online_steps, 0, 0, dict(index=0, start=buffer.written, ret=0.0)
+    total, step, step0, ep = args.offline_steps + args.online_steps, 0, 0, dict(index=0, start=n_off, ret=0.0)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, args, agent)
         step, step0, ep, rng = ckpt["step"], ckpt.get("step0", 0), ckpt["episode"], ckpt["rng"]
@@ -1010,7 +1012,7 @@ def main(args: Args):
     elif args.load_checkpoint:
         ckpt = load_checkpoint(args.load_checkpoint, args, agent)
         step0 = ckpt["step"] + ckpt.get("step0", 0)
-    update_fn = make_update(agent, buffer, args, losses)
+    update_fn = make_update(agent, buffer, args, losses) if buffer else None
     stop = []  # from here on a stop request (Ctrl-C, SIGTERM) is acknowledged at once and honoured within one env step
 
     def request_stop(sig, _):
@@ -1030,11 +1032,13 @@ def main(args: Args):
 
     episode_seed = lambda i: args.seed * 1_000_003 + i  # the training env's episode i starts from this seed
     obs, _ = env.reset(seed=episode_seed(ep["index"]))
-    for a in buffer.rows("actions", ep["start"], buffer.written).cpu().numpy():  # resume: replay the current episode
-        obs = env.step(a)[0]
-    stored = buffer.rows("next_observations", ep["start"], buffer.written)
-    if len(stored) and not np.allclose(obs, stored[-1].cpu()):
-        raise FMQError("replaying the interrupted episode did not reproduce its observations (env or version changed?)")
+    if resume_from is not None:  # replay the interrupted episode
+        for a in buffer.rows("actions", ep["start"], buffer.written).cpu().numpy():
+            obs = env.step(a)[0]
+        stored = buffer.rows("next_observations", ep["start"], buffer.written)
+        if len(stored) and not np.allclose(obs, stored[-1].cpu()):
+            raise FMQError("replaying the interrupted episode did not reproduce its observations (env or version "
+                           "changed?)")
     queue = list(ep.get("queue", []))
     eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time(), (step, time.time())
     phase_of = lambda s: "offline" if s < args.offline_steps else "online"  # of train.csv's rows
@@ -1070,8 +1074,9 @@ def main(args: Args):
         if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None and not stop:
             freeze_offline_copy(agent)  # Alg. 1's input (the log at the switch checked the losses)
 
-    print(f"fmq: run {run_dir} on {device}, dataset {n_off} rows; {args.offline_steps} offline + {args.online_steps} "
-          f"online steps (updates from online step {args.start_training}), starting at step {step}", flush=True)
+    print(f"fmq: run {run_dir} on {device}, " + (f"evaluating {args.load_checkpoint}" if eval_only else (
+        f"dataset {n_off} rows; {args.offline_steps} offline + {args.online_steps} online steps" + f" (updates from "
+        f"online step {args.start_training})" * (args.online_steps > 0) + f", starting at step {step}")), flush=True)
     evaluated = lambda s: s % args.eval_interval == 0 or s in (total, args.offline_steps)
     results = {r["sampler"]: float(r["success"]) for r in evals}
     if evaluated(step) and all(int(r["step"]) != step for r in evals):  # step 0, or an evaluation a stop cut short
@@ -1117,13 +1122,14 @@ def main(args: Args):
     if args.track:
         sys.modules["wandb"].finish()
     if stop:  # a requested stop, not an error
-        print(f"fmq: stopped at step {step} as asked; saved {checkpoint(step)}; continue with the same flags and "
-              f"--resume {run_dir}", file=sys.stderr)
+        print(f"fmq: stopped at step {step} as asked" + (f"; saved {checkpoint(step)}; continue with the same flags "
+              f"and --resume {run_dir}" if buffer else ""), file=sys.stderr)
         return None
     final = dict(step=step, success=results.get(args.sampler), sampler=args.sampler)
     (run_dir / "final.json").write_text(json.dumps(final))
     print(f"fmq: done at step {step}; success " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()) + f" "
-          f"({args.eval_episodes} episodes); files in {run_dir} (eval.csv, train.csv, TensorBoard, checkpoints/)")
+          f"({args.eval_episodes} episodes); files in {run_dir} ("
+          + ("eval.csv, TensorBoard)" if eval_only else "eval.csv, train.csv, TensorBoard, checkpoints/)"))
     return final
 
 

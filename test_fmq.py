@@ -2572,6 +2572,35 @@ def test_a_stop_during_start_up_is_one_line(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+def test_evaluating_a_checkpoint_loads_no_dataset_and_says_what_it_does(tmp_path, monkeypatch, tiny_env, capsys):
+    """--offline-steps 0 --online-steps 0 --load-checkpoint: the env gives the shapes, no dataset is loaded, and the
+    run's lines name the checkpoint it evaluates and the files it writes (no train.csv or checkpoints/)."""
+    fmq.main(tiny_env_args(tmp_path, online_steps=0))
+    ckpt = tmp_path / "runs" / "tiny__fmq__0" / "checkpoints" / "step_000000010.pt"
+    monkeypatch.setattr(fmq, "load_dataset", lambda *a: pytest.fail("an evaluation loaded the dataset"))
+    capsys.readouterr()
+    final = fmq.main(tiny_env_args(tmp_path, exp_name="eval", offline_steps=0, online_steps=0,
+                                   load_checkpoint=str(ckpt)))
+    run, out = tmp_path / "runs" / "tiny__eval__0", capsys.readouterr().out.splitlines()
+    assert out[0] == f"fmq: run {run} on cpu, evaluating {ckpt}"
+    assert out[-1] == (f"fmq: done at step 0; success best-of-n 0.80 (5 episodes); files in {run} (eval.csv, "
+                       "TensorBoard)")
+    assert [(r["step"], r["phase"], r["success"]) for r in read_csv(run / "eval.csv")] == [("0", "offline", "0.8")]
+    assert final == dict(step=0, success=0.8, sampler="best-of-n") and not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_evaluating_a_checkpoint_of_an_ogbench_task_needs_no_dataset_folder(tmp_path):
+    args = fmq.Args(env_id="scene-t5", hidden_dim=32, num_layers=2, time_dim=8, best_of_n=4, offline_steps=0,
+                    online_steps=0, eval_episodes=1, eval_envs=1, device="cpu", runs_dir=str(tmp_path / "runs"),
+                    dataset_dir=str(tmp_path / "no-data"))
+    agent = fmq.make_agent(args, 40, 5 * args.horizon, "cpu")  # scene: observations 40, actions 5
+    state = dict({k: getattr(agent, k).state_dict() for k in fmq.NETS}, step=0, args=dataclasses.asdict(args))
+    path = fmq.save_checkpoint(tmp_path, dict(state, u_off=None), keep=1)
+    final = fmq.main(dataclasses.replace(args, load_checkpoint=str(path)))
+    assert final["step"] == 0 and 0.0 <= final["success"] <= 1.0 and not (tmp_path / "no-data").exists()
+
+
 # ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py
 # The OGBench tests use no downloaded files: these fixtures make a few short episodes through the real envs, write them
 # in OGBench's format (<dataset>.npz, <dataset>-val.npz) and fmq loads them through ogbench's own loader, exactly as it
