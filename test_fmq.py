@@ -2601,6 +2601,52 @@ def test_evaluating_a_checkpoint_of_an_ogbench_task_needs_no_dataset_folder(tmp_
     assert final["step"] == 0 and 0.0 <= final["success"] <= 1.0 and not (tmp_path / "no-data").exists()
 
 
+class RenderingTinyEnv(TinyEnv):
+    """TinyEnv whose frames (48 x 64) show the episode's step count n: a bar of width 4 n, on 4 grey levels."""
+
+    def reset(self, seed=None):
+        self.n = 0
+        return super().reset(seed)
+
+    def step(self, action):
+        self.n += 1
+        return super().step(action)
+
+    def render(self):
+        frame = np.zeros((48, 64, 3), np.uint8)
+        frame[:, :4 * self.n] = 60 * (1 + self.n % 4)
+        return frame
+
+
+def test_videos_go_to_tensorboard_as_a_small_preview_and_the_end_line_names_them(tmp_path, monkeypatch, tiny_env,
+                                                                                  capsys):
+    """--video-episodes 1, a frame every env step: the mp4 holds every frame; TensorBoard's GIF every 2nd frame at half
+    size (the GIF of the whole video is ~17x its mp4); the end line names videos/."""
+    import imageio.v3 as iio
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None, render=False: RenderingTinyEnv())
+    fmq.main(tiny_env_args(tmp_path, offline_steps=2, online_steps=0, video_episodes=1, video_frame_skip=1))
+    run = tmp_path / "runs" / "tiny__fmq__0"
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"files in {run} (eval.csv, train.csv, TensorBoard, "
+                                                             f"checkpoints/, videos/)")
+    # the video episode is the 6th (seed 10005): success at step 3 + 10005 % 5 = 3; frames after steps 1, 2, 3
+    frames = np.stack([RenderingTinyEnv.render(SimpleNamespace(n=n)) for n in (1, 2, 3)])
+    for s in (0, 2):
+        np.testing.assert_array_equal(iio.imread(run / "videos" / f"step_{s:09d}.mp4", plugin="FFMPEG",
+                                                 index=None).mean(-1).round(-1), frames.mean(-1).round(-1))
+    images = EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Images("eval/video")
+    assert [(i.step, i.width, i.height) for i in images] == [(0, 32, 24), (2, 32, 24)]
+    gif = iio.imread(images[0].encoded_image_string, extension=".gif", index=None)
+    np.testing.assert_array_equal(gif[..., :3], frames[::2, ::2, ::2])
+
+
+@pytest.mark.slow
+def test_rendering_envs_print_no_gymnasium_render_mode_warning():
+    code = "import fmq; [fmq.make_env(fmq.env_spec('scene-t5'), render=True) for _ in range(2)]"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "render_mode" not in out.stderr, out.stderr[-2000:]
+
+
 # ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py
 # The OGBench tests use no downloaded files: these fixtures make a few short episodes through the real envs, write them
 # in OGBench's format (<dataset>.npz, <dataset>-val.npz) and fmq loads them through ogbench's own loader, exactly as it
@@ -3172,8 +3218,8 @@ def test_video_episodes_are_rendered_written_and_not_counted(tmp_path, ogb, monk
         frames = iio.imread(run / "videos" / f"step_{s:09d}.mp4", plugin="FFMPEG", index=None)
         assert frames.shape == (6, 48, 64, 3) and frames_change(frames[:3]) and frames_change(frames[3:])
     images = EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Images("eval/video")
-    assert [(i.step, i.width, i.height) for i in images] == [(s, 64, 48) for s in steps]
-    assert iio.imread(images[0].encoded_image_string, extension=".gif", index=None).shape == (6, 48, 64, 3)
+    assert [(i.step, i.width, i.height) for i in images] == [(s, 32, 24) for s in steps]  # a preview: half size
+    assert iio.imread(images[0].encoded_image_string, extension=".gif", index=None).shape[:3] == (3, 24, 32)
     [(_, _, _, rows)] = wandb_runs(tmp_path)
     assert [s for s, keys in rows if "eval/video" in keys] == steps
 
