@@ -275,15 +275,20 @@ def load_ogbench(spec, dataset_dir):
     import ogbench
     root = Path(dataset_dir or "~/.ogbench/data").expanduser()
     name = "-".join(p for p in spec["name"].split("-") if p != "singletask" and not p.startswith("task"))
+    chain = (root, *root.parents)
+    existing = next(i for i, p in enumerate(chain) if p.exists())
     try:
         _, data, _ = ogbench.make_env_and_datasets(spec["name"], dataset_dir=str(root), compact_dataset=False)
     except OSError as e:  # a failed download (no network) is an URLError, an OSError
+        for p in chain[:existing]:  # the folders ogbench made to download into, left empty
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
         raise FMQError(f"OGBench dataset {root / (name + '.npz')} is missing and could not be downloaded ({e}); "
                        f"on a machine with internet run `python -c \"import ogbench; ogbench.download_datasets"
                        f"(['{name}'], '{root}')\"` or take {name}.npz and {name}-val.npz from the Hugging Face "
                        f"mirror zhouzypaul/ogbench_datasets, and copy them there; or make them offline with "
-                       f"`python tools/make_dataset.py --env {name} --out {root}` (manipulation datasets only); "
-                       f"or pass --dataset-dir") from None
+                       f"`python tools/make_dataset.py --env {name} --out {root}` (manipulation datasets only)"
+                       + "; or pass --dataset-dir" * (dataset_dir is None)) from None
     return dict(data, ends=data["terminals"]), None
 
 
@@ -929,7 +934,8 @@ def validate(args):
         (min(args.eval_episodes, args.eval_envs, args.log_interval, args.eval_interval, args.save_interval,
              args.keep_checkpoints, args.video_episodes + 1, args.video_frame_skip) < 1,
          "eval/log/save intervals and counts must be >= 1 (--video-episodes >= 0)"),
-        (min(args.offline_steps, args.online_steps, args.start_training) < 0, "step counts must be >= 0"),
+        *[(getattr(args, k) < 0, f"--{k.replace('_', '-')} must be >= 0") for k in ("offline_steps", "online_steps",
+                                                                                     "start_training")],
         (0 < args.online_steps < args.start_training, f"--start-training {args.start_training} > --online-steps "
          f"{args.online_steps}: the online phase would never update; lower --start-training"),
         (args.cudagraphs and not (torch.cuda.is_available() and "cpu" not in args.device), "--cudagraphs needs CUDA"),
@@ -1004,10 +1010,12 @@ def main(args: Args):
     losses = make_losses()
     # step0: the step the loaded networks had reached, from which the flow-map loss's curriculum goes on (as the
     # official restore, which keeps its step); a run's own steps count from 0 all the same
-    total, step, step0, ep = args.offline_steps + args.online_steps, 0, 0, dict(index=0, start=n_off, ret=0.0)
+    total, step, step0, elapsed = args.offline_steps + args.online_steps, 0, 0, 0.0
+    ep = dict(index=0, start=n_off, ret=0.0)
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, args, agent)
-        step, step0, ep, rng = ckpt["step"], ckpt.get("step0", 0), ckpt["episode"], ckpt["rng"]
+        step, ep, rng, step0, elapsed = ckpt["step"], ckpt["episode"], ckpt["rng"], ckpt.get("step0", 0), ckpt.get(
+            "time", 0.0)  # time: the run's own, eval.csv's `time` goes on
         buffer.load_online_state(ckpt["buffer"])
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
@@ -1043,13 +1051,14 @@ def main(args: Args):
             raise FMQError("replaying the interrupted episode did not reproduce its observations (env or version "
                            "changed?)")
     queue = list(ep.get("queue", []))
-    eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time(), (step, time.time())
+    eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time() - elapsed, None
     phase_of = lambda s: "offline" if s < args.offline_steps else "online"  # of train.csv's rows
 
     def checkpoint(s):
         guard.check(last_ckpt)  # a bad state is never saved over the last good one
         state = {k: getattr(agent, k).state_dict() for k in NETS}
-        state.update(step=s, step0=step0, args=asdict(args), u_off=agent.u_off.state_dict() if agent.u_off else None,
+        state.update(step=s, step0=step0, time=time.time() - t0, args=asdict(args),
+                     u_off=agent.u_off.state_dict() if agent.u_off else None,
                      buffer=buffer.online_state(), episode=dict(ep, queue=list(queue)),
                      rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
@@ -1057,7 +1066,7 @@ def main(args: Args):
 
     def run_eval(s):
         """{sampler: success} at step s, logged; None if a stop request cut it short (no rows: redone on resume)."""
-        nonlocal eval_envs
+        nonlocal eval_envs, last_log
         eval_envs = eval_envs or [make_env(spec, env_args) for _ in range(min(args.eval_envs, args.eval_episodes))]
         results = {sampler: evaluate(agent, eval_envs, args, sampler, rewards, stop=stop)
                    for sampler in dict.fromkeys((args.sampler, *args.extra_samplers))}  # the first is the run's own
@@ -1071,6 +1080,7 @@ def main(args: Args):
             writer.add_scalar(key, res["success"], s), log_wandb({key: res["success"]}, s)
         if args.video_episodes and evaluate(agent, [video_env], args, args.sampler, frames=(frames := []), stop=stop):
             write_video(run_dir / "videos" / f"step_{s:09d}.mp4", np.stack(frames), writer, log_wandb, s)
+        last_log = (s, time.time())  # sps leaves evaluations out
         return {sampler: res["success"] for sampler, res in results.items()}
 
     def go_online():  # the phase switch, after the offline agent's evaluation: u_off frozen (after a stop: on resume)
@@ -1085,6 +1095,7 @@ def main(args: Args):
     if evaluated(step) and all(int(r["step"]) != step for r in evals):  # step 0, or an evaluation a stop cut short
         results = run_eval(step) or results
     go_online()  # (online from an offline checkpoint)
+    last_log = (step, time.time())
     pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
     while step < total and not stop:
         if step >= args.offline_steps:  # Alg. 1, lines 2-3: act (best-of-N, as the official code), store the transition

@@ -1397,7 +1397,7 @@ def test_make_update_runs_update_on_a_fresh_batch_of_the_runs_size_and_discount(
     (dict(qgbs_m=0), "QGBS needs --qgbs-m >= 1"), (dict(qgbs_b=0), "QGBS needs"), (dict(qgbs_k=-1), "QGBS needs"),
     (dict(num_critics=1), "--num-critics must be >= 2"), (dict(horizon=0), "--horizon must be >= 1"),
     (dict(time_dim=3), "--time-dim 0/even"), (dict(euler_steps=-1, online_target="mvp"), "--euler-steps >= 0"),
-    (dict(eval_episodes=0), "counts must be >= 1"), (dict(start_training=-1), "step counts must be >= 0"),
+    (dict(eval_episodes=0), "counts must be >= 1"), (dict(start_training=-1), "--start-training must be >= 0"),
     (dict(best_of_n=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
     (dict(utd_ratio=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
     (dict(threads=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
@@ -2645,6 +2645,51 @@ def test_rendering_envs_print_no_gymnasium_render_mode_warning():
     code = "import fmq; [fmq.make_env(fmq.env_spec('scene-t5'), render=True) for _ in range(2)]"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0 and "render_mode" not in out.stderr, out.stderr[-2000:]
+
+
+def test_sps_leaves_out_evaluations_and_eval_time_goes_on_across_a_resume(tmp_path, monkeypatch, tiny_env):
+    """On a clock that moves 1 s per update and 100 s per evaluation: every train.csv row has sps 1.0 (one update per
+    step; evaluations left out) and eval.csv's time is the run's own, 100, 210, 320, 440 at steps 0, 10, 20, 40, also
+    in a run killed at step 37 (checkpoint 30) and resumed."""
+    now, real_update, real_evaluate = [0.0], fmq.update, fmq.evaluate
+    monkeypatch.setattr(fmq, "time", SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(fmq, "update", lambda *a: now.__setitem__(0, now[0] + 1) or real_update(*a))
+    monkeypatch.setattr(fmq, "evaluate", lambda *a, **k: now.__setitem__(0, now[0] + 100) or real_evaluate(*a, **k))
+    args = lambda d: tiny_env_args(tmp_path / d, resume="auto")  # noqa: E731
+    fmq.main(args("whole"))
+    restore = killed_at(monkeypatch, 37)
+    with pytest.raises(Killed):
+        fmq.main(args("resumed"))
+    restore()
+    fmq.main(args("resumed"))
+    for d in ("whole", "resumed"):
+        run = tmp_path / d / "runs" / "tiny__fmq__0"
+        assert [float(r["sps"]) for r in read_csv(run / "train.csv")] == [1.0] * 8, d
+        assert [(int(r["step"]), float(r["time"])) for r in read_csv(run / "eval.csv")] == [
+            (0, 100.0), (10, 210.0), (20, 320.0), (40, 440.0)], d
+
+
+@pytest.mark.parametrize("flag", ["offline_steps", "online_steps", "start_training"])
+def test_a_negative_step_count_names_its_flag(flag):
+    with pytest.raises(fmq.FMQError, match=f"^--{flag.replace('_', '-')} must be >= 0$"):
+        fmq.validate(fmq.Args(**{flag: -5, "load_checkpoint": "x.pt"}))
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_a_missing_dataset_leaves_no_folder_and_offers_dataset_dir_only_if_not_given(tmp_path, monkeypatch, given):
+    import urllib.error
+    import urllib.request
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    root = tmp_path / "data" / "ogbench" if given else tmp_path / "home" / ".ogbench" / "data"
+    with pytest.raises(fmq.FMQError, match=f"{root}/scene-play-v0.npz is missing") as e:
+        fmq.load_dataset(fmq.env_spec("scene-t5"), str(root) if given else None)
+    assert str(e.value).endswith("(manipulation datasets only)" if given else "; or pass --dataset-dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and not any((tmp_path / "home").iterdir())
 
 
 # ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py
