@@ -845,12 +845,31 @@ def latest_checkpoint(run_dir):
     return max((Path(run_dir) / "checkpoints").glob("step_*.pt"), default=None)  # zero-padded step numbers
 
 
-def load_checkpoint(path, args, agent):
-    """Loads networks and optimisers into `agent` after checking that the checkpoint fits this run."""
+def read_checkpoint(path):
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay CPU ByteTensors
-    except (OSError, RuntimeError) as e:
-        raise FMQError(f"cannot read checkpoint {path}: {e}") from None
+        return torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay CPU ByteTensors
+    except Exception as e:  # truncated or corrupt: EOFError, OSError, RuntimeError (zip), UnpicklingError
+        raise FMQError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip()[:200]})") from None
+
+
+def readable_checkpoint(run_dir):
+    """(path, contents) of the newest checkpoint in run_dir that can be read, one line for each newer one skipped;
+    (None, None) if there is none."""
+    paths = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"), reverse=True)
+    for path in paths:
+        try:
+            return path, read_checkpoint(path)
+        except FMQError as e:
+            print(f"fmq: {e}; trying the one before it", file=sys.stderr)
+    if paths:
+        raise FMQError(f"none of the {len(paths)} checkpoints in {run_dir / 'checkpoints'} can be read")
+    return None, None
+
+
+def load_checkpoint(path, args, agent, ckpt=None):
+    """Loads networks and optimisers into `agent` after checking that the checkpoint fits this run; `ckpt`: its
+    contents, if read already."""
+    ckpt = read_checkpoint(path) if ckpt is None else ckpt
     theirs = {k: ckpt["args"].get(k) for k in ARCH if ckpt["args"].get(k) != getattr(args, k)}
     if theirs:
         raise FMQError(f"checkpoint {path} does not fit this run: it has {theirs}, this run "
@@ -965,11 +984,11 @@ def main(args: Args):
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # start-up: SIGTERM stops as Ctrl-C does (`__main__`)
     named = args.resume not in (None, "auto")  # --resume names the run folder
     run_dir = Path(args.resume) if named else Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
-    resume_from = latest_checkpoint(run_dir)  # None unless resuming: a new run never starts over a checkpoint
+    if args.resume is None and latest_checkpoint(run_dir) is not None:  # a new run never starts over a checkpoint
+        raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
+    resume_from, ckpt = readable_checkpoint(run_dir) if args.resume else (None, None)
     if named and resume_from is None:
         raise FMQError(f"--resume {args.resume}: no checkpoint in {run_dir / 'checkpoints'}")
-    if args.resume is None and resume_from is not None:
-        raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
 
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     if args.deterministic:
@@ -1013,7 +1032,7 @@ def main(args: Args):
     total, step, step0, elapsed = args.offline_steps + args.online_steps, 0, 0, 0.0
     ep = dict(index=0, start=n_off, ret=0.0)
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, args, agent)
+        load_checkpoint(resume_from, args, agent, ckpt)
         step, ep, rng, step0, elapsed = ckpt["step"], ckpt["episode"], ckpt["rng"], ckpt.get("step0", 0), ckpt.get(
             "time", 0.0)  # time: the run's own, eval.csv's `time` goes on
         buffer.load_online_state(ckpt["buffer"])

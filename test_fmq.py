@@ -2692,6 +2692,27 @@ def test_a_missing_dataset_leaves_no_folder_and_offers_dataset_dir_only_if_not_g
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and not any((tmp_path / "home").iterdir())
 
 
+def test_resume_goes_on_from_the_newest_readable_checkpoint_and_says_which_it_skipped(tmp_path, tiny_env, capsys):
+    """The newest checkpoint (step 40) truncated, as a full disk or a copy cut short leaves it: --resume goes on from
+    step 30's, in one line naming the one it skipped and why, and ends as the run did; none readable: one line."""
+    run = tmp_path / "runs" / "tiny__fmq__0"
+    fmq.main(tiny_env_args(tmp_path, resume="auto"))
+    evals, final = read_csv(run / "eval.csv"), (run / "final.json").read_text()
+    newest = run / "checkpoints" / "step_000000040.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    capsys.readouterr()
+    fmq.main(tiny_env_args(tmp_path, resume="auto"))
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fmq: ")]
+    assert line.startswith(f"fmq: cannot read checkpoint {newest} (RuntimeError: ") and line.endswith(
+        "; trying the one before it")
+    assert strip_timing(read_csv(run / "eval.csv")) == strip_timing(evals) and (run / "final.json").read_text() == final
+    assert torch.load(newest, weights_only=False)["step"] == 40  # saved again, whole
+    for path in (run / "checkpoints").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(fmq.FMQError, match="none of the 4 checkpoints in .* can be read"):
+        fmq.main(tiny_env_args(tmp_path, resume="auto"))
+
+
 # ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py
 # The OGBench tests use no downloaded files: these fixtures make a few short episodes through the real envs, write them
 # in OGBench's format (<dataset>.npz, <dataset>-val.npz) and fmq loads them through ogbench's own loader, exactly as it
