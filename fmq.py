@@ -132,16 +132,11 @@ def _ogb(name, reward=None):
 ENVS = {
     "can": dict(suite="robomimic", name="can", max_episode_steps=300, reward="minus_one"),
     "square": dict(suite="robomimic", name="square", max_episode_steps=400, reward="minus_one"),
-    "cube-dbl-t3": _ogb("cube-double-play-singletask-task3-v0"),
-    "cube-dbl-t4": _ogb("cube-double-play-singletask-task4-v0"),
-    "cube-trl-t3": _ogb("cube-triple-play-singletask-task3-v0"),
-    "cube-trl-t4": _ogb("cube-triple-play-singletask-task4-v0"),
-    "scene-t4": _ogb("scene-play-singletask-task4-v0", reward="sparse"),
-    "scene-t5": _ogb("scene-play-singletask-task5-v0", reward="sparse"),
-    "hmaze-med-t3": _ogb("humanoidmaze-medium-navigate-singletask-task3-v0", reward="sparse"),
-    "hmaze-med-t4": _ogb("humanoidmaze-medium-navigate-singletask-task4-v0", reward="sparse"),
-    "amaze-gnt-t4": _ogb("antmaze-giant-navigate-singletask-task4-v0", reward="sparse"),
-    "amaze-gnt-t5": _ogb("antmaze-giant-navigate-singletask-task5-v0", reward="sparse"),
+    **{f"cube-dbl-t{k}": _ogb(f"cube-double-play-singletask-task{k}-v0") for k in (3, 4)},
+    **{f"cube-trl-t{k}": _ogb(f"cube-triple-play-singletask-task{k}-v0") for k in (3, 4)},
+    **{f"scene-t{k}": _ogb(f"scene-play-singletask-task{k}-v0", reward="sparse") for k in (4, 5)},
+    **{f"hmaze-med-t{k}": _ogb(f"humanoidmaze-medium-navigate-singletask-task{k}-v0", reward="sparse") for k in (3, 4)},
+    **{f"amaze-gnt-t{k}": _ogb(f"antmaze-giant-navigate-singletask-task{k}-v0", reward="sparse") for k in (4, 5)},
 }
 VIDEO_SIZE = (200, 200)  # width, height of video frames (even: H.264)
 REWARDS = {None: lambda r: r, "sparse": lambda r: np.where(r != 0, -1.0, 0.0), "minus_one": lambda r: r - 1.0}
@@ -275,12 +270,11 @@ def load_ogbench(spec, dataset_dir):
     import ogbench
     root = Path(dataset_dir or "~/.ogbench/data").expanduser()
     name = "-".join(p for p in spec["name"].split("-") if p != "singletask" and not p.startswith("task"))
-    chain = (root, *root.parents)
-    existing = next(i for i, p in enumerate(chain) if p.exists())
+    made = [p for p in (root, *root.parents) if not p.exists()]  # what ogbench makes to download into
     try:
         _, data, _ = ogbench.make_env_and_datasets(spec["name"], dataset_dir=str(root), compact_dataset=False)
     except OSError as e:  # a failed download (no network) is an URLError, an OSError
-        for p in chain[:existing]:  # the folders ogbench made to download into, left empty
+        for p in made:  # left empty by the failed download
             if p.is_dir() and not any(p.iterdir()):
                 p.rmdir()
         raise FMQError(f"OGBench dataset {root / (name + '.npz')} is missing and could not be downloaded ({e}); "
@@ -803,9 +797,8 @@ def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None, stop
 
 
 def write_video(path, frames, writer, log_wandb, step, fps=15):
-    """Frames [T, H, W, 3] to an mp4 (imageio's ffmpeg), to W&B with --track, and to TensorBoard as a preview: every
-    2nd frame at half size, as the animated GIF image summary add_video writes (without its moviepy; a GIF of the
-    whole video is ~17x its mp4, this one ~3x)."""
+    """Frames [T, H, W, 3] to an mp4 (imageio's ffmpeg), to W&B with --track, and to TensorBoard as a GIF (add_video's
+    image summary, without its moviepy) of every 2nd frame at half size: ~3x the mp4, the whole video's ~17x."""
     import imageio.v3 as iio
     from tensorboard.compat.proto.summary_pb2 import Summary
     path.parent.mkdir(exist_ok=True)
@@ -845,31 +838,22 @@ def latest_checkpoint(run_dir):
     return max((Path(run_dir) / "checkpoints").glob("step_*.pt"), default=None)  # zero-padded step numbers
 
 
-def read_checkpoint(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay CPU ByteTensors
-    except Exception as e:  # truncated or corrupt: EOFError, OSError, RuntimeError (zip), UnpicklingError
-        raise FMQError(f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip()[:200]})") from None
-
-
-def readable_checkpoint(run_dir):
-    """(path, contents) of the newest checkpoint in run_dir that can be read, one line for each newer one skipped;
-    (None, None) if there is none."""
-    paths = sorted((Path(run_dir) / "checkpoints").glob("step_*.pt"), reverse=True)
-    for path in paths:
+def read_checkpoint(*paths):
+    """(path, contents) of the first of `paths` that can be read, one line for each one skipped; (None, None): none."""
+    for i, path in enumerate(paths):
         try:
-            return path, read_checkpoint(path)
-        except FMQError as e:
-            print(f"fmq: {e}; trying the one before it", file=sys.stderr)
-    if paths:
-        raise FMQError(f"none of the {len(paths)} checkpoints in {run_dir / 'checkpoints'} can be read")
+            return path, torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay CPU ByteTensors
+        except Exception as e:  # truncated or corrupt: EOFError, OSError, RuntimeError (zip), UnpicklingError
+            why = f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip()[:200]})"
+            if i == len(paths) - 1:
+                raise FMQError(why) from None
+            print(f"fmq: {why}; trying the one before it", file=sys.stderr)
     return None, None
 
 
 def load_checkpoint(path, args, agent, ckpt=None):
-    """Loads networks and optimisers into `agent` after checking that the checkpoint fits this run; `ckpt`: its
-    contents, if read already."""
-    ckpt = read_checkpoint(path) if ckpt is None else ckpt
+    """Loads networks and optimisers into `agent` after checking that the checkpoint (`ckpt`, if read) fits this run."""
+    ckpt = read_checkpoint(path)[1] if ckpt is None else ckpt
     theirs = {k: ckpt["args"].get(k) for k in ARCH if ckpt["args"].get(k) != getattr(args, k)}
     if theirs:
         raise FMQError(f"checkpoint {path} does not fit this run: it has {theirs}, this run "
@@ -986,7 +970,8 @@ def main(args: Args):
     run_dir = Path(args.resume) if named else Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
     if args.resume is None and latest_checkpoint(run_dir) is not None:  # a new run never starts over a checkpoint
         raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
-    resume_from, ckpt = readable_checkpoint(run_dir) if args.resume else (None, None)
+    resume_from, ckpt = read_checkpoint(*sorted((run_dir / "checkpoints").glob("step_*.pt"), reverse=True)) if (
+        args.resume) else (None, None)
     if named and resume_from is None:
         raise FMQError(f"--resume {args.resume}: no checkpoint in {run_dir / 'checkpoints'}")
 
@@ -998,8 +983,8 @@ def main(args: Args):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # JAX's default GPU precision
 
-    eval_only = args.offline_steps + args.online_steps == 0 and args.resume is None  # no buffer, and no dataset: the
-    # env gives the shapes (RoboMimic's settings, though, come from its dataset file)
+    total = args.offline_steps + args.online_steps
+    eval_only = total == 0 and args.resume is None  # an evaluation alone: no buffer, no dataset (but robomimic's env's)
     data, env_args = ({}, None) if eval_only and spec["suite"] != "robomimic" else load_dataset(spec, args.dataset_dir)
     data = {k: v[:int(len(v) * args.dataset_proportion)] for k, v in data.items()}  # official dataset_proportion
     env = make_env(spec, env_args)
@@ -1027,10 +1012,8 @@ def main(args: Args):
 
     agent = make_agent(args, obs_dim, act_dim * args.horizon, device)
     losses = make_losses()
-    # step0: the step the loaded networks had reached, from which the flow-map loss's curriculum goes on (as the
-    # official restore, which keeps its step); a run's own steps count from 0 all the same
-    total, step, step0, elapsed = args.offline_steps + args.online_steps, 0, 0, 0.0
-    ep = dict(index=0, start=n_off, ret=0.0)
+    # step0: the loaded networks' step, where the flow-map loss's curriculum goes on (the official restore keeps it)
+    step, step0, elapsed, ep = 0, 0, 0.0, dict(index=0, start=n_off, ret=0.0)
     if resume_from is not None:
         load_checkpoint(resume_from, args, agent, ckpt)
         step, ep, rng, step0, elapsed = ckpt["step"], ckpt["episode"], ckpt["rng"], ckpt.get("step0", 0), ckpt.get(
@@ -1067,10 +1050,10 @@ def main(args: Args):
             obs = env.step(a)[0]
         stored = buffer.rows("next_observations", ep["start"], buffer.written)
         if len(stored) and not np.allclose(obs, stored[-1].cpu()):
-            raise FMQError("replaying the interrupted episode did not reproduce its observations (env or version "
-                           "changed?)")
+            raise FMQError("replaying the interrupted episode did not reproduce its observations (env changed?)")
     queue = list(ep.get("queue", []))
-    eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time() - elapsed, None
+    eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time() - elapsed, (
+        step, time.time())
     phase_of = lambda s: "offline" if s < args.offline_steps else "online"  # of train.csv's rows
 
     def checkpoint(s):
@@ -1102,21 +1085,33 @@ def main(args: Args):
         last_log = (s, time.time())  # sps leaves evaluations out
         return {sampler: res["success"] for sampler, res in results.items()}
 
-    def go_online():  # the phase switch, after the offline agent's evaluation: u_off frozen (after a stop: on resume)
-        if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None and not stop:
-            freeze_offline_copy(agent)  # Alg. 1's input (the log at the switch checked the losses)
-
     print(f"fmq: run {run_dir} on {device}, " + (f"evaluating {args.load_checkpoint}" if eval_only else (
         f"dataset {n_off} rows; {args.offline_steps} offline + {args.online_steps} online steps" + f" (updates from "
         f"online step {args.start_training})" * (args.online_steps > 0) + f", starting at step {step}")), flush=True)
     evaluated = lambda s: s % args.eval_interval == 0 or s in (total, args.offline_steps)
-    results = {r["sampler"]: float(r["success"]) for r in evals}
-    if evaluated(step) and all(int(r["step"]) != step for r in evals):  # step 0, or an evaluation a stop cut short
-        results = run_eval(step) or results
-    go_online()  # (online from an offline checkpoint)
-    last_log = (step, time.time())
+    results, start = {r["sampler"]: float(r["success"]) for r in evals}, step
     pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
-    while step < total and not stop:
+    while True:  # at each step (the first: 0 or the resumed one): log, evaluate, switch phase, save; then step on
+        if step > start and (step % args.log_interval == 0 or step in (total, args.offline_steps)):
+            guard.check(last_ckpt)
+            sps = (step - last_log[0]) / (time.time() - last_log[1])
+            last_log = (step, time.time())
+            row = {**{k: float(v) for k, v in info.items()}, **ep.get("last", {})}
+            for k, v in dict(row, **{"charts/SPS": sps}).items():
+                writer.add_scalar(k, v, step)
+            log_wandb(row, step)
+            log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0),
+                           sps=round(sps, 1)))
+            pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=results.get(args.sampler, "-"))
+        if evaluated(step) and all(int(r["step"]) != step for r in evals):  # (resumed: one a stop cut short is redone)
+            results = run_eval(step) or results
+            pbar.set_postfix(phase=phase_of(step), success=results.get(args.sampler))
+        if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None and not stop:
+            freeze_offline_copy(agent)  # the phase switch, after the offline agent's evaluation: u_off, Alg. 1's input
+        if buffer and (stop or step > start and (evaluated(step) or step % args.save_interval == 0)):
+            last_ckpt = checkpoint(step)
+        if step >= total or stop:
+            break
         if step >= args.offline_steps:  # Alg. 1, lines 2-3: act (best-of-N, as the official code), store the transition
             queue = queue or list(act(agent, obs[None], args.train_sampler, args)[0])
             action = queue.pop(0)
@@ -1134,29 +1129,12 @@ def main(args: Args):
                 guard.track(info, step)
         step += 1
         pbar.update(1)
-        if step % args.log_interval == 0 or step in (total, args.offline_steps):
-            guard.check(last_ckpt)
-            sps = (step - last_log[0]) / (time.time() - last_log[1])
-            last_log = (step, time.time())
-            row = {**{k: float(v) for k, v in info.items()}, **ep.get("last", {})}
-            for k, v in dict(row, **{"charts/SPS": sps}).items():
-                writer.add_scalar(k, v, step)
-            log_wandb(row, step)
-            log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0),
-                           sps=round(sps, 1)))
-            pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=results.get(args.sampler, "-"))
-        if evaluated(step):
-            results = run_eval(step) or results
-            pbar.set_postfix(phase=phase_of(step), success=results.get(args.sampler))
-        go_online()
-        if (evaluated(step) or step % args.save_interval == 0) and not stop:
-            last_ckpt = checkpoint(step)
     pbar.close(), writer.close()
     if args.track:
         sys.modules["wandb"].finish()
     if stop:  # a requested stop, not an error
-        print(f"fmq: stopped at step {step} as asked" + (f"; saved {checkpoint(step)}; continue with the same flags "
-              f"and --resume {run_dir}" if buffer else ""), file=sys.stderr)
+        print(f"fmq: stopped at step {step} as asked" + (f"; saved {last_ckpt}; continue with the same flags and "
+              f"--resume {run_dir}" if buffer else ""), file=sys.stderr)
         return None
     final = dict(step=step, success=results.get(args.sampler), sampler=args.sampler)
     (run_dir / "final.json").write_text(json.dumps(final))
