@@ -1,8 +1,11 @@
-"""FMQ (Flow Map Q-Guidance, "Aligning Flow Map Policies with Optimal Q-Guidance", Ziakas, Russo, Bose, 2026): trains
+r"""FMQ (Flow Map Q-Guidance, "Aligning Flow Map Policies with Optimal Q-Guidance", Ziakas, Russo, Bose, 2026): trains
 a one-step flow map policy offline on the task's dataset, then online in its env (runs/{env_id}__{exp_name}__{seed}).
 
 examples:
-  python fmq.py --exp-name quick --offline-steps 1000 --online-steps 1000 --hidden-dim 64   # a short check
+  python tools/make_dataset.py --env scene-play-v0 --episodes 4 --out /tmp/ogbench-small   # a small scene dataset
+  python fmq.py --exp-name quick --dataset-dir /tmp/ogbench-small --hidden-dim 64 --num-layers 2 --batch-size 64 \
+    --best-of-n 8 --offline-steps 1000 --online-steps 1000 --start-training 100 --curriculum-start 100 \
+    --curriculum-end 500 --eval-interval 1000 --eval-episodes 5 --log-interval 250   # the quick check on it
   python fmq.py --env-id cube-dbl-t3 --extra-samplers qgbs --cudagraphs   # a paper run (FMQ, FMQ + QGBS) on a GPU
   python fmq.py --env-id cube-dbl-t3 --resume auto                         # continue that run after a stop
 """
@@ -49,6 +52,7 @@ class Args:
     seed: int = 0  # seed of python, numpy, torch and the training env (evaluation episodes use seed + 10000 on)
     deterministic: bool = False  # deterministic torch kernels: a rerun on the same device gives the same numbers
     device: str = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'
+    threads: int = 1  # CPU threads of torch's ops (torch.set_num_threads); on a GPU run only host-side ops use them
     compile: bool = False  # compile each phase's whole update into one graph with torch.compile (needs g++)
     amp: bool = False  # run the networks' forward passes in bfloat16 autocast
     cudagraphs: bool = False  # GPU only: capture each phase's whole update as one CUDA graph and replay it (fastest)
@@ -128,16 +132,11 @@ def _ogb(name, reward=None):
 ENVS = {
     "can": dict(suite="robomimic", name="can", max_episode_steps=300, reward="minus_one"),
     "square": dict(suite="robomimic", name="square", max_episode_steps=400, reward="minus_one"),
-    "cube-dbl-t3": _ogb("cube-double-play-singletask-task3-v0"),
-    "cube-dbl-t4": _ogb("cube-double-play-singletask-task4-v0"),
-    "cube-trl-t3": _ogb("cube-triple-play-singletask-task3-v0"),
-    "cube-trl-t4": _ogb("cube-triple-play-singletask-task4-v0"),
-    "scene-t4": _ogb("scene-play-singletask-task4-v0", reward="sparse"),
-    "scene-t5": _ogb("scene-play-singletask-task5-v0", reward="sparse"),
-    "hmaze-med-t3": _ogb("humanoidmaze-medium-navigate-singletask-task3-v0", reward="sparse"),
-    "hmaze-med-t4": _ogb("humanoidmaze-medium-navigate-singletask-task4-v0", reward="sparse"),
-    "amaze-gnt-t4": _ogb("antmaze-giant-navigate-singletask-task4-v0", reward="sparse"),
-    "amaze-gnt-t5": _ogb("antmaze-giant-navigate-singletask-task5-v0", reward="sparse"),
+    **{f"cube-dbl-t{k}": _ogb(f"cube-double-play-singletask-task{k}-v0") for k in (3, 4)},
+    **{f"cube-trl-t{k}": _ogb(f"cube-triple-play-singletask-task{k}-v0") for k in (3, 4)},
+    **{f"scene-t{k}": _ogb(f"scene-play-singletask-task{k}-v0", reward="sparse") for k in (4, 5)},
+    **{f"hmaze-med-t{k}": _ogb(f"humanoidmaze-medium-navigate-singletask-task{k}-v0", reward="sparse") for k in (3, 4)},
+    **{f"amaze-gnt-t{k}": _ogb(f"antmaze-giant-navigate-singletask-task{k}-v0", reward="sparse") for k in (4, 5)},
 }
 VIDEO_SIZE = (200, 200)  # width, height of video frames (even: H.264)
 REWARDS = {None: lambda r: r, "sparse": lambda r: np.where(r != 0, -1.0, 0.0), "minus_one": lambda r: r - 1.0}
@@ -147,7 +146,8 @@ RM_HINT = ("use robomimic's v1.5 file, made with robosuite 1.5 (pip install hugg
            "huggingface_hub; huggingface_hub.hf_hub_download('robomimic/robomimic_datasets', 'v1.5/{name}/mh/"
            "low_dim_v15.hdf5', repo_type='dataset', local_dir='{root}')\")")
 logging.getLogger("robosuite_logs").addFilter(lambda r: r.levelno >= logging.ERROR)  # robosuite's import chatter
-warnings.filterwarnings("ignore", r".*(X11: The DISPLAY environment variable is missing|Box (low|high)'s precision)")
+warnings.filterwarnings("ignore", r".*(X11: The DISPLAY environment variable is missing|Box (low|high)'s precision|"
+                        r"initialised with render_mode='rgb_array' that is not in the possible render_modes)")
 
 GL = "egl" if torch.cuda.is_available() and find_library("EGL_nvidia") else "osmesa" if find_library("OSMesa") else None
 if GL and "MUJOCO_GL" not in os.environ:  # render headless (dm_control would try GLFW, which needs a display)
@@ -270,15 +270,19 @@ def load_ogbench(spec, dataset_dir):
     import ogbench
     root = Path(dataset_dir or "~/.ogbench/data").expanduser()
     name = "-".join(p for p in spec["name"].split("-") if p != "singletask" and not p.startswith("task"))
+    made = [p for p in (root, *root.parents) if not p.exists()]  # what ogbench makes to download into
     try:
         _, data, _ = ogbench.make_env_and_datasets(spec["name"], dataset_dir=str(root), compact_dataset=False)
     except OSError as e:  # a failed download (no network) is an URLError, an OSError
+        for p in made:  # left empty by the failed download
+            if p.is_dir() and not any(p.iterdir()):
+                p.rmdir()
         raise FMQError(f"OGBench dataset {root / (name + '.npz')} is missing and could not be downloaded ({e}); "
                        f"on a machine with internet run `python -c \"import ogbench; ogbench.download_datasets"
                        f"(['{name}'], '{root}')\"` or take {name}.npz and {name}-val.npz from the Hugging Face "
                        f"mirror zhouzypaul/ogbench_datasets, and copy them there; or make them offline with "
-                       f"`python tools/make_dataset.py --env {name} --out {root}` (manipulation datasets only); "
-                       f"or pass --dataset-dir") from None
+                       f"`python tools/make_dataset.py --env {name} --out {root}` (manipulation datasets only)"
+                       + "; or pass --dataset-dir" * (dataset_dir is None)) from None
     return dict(data, ends=data["terminals"]), None
 
 
@@ -384,14 +388,18 @@ class ReplayBuffer:
                     written=self.written, ring=(self.starts_host.copy(), self.head, self.n_starts), ep_len=self.ep_len)
 
     def load_online_state(self, state):
+        """online_state into this buffer, whose capacity may differ (a run resumed with other --online-steps): row v
+        at v % capacity, and the ring, in order from its head, of the chunk starts whose rows this capacity holds."""
         if "ring" not in state:
             raise FMQError("the checkpoint was written by an older fmq.py (linear replay buffer); resume it with that")
-        w, kept = state["written"], len(state["rows"]["rewards"])
+        (w, kept), (starts, head, n) = (state["written"], min(len(state["rows"]["rewards"]), self.cap)), state["ring"]
         for k, x in state["rows"].items():
-            self.data[k][torch.arange(w - kept, w, device=self.device) % self.cap] = x.to(self.device)
-        self.starts_host[:], self.head, self.n_starts = state["ring"]
+            self.data[k][torch.arange(w - kept, w, device=self.device) % self.cap] = x[len(x) - kept:].to(self.device)
+        ring = starts[(head + np.arange(n)) % len(starts)]
+        ring = ring[ring >= w - self.cap]  # a start whose first row a smaller capacity overwrote leaves
+        self.starts_host[:len(ring)], self.head, self.n_starts = ring, 0, len(ring)
         self.starts.copy_(torch.from_numpy(self.starts_host))
-        self.written, self.ep_len, self.ring_t[0], self.ring_t[1] = w, state["ep_len"], self.head, self.n_starts
+        self.written, self.ep_len, self.ring_t[0], self.ring_t[1] = w, state["ep_len"], 0, len(ring)
 
 
 # ---------------------------------------------------------------- networks
@@ -758,16 +766,17 @@ def make_losses():
 
 
 # ---------------------------------------------------------------- evaluate
-def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None):
+def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None, stop=()):
     """Success, return_train (rewards as training sees them: `reward`, reward_fn), return_env and length, means over
     args.eval_episodes episodes run in lockstep in `envs`; episode i resets with seed args.seed + 10_000 + i. With a
     list `frames` (envs that render), the args.video_episodes episodes after those instead, which the official
-    `evaluate` renders and does not count: a frame every --video-frame-skip env steps and at each episode's end."""
+    `evaluate` renders and does not count: a frame every --video-frame-skip env steps and at each episode's end.
+    None as soon as `stop` (main's stop requests) holds one: before the next env step."""
     gen, episodes = torch.Generator(next(agent.actor.parameters()).device).manual_seed(args.seed + 10_000), []
     start = args.eval_episodes if frames is not None else 0  # the video episodes come after the counted ones
-    stop = start + (args.video_episodes if frames is not None else args.eval_episodes)
-    for first in range(start, stop, len(envs)):
-        wave = envs[:min(len(envs), stop - first)]
+    end = start + (args.video_episodes if frames is not None else args.eval_episodes)
+    for first in range(start, end, len(envs)):
+        wave = envs[:min(len(envs), end - first)]
         obs = np.stack([e.reset(seed=args.seed + 10_000 + first + i)[0] for i, e in enumerate(wave)])
         live, (succ, ret_train, ret_env, length) = np.ones(len(wave), bool), np.zeros((4, len(wave)))
         while live.any():
@@ -775,6 +784,8 @@ def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None):
             chunk = act(agent, obs[idx], sampler, args, gen)
             for k in range(args.horizon):  # the chunk runs open-loop
                 for j, i in enumerate(idx):
+                    if stop:
+                        return None
                     if live[i]:
                         obs[i], r, term, trunc, info = wave[i].step(chunk[j, k])
                         ret_train[i], ret_env[i], length[i] = ret_train[i] + reward(r), ret_env[i] + r, length[i] + 1
@@ -786,14 +797,15 @@ def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None):
 
 
 def write_video(path, frames, writer, log_wandb, step, fps=15):
-    """Frames [T, H, W, 3] to an mp4 (imageio's ffmpeg), to TensorBoard (the animated GIF image summary add_video
-    writes, without its moviepy) and, with --track, to W&B."""
+    """Frames [T, H, W, 3] to an mp4 (imageio's ffmpeg), to W&B with --track, and to TensorBoard as a GIF (add_video's
+    image summary, without its moviepy) of every 2nd frame at half size: ~3x the mp4, the whole video's ~17x."""
     import imageio.v3 as iio
     from tensorboard.compat.proto.summary_pb2 import Summary
     path.parent.mkdir(exist_ok=True)
     iio.imwrite(path, frames, plugin="FFMPEG", fps=fps, macro_block_size=1)
-    gif = iio.imwrite("<bytes>", frames, extension=".gif", duration=1000 / fps, loop=0)
-    image = Summary.Image(height=frames.shape[1], width=frames.shape[2], colorspace=3, encoded_image_string=gif)
+    small = frames[::2, ::2, ::2]
+    gif = iio.imwrite("<bytes>", small, extension=".gif", duration=2000 / fps, loop=0)
+    image = Summary.Image(height=small.shape[1], width=small.shape[2], colorspace=3, encoded_image_string=gif)
     writer.file_writer.add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), step)
     log_wandb({"eval/video": path}, step)
 
@@ -810,13 +822,14 @@ NETS = ("actor", "critic", "critic_target", "actor_opt", "critic_opt")
 
 
 def save_checkpoint(run_dir, state, keep):
-    """Atomic write (temp file + rename); keeps the `keep` most recent checkpoints."""
+    """Atomic write (temp file + rename); keeps the `keep` most recent checkpoints, and the phase switch's (the one
+    to --load-checkpoint to go online)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path = ckpt_dir / f"step_{state['step']:09d}.pt"
+    path, switch = (ckpt_dir / f"step_{s:09d}.pt" for s in (state["step"], state["args"]["offline_steps"]))
     torch.save(state, path.with_suffix(".tmp"))
     os.replace(path.with_suffix(".tmp"), path)
-    for old in sorted(ckpt_dir.glob("step_*.pt"))[:-keep]:
+    for old in sorted(set(ckpt_dir.glob("step_*.pt")) - {switch})[:-keep]:
         old.unlink()
     return path
 
@@ -825,12 +838,22 @@ def latest_checkpoint(run_dir):
     return max((Path(run_dir) / "checkpoints").glob("step_*.pt"), default=None)  # zero-padded step numbers
 
 
-def load_checkpoint(path, args, agent):
-    """Loads networks and optimisers into `agent` after checking that the checkpoint fits this run."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # RNG states must stay CPU ByteTensors
-    except (OSError, RuntimeError) as e:
-        raise FMQError(f"cannot read checkpoint {path}: {e}") from None
+def read_checkpoint(*paths):
+    """(path, contents) of the first of `paths` that can be read, one line for each one skipped; (None, None): none."""
+    for i, path in enumerate(paths):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay CPU ByteTensors
+        except Exception as e:  # truncated or corrupt: EOFError, OSError, RuntimeError (zip), UnpicklingError
+            why = f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip()[:200]})"
+            if i == len(paths) - 1:
+                raise FMQError(why) from None
+            print(f"fmq: {why}; trying the one before it", file=sys.stderr)
+    return None, None
+
+
+def load_checkpoint(path, args, agent, ckpt=None):
+    """Loads networks and optimisers into `agent` after checking that the checkpoint (`ckpt`, if read) fits this run."""
+    ckpt = read_checkpoint(path)[1] if ckpt is None else ckpt
     theirs = {k: ckpt["args"].get(k) for k in ARCH if ckpt["args"].get(k) != getattr(args, k)}
     if theirs:
         raise FMQError(f"checkpoint {path} does not fit this run: it has {theirs}, this run "
@@ -908,12 +931,16 @@ def validate(args):
          "--online-target fmq needs a flow map (u(a_r, r, 1), one jump): not --flow-map-loss none or --euler-steps"),
         (min(args.euler_steps, args.time_dim) < 0 or args.time_dim % 2, "need --euler-steps >= 0, --time-dim 0/even"),
         (args.num_critics < 2, "--num-critics must be >= 2 (FMQ's delta_critic is the critics' spread)"),
-        (min(args.best_of_n, args.batch_size, args.utd_ratio) < 1, "need --best-of-n, --batch-size, --utd-ratio >= 1"),
+        (min(args.best_of_n, args.batch_size, args.utd_ratio, args.threads) < 1,
+         "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
         (not 0 < args.dataset_proportion <= 1, "--dataset-proportion must be in (0, 1]"),
         (min(args.eval_episodes, args.eval_envs, args.log_interval, args.eval_interval, args.save_interval,
              args.keep_checkpoints, args.video_episodes + 1, args.video_frame_skip) < 1,
          "eval/log/save intervals and counts must be >= 1 (--video-episodes >= 0)"),
-        (min(args.offline_steps, args.online_steps, args.start_training) < 0, "step counts must be >= 0"),
+        *[(getattr(args, k) < 0, f"--{k.replace('_', '-')} must be >= 0") for k in ("offline_steps", "online_steps",
+                                                                                     "start_training")],
+        (0 < args.online_steps < args.start_training, f"--start-training {args.start_training} > --online-steps "
+         f"{args.online_steps}: the online phase would never update; lower --start-training"),
         (args.cudagraphs and not (torch.cuda.is_available() and "cpu" not in args.device), "--cudagraphs needs CUDA"),
         (args.compile and not shutil.which(os.environ.get("CXX", "g++")), "--compile needs a C++ compiler for its "
          "kernels (g++, or set CXX): install one (e.g. apt-get install g++) or leave out --compile"),
@@ -937,13 +964,16 @@ def preallocation_check(n_rows, row_floats, device):
 def main(args: Args):
     spec = env_spec(args.env_id)
     validate(args)
+    torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # start-up: SIGTERM stops as Ctrl-C does (`__main__`)
     named = args.resume not in (None, "auto")  # --resume names the run folder
     run_dir = Path(args.resume) if named else Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
-    resume_from = latest_checkpoint(run_dir)  # None unless resuming: a new run never starts over a checkpoint
+    if args.resume is None and latest_checkpoint(run_dir) is not None:  # a new run never starts over a checkpoint
+        raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
+    resume_from, ckpt = read_checkpoint(*sorted((run_dir / "checkpoints").glob("step_*.pt"), reverse=True)) if (
+        args.resume) else (None, None)
     if named and resume_from is None:
         raise FMQError(f"--resume {args.resume}: no checkpoint in {run_dir / 'checkpoints'}")
-    if args.resume is None and resume_from is not None:
-        raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
 
     random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
     if args.deterministic:
@@ -953,7 +983,9 @@ def main(args: Args):
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # JAX's default GPU precision
 
-    data, env_args = load_dataset(spec, args.dataset_dir)
+    total = args.offline_steps + args.online_steps
+    eval_only = total == 0 and args.resume is None  # an evaluation alone: no buffer, no dataset (but robomimic's env's)
+    data, env_args = ({}, None) if eval_only and spec["suite"] != "robomimic" else load_dataset(spec, args.dataset_dir)
     data = {k: v[:int(len(v) * args.dataset_proportion)] for k, v in data.items()}  # official dataset_proportion
     env = make_env(spec, env_args)
     try:  # videos: a first frame now, not at the first evaluation hours later
@@ -965,32 +997,44 @@ def main(args: Args):
                        f"{type(e).__name__}: {str(e).strip()[:200]}); headless, use MUJOCO_GL=egl on a GPU machine or "
                        f"MUJOCO_GL=osmesa (apt-get install libosmesa6)") from None
     obs_dim, act_dim, limit = env.observation_space.shape[0], env.action_space.shape[0], env.spec.max_episode_steps
-    if data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,):
+    if data and (data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,)):
         raise FMQError(f"dataset shapes (obs {data['observations'].shape[1:]}, actions {data['actions'].shape[1:]}) "
                        f"do not match env {spec['name']} (obs ({obs_dim},), actions ({act_dim},))")
     if args.horizon >= limit:
         raise FMQError(f"--horizon {args.horizon} must be shorter than the episode ({limit} steps)")
-    rewards = reward_fn(spec, args.sparse)
-    data["rewards"] = rewards(data["rewards"]).astype(np.float32)
-    n_off = len(data["observations"])
-    capacity = min(max(args.buffer_size, n_off + 1), n_off + args.online_steps)  # official size; no row never written
-    preallocation_check(capacity, 2 * obs_dim + act_dim + 2, device)
-    buffer = ReplayBuffer(data, capacity, args.horizon, device)
+    rewards, buffer, n_off = reward_fn(spec, args.sparse), None, len(data.get("observations", ()))
+    if not eval_only:
+        data["rewards"] = rewards(data["rewards"]).astype(np.float32)
+        capacity = min(max(args.buffer_size, n_off + 1), n_off + args.online_steps)  # official; no row never written
+        preallocation_check(capacity, 2 * obs_dim + act_dim + 2, device)
+        buffer = ReplayBuffer(data, capacity, args.horizon, device)
     del data
 
     agent = make_agent(args, obs_dim, act_dim * args.horizon, device)
     losses = make_losses()
-    total, step, ep = args.offline_steps + args.online_steps, 0, dict(index=0, start=buffer.written, ret=0.0)
+    # step0: the loaded networks' step, where the flow-map loss's curriculum goes on (the official restore keeps it)
+    step, step0, elapsed, ep = 0, 0, 0.0, dict(index=0, start=n_off, ret=0.0)
     if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, args, agent)
-        step, ep, rng = ckpt["step"], ckpt["episode"], ckpt["rng"]
+        load_checkpoint(resume_from, args, agent, ckpt)
+        step, ep, rng, step0, elapsed = ckpt["step"], ckpt["episode"], ckpt["rng"], ckpt.get("step0", 0), ckpt.get(
+            "time", 0.0)  # time: the run's own, eval.csv's `time` goes on
         buffer.load_online_state(ckpt["buffer"])
         random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
     elif args.load_checkpoint:
-        load_checkpoint(args.load_checkpoint, args, agent)
-    update_fn = make_update(agent, buffer, args, losses)
+        ckpt = load_checkpoint(args.load_checkpoint, args, agent)
+        step0 = ckpt["step"] + ckpt.get("step0", 0)
+    update_fn = make_update(agent, buffer, args, losses) if buffer else None
+    stop = []  # from here on a stop request (Ctrl-C, SIGTERM) is acknowledged at once and honoured within one env step
+
+    def request_stop(sig, _):
+        if stop:
+            raise SystemExit(f"fmq: stopped at once by a second {signal.Signals(sig).name}")
+        stop.append(sig)
+        tqdm.write(f"fmq: {signal.Signals(sig).name}: stopping within one env step (again: at once)", file=sys.stderr)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
     run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
     (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
     log_wandb = wandb_logger(args, run_dir, resume_from is not None)
@@ -1001,53 +1045,73 @@ def main(args: Args):
 
     episode_seed = lambda i: args.seed * 1_000_003 + i  # the training env's episode i starts from this seed
     obs, _ = env.reset(seed=episode_seed(ep["index"]))
-    for a in buffer.rows("actions", ep["start"], buffer.written).cpu().numpy():  # resume: replay the current episode
-        obs = env.step(a)[0]
-    stored = buffer.rows("next_observations", ep["start"], buffer.written)
-    if len(stored) and not np.allclose(obs, stored[-1].cpu()):
-        raise FMQError("replaying the interrupted episode did not reproduce its observations (env or version changed?)")
+    if resume_from is not None:  # replay the interrupted episode
+        for a in buffer.rows("actions", ep["start"], buffer.written).cpu().numpy():
+            obs = env.step(a)[0]
+        stored = buffer.rows("next_observations", ep["start"], buffer.written)
+        if len(stored) and not np.allclose(obs, stored[-1].cpu()):
+            raise FMQError("replaying the interrupted episode did not reproduce its observations (env changed?)")
     queue = list(ep.get("queue", []))
-    eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time(), (step, time.time())
-    stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.append(True))
-
-    offline_only = args.online_steps == 0 and agent.u_off is None  # (evaluating an online checkpoint alone: online)
-    phase_of = lambda s: "offline" if s < args.offline_steps or offline_only else "online"
+    eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time() - elapsed, (
+        step, time.time())
+    phase_of = lambda s: "offline" if s < args.offline_steps else "online"  # of train.csv's rows
 
     def checkpoint(s):
         guard.check(last_ckpt)  # a bad state is never saved over the last good one
         state = {k: getattr(agent, k).state_dict() for k in NETS}
-        state.update(step=s, args=asdict(args), u_off=agent.u_off.state_dict() if agent.u_off else None,
+        state.update(step=s, step0=step0, time=time.time() - t0, args=asdict(args),
+                     u_off=agent.u_off.state_dict() if agent.u_off else None,
                      buffer=buffer.online_state(), episode=dict(ep, queue=list(queue)),
                      rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
                               cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
         return save_checkpoint(run_dir, state, args.keep_checkpoints)
 
     def run_eval(s):
-        nonlocal eval_envs
+        """{sampler: success} at step s, logged; None if a stop request cut it short (no rows: redone on resume)."""
+        nonlocal eval_envs, last_log
         eval_envs = eval_envs or [make_env(spec, env_args) for _ in range(min(args.eval_envs, args.eval_episodes))]
-        results = {}
-        for sampler in dict.fromkeys((args.sampler, *args.extra_samplers)):  # the first is the run's own
-            res = evaluate(agent, eval_envs, args, sampler, rewards)
-            log_eval(dict(step=s, phase=phase_of(s), env_steps=max(s - args.offline_steps, 0), sampler=sampler,
-                          nfe=sampler_nfe(sampler, args), episodes=args.eval_episodes,
-                          time=round(time.time() - t0, 1), **res))
+        results = {sampler: evaluate(agent, eval_envs, args, sampler, rewards, stop=stop)
+                   for sampler in dict.fromkeys((args.sampler, *args.extra_samplers))}  # the first is the run's own
+        if stop:
+            return None
+        for sampler, res in results.items():
+            log_eval(dict(step=s, phase="offline" if agent.u_off is None else "online", sampler=sampler,
+                          env_steps=max(s - args.offline_steps, 0), nfe=sampler_nfe(sampler, args),
+                          episodes=args.eval_episodes, time=round(time.time() - t0, 1), **res))
             key = "eval/success" + ("" if sampler == args.sampler else f"_{sampler}")
             writer.add_scalar(key, res["success"], s), log_wandb({key: res["success"]}, s)
-            results[sampler] = res["success"]
-        if args.video_episodes:  # the run's sampler; official: rendered episodes are not counted
-            evaluate(agent, [video_env], args, args.sampler, frames=(frames := []))
+        if args.video_episodes and evaluate(agent, [video_env], args, args.sampler, frames=(frames := []), stop=stop):
             write_video(run_dir / "videos" / f"step_{s:09d}.mp4", np.stack(frames), writer, log_wandb, s)
-        return results
+        last_log = (s, time.time())  # sps leaves evaluations out
+        return {sampler: res["success"] for sampler, res in results.items()}
 
-    if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None:  # online from an offline ckpt
-        freeze_offline_copy(agent)
-    print(f"fmq: run {run_dir} on {device}, dataset {n_off} rows; {args.offline_steps} offline + {args.online_steps} "
-          f"online steps (updates from online step {args.start_training}), starting at step {step}", flush=True)
-    results = run_eval(step) if resume_from is None else {r["sampler"]: float(r["success"]) for r in evals}
+    print(f"fmq: run {run_dir} on {device}, " + (f"evaluating {args.load_checkpoint}" if eval_only else (
+        f"dataset {n_off} rows; {args.offline_steps} offline + {args.online_steps} online steps" + f" (updates from "
+        f"online step {args.start_training})" * (args.online_steps > 0) + f", starting at step {step}")), flush=True)
+    evaluated = lambda s: s % args.eval_interval == 0 or s in (total, args.offline_steps)
+    results, start = {r["sampler"]: float(r["success"]) for r in evals}, step
     pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
-    while step < total:
+    while True:  # at each step (the first: 0 or the resumed one): log, evaluate, switch phase, save; then step on
+        if step > start and (step % args.log_interval == 0 or step in (total, args.offline_steps)):
+            guard.check(last_ckpt)
+            sps = (step - last_log[0]) / (time.time() - last_log[1])
+            last_log = (step, time.time())
+            row = {**{k: float(v) for k, v in info.items()}, **ep.get("last", {})}
+            for k, v in dict(row, **{"charts/SPS": sps}).items():
+                writer.add_scalar(k, v, step)
+            log_wandb(row, step)
+            log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0),
+                           sps=round(sps, 1)))
+            pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=results.get(args.sampler, "-"))
+        if evaluated(step) and all(int(r["step"]) != step for r in evals):  # (resumed: one a stop cut short is redone)
+            results = run_eval(step) or results
+            pbar.set_postfix(phase=phase_of(step), success=results.get(args.sampler))
+        if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None and not stop:
+            freeze_offline_copy(agent)  # the phase switch, after the offline agent's evaluation: u_off, Alg. 1's input
+        if buffer and (stop or step > start and (evaluated(step) or step % args.save_interval == 0)):
+            last_ckpt = checkpoint(step)
+        if step >= total or stop:
+            break
         if step >= args.offline_steps:  # Alg. 1, lines 2-3: act (best-of-N, as the official code), store the transition
             queue = queue or list(act(agent, obs[None], args.train_sampler, args)[0])
             action = queue.pop(0)
@@ -1061,41 +1125,22 @@ def main(args: Args):
         info = {}  # online warm-up: the first start_training - 1 online steps only collect data (official main.py)
         if step < args.offline_steps or step - args.offline_steps + 1 >= args.start_training:
             for _ in range(1 if step < args.offline_steps else args.utd_ratio):
-                info = update_fn(step)  # Alg. 1, lines 4-9, on a fresh batch
+                info = update_fn(step0 + step)  # Alg. 1, lines 4-9, on a fresh batch
                 guard.track(info, step)
         step += 1
         pbar.update(1)
-        if step == args.offline_steps and args.online_steps > 0:  # phase switch: freeze u_off (Alg. 1 input)
-            guard.check(last_ckpt)
-            freeze_offline_copy(agent)
-        if step % args.log_interval == 0 or step in (total, args.offline_steps):
-            guard.check(last_ckpt)
-            sps = (step - last_log[0]) / (time.time() - last_log[1])
-            last_log = (step, time.time())
-            row = {**{k: float(v) for k, v in info.items()}, **ep.get("last", {})}
-            for k, v in dict(row, **{"charts/SPS": sps}).items():
-                writer.add_scalar(k, v, step)
-            log_wandb(row, step)
-            log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0),
-                           sps=round(sps, 1)))
-            pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=results.get(args.sampler, "-"))
-        evaluated = step % args.eval_interval == 0 or step in (total, args.offline_steps)
-        if evaluated:
-            results = run_eval(step)
-            pbar.set_postfix(phase=phase_of(step), success=results[args.sampler])
-        if evaluated or step % args.save_interval == 0 or stop:
-            last_ckpt = checkpoint(step)
-        if stop:
-            pbar.close()
-            raise FMQError(f"stopped by signal at step {step}; saved {last_ckpt}; continue with --resume {run_dir}")
-    pbar.close()
-    writer.close()
+    pbar.close(), writer.close()
     if args.track:
         sys.modules["wandb"].finish()
+    if stop:  # a requested stop, not an error
+        print(f"fmq: stopped at step {step} as asked" + (f"; saved {last_ckpt}; continue with the same flags and "
+              f"--resume {run_dir}" if buffer else ""), file=sys.stderr)
+        return None
     final = dict(step=step, success=results.get(args.sampler), sampler=args.sampler)
     (run_dir / "final.json").write_text(json.dumps(final))
+    held = "eval.csv, TensorBoard" if eval_only else "eval.csv, train.csv, TensorBoard, checkpoints/"
     print(f"fmq: done at step {step}; success " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()) + f" "
-          f"({args.eval_episodes} episodes); files in {run_dir} (eval.csv, train.csv, TensorBoard, checkpoints/)")
+          f"({args.eval_episodes} episodes); files in {run_dir} ({held}{', videos/' * (args.video_episodes > 0)})")
     return final
 
 
@@ -1104,3 +1149,5 @@ if __name__ == "__main__":
         main(tyro.cli(Args, description=__doc__))
     except FMQError as e:
         sys.exit(f"fmq: error: {e}")
+    except KeyboardInterrupt:  # a stop request during start-up, before the run's folder is made: nothing to save
+        sys.exit("fmq: stopped during start-up; nothing was saved")

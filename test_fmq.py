@@ -23,6 +23,8 @@ import tyro
 
 ROOT = Path(__file__).resolve().parent
 TOOLS = ROOT / "tools"
+os.environ["OMP_NUM_THREADS"] = "1"  # one CPU thread, here and in the fmq.py subprocesses: tests share a loaded CPU
+torch.set_num_threads(1)
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(TOOLS))
 import fmq  # noqa: E402
@@ -808,7 +810,7 @@ def test_tiny_run_end_to_end_and_deterministic(tmp_path, ogb):
     run = tmp_path / "a" / "runs" / "scene-t5__fmq__0"
     train, evals = read_csv(run / "train.csv"), read_csv(run / "eval.csv")
     assert [int(r["step"]) for r in train] == [10, 20, 30, 40]
-    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (20, "online"), (40, "online")]
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (20, "offline"), (40, "online")]
     assert all(np.isfinite(float(r[k])) for r in train for k in ("critic/loss", "actor/grad_norm"))
     assert train[-1]["actor/fmq_loss"] != "" and train[0]["actor/diag_loss"] != ""
     assert json.loads((run / "final.json").read_text())["step"] == 40 == final["step"]
@@ -838,8 +840,8 @@ def test_online_from_offline_checkpoint_with_qgbs_and_mvp_target(tmp_path, ogb):
 def test_cli_smoke_cube_double(tmp_path, ogbench_data):
     code, err = run_cli("--env-id", "cube-dbl-t3", "--dataset-dir", ogbench_data("cube-double-play-v0"), "--runs-dir",
                         str(tmp_path), "--hidden-dim", "32", "--num-layers", "2", "--batch-size", "16", "--best-of-n",
-                        "4", "--offline-steps", "10", "--online-steps", "10", "--eval-episodes", "2", "--eval-interval",
-                        "10", "--log-interval", "5", "--device", "cpu")
+                        "4", "--offline-steps", "10", "--online-steps", "10", "--start-training", "1",
+                        "--eval-episodes", "2", "--eval-interval", "10", "--log-interval", "5", "--device", "cpu")
     assert code == 0, err[-2000:]
     evals = read_csv(tmp_path / "cube-dbl-t3__fmq__0" / "eval.csv")
     assert len(evals) == 3 and all(np.isfinite(float(r["return_env"])) for r in evals)
@@ -1153,7 +1155,7 @@ def test_main_stores_the_reward_training_uses_masks_and_ends(tmp_path, monkeypat
     buffers, rows = recording_buffer(monkeypatch)
     fmq.main(tiny_env_args(tmp_path, sparse=sparse, seed=seed, eval_interval=1000, keep_checkpoints=2))
     ckpts = (tmp_path / "runs" / f"tiny__fmq__{seed}" / "checkpoints").glob("*.pt")
-    assert sorted(p.name for p in ckpts) == ["step_000000030.pt", "step_000000040.pt"]  # every 10 steps, 2 kept
+    assert sorted(p.name for p in ckpts) == [f"step_0000000{s}.pt" for s in (10, 30, 40)]  # 2 kept, and the switch
     transform = {None: lambda r: r, "sparse": lambda r: -float(r != 0), "minus_one": lambda r: r - 1}[reward]
     final = (lambda r: -float(r != 0)) if sparse else (lambda r: r)
     raw, masks, ends, t = [], [], [], []
@@ -1209,7 +1211,7 @@ def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, mon
     assert [(r["actor/diag_loss"] != "", r["actor/fmq_loss"] != "") for r in train] == [(True, False)] * 2 + [
         (False, True)] * 6  # the offline loss up to the phase switch, FMQ's after it
     evals = read_csv(run / "eval.csv")
-    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "online"), (20, "online"),
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "offline"), (20, "online"),
                                                             (40, "online")]
     assert [(float(r["success"]), float(r["length"])) for r in evals] == [(0.8, 6.2)] * 4
     assert [int(r["env_steps"]) for r in evals] == [0, 0, 10, 30]
@@ -1395,9 +1397,10 @@ def test_make_update_runs_update_on_a_fresh_batch_of_the_runs_size_and_discount(
     (dict(qgbs_m=0), "QGBS needs --qgbs-m >= 1"), (dict(qgbs_b=0), "QGBS needs"), (dict(qgbs_k=-1), "QGBS needs"),
     (dict(num_critics=1), "--num-critics must be >= 2"), (dict(horizon=0), "--horizon must be >= 1"),
     (dict(time_dim=3), "--time-dim 0/even"), (dict(euler_steps=-1, online_target="mvp"), "--euler-steps >= 0"),
-    (dict(eval_episodes=0), "counts must be >= 1"), (dict(start_training=-1), "step counts must be >= 0"),
-    (dict(best_of_n=0), "need --best-of-n, --batch-size, --utd-ratio >= 1"),
-    (dict(utd_ratio=0), "need --best-of-n, --batch-size, --utd-ratio >= 1"),
+    (dict(eval_episodes=0), "counts must be >= 1"), (dict(start_training=-1), "--start-training must be >= 0"),
+    (dict(best_of_n=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
+    (dict(utd_ratio=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
+    (dict(threads=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
     (dict(dataset_proportion=0.0), "--dataset-proportion must be in (0, 1]"),
     (dict(dataset_proportion=1.5), "--dataset-proportion must be in (0, 1]")])
 def test_validate_names_each_bad_setting_and_accepts_the_edges(bad, message):
@@ -2046,10 +2049,10 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path, ogb):
         child.wait_until(lambda: checkpoint_step(run) >= 30, f"the checkpoint of step 30 in {run}")
         child.proc.send_signal(signal.SIGTERM)
         code, err = child.finish("fmq.py to save a checkpoint and stop after SIGTERM")
-    assert code != 0 and "Traceback" not in err
+    assert code == 0 and "Traceback" not in err and "fmq: SIGTERM: stopping within one env step" in err
     line = err.strip().splitlines()[-1]
-    assert line.startswith("fmq: error: stopped by signal at step ") and f"--resume {run}" in line
-    stopped_at = int(line.split("at step ")[1].split(";")[0])
+    assert line.startswith("fmq: stopped at step ") and f"--resume {run}" in line
+    stopped_at = int(line.split("at step ")[1].split(" ")[0])
     assert (run / "checkpoints" / f"step_{stopped_at:09d}.pt").exists()
     code, err = run_cli(*resume_flags(ogb), "--runs-dir", str(tmp_path))
     assert code == 0, err[-2000:]
@@ -2408,7 +2411,7 @@ def test_robomimic_end_to_end(rm_data, task, tmp_path, monkeypatch):
     run = tmp_path / "runs" / f"{task}__fmq__0"
     evals = read_csv(run / "eval.csv")
     assert final["step"] == 20 and [(int(r["step"]), r["phase"]) for r in evals] == [
-        (0, "offline"), (10, "online"), (20, "online")]
+        (0, "offline"), (10, "offline"), (20, "online")]
     assert all(0.0 <= float(r["success"]) <= 1.0 and np.isfinite(float(r["return_env"])) for r in evals)
     for r in evals:  # robomimic trains on r - 1 (ENVS table): one less per step
         assert float(r["return_train"]) == pytest.approx(float(r["return_env"]) - float(r["length"]))
@@ -2464,6 +2467,373 @@ def test_missing_robomimic_dataset_names_the_path_and_the_v15_download(tmp_path)
     with pytest.raises(fmq.FMQError, match=rf"not found at {tmp_path}/square/mh/low_dim_v15.hdf5; use robomimic's "
                        r"v1.5 file.*hf_hub_download\('robomimic/robomimic_datasets', 'v1.5/square/mh/low_dim_v15"):
         fmq.load_dataset(fmq.env_spec("square"), str(tmp_path))
+
+
+# ---------------------------------------------------------------- run behaviour: resume, load, stop, eval-only, threads
+def test_main_runs_on_the_threads_it_is_given(tmp_path, tiny_env):
+    """--threads (default 1) sets torch's CPU threads at the start of a run, whatever they were."""
+    torch.set_num_threads(2)
+    try:
+        fmq.main(tiny_env_args(tmp_path, offline_steps=2, online_steps=0))
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(1)
+
+
+def shell_commands(text):
+    """The `python ...` command lines of a text as argv lists: continuation lines joined, comments dropped."""
+    lines = text.replace("\\\n", " ").splitlines()
+    return [shlex.split(line.split("#")[0]) for line in lines if line.strip().startswith("python ")]
+
+
+def test_help_examples_are_the_readme_quick_check_and_each_trains_online():
+    """fmq.py --help's examples: the README's quick check (dataset made offline, its own folder, 5-episode
+    evaluations, online updates from step 100), then paper runs; every fmq.py example passes `validate` and updates
+    online. A run whose online phase would never update is refused, naming both flags."""
+    doc, readme = shell_commands(fmq.__doc__), shell_commands((ROOT / "README.md").read_text())
+    assert doc[0][:2] == ["python", "tools/make_dataset.py"] and doc[0] in readme
+    assert doc[1][:4] == ["python", "fmq.py", "--exp-name", "quick"] and doc[1] in readme
+    quick = tyro.cli(fmq.Args, args=doc[1][2:])
+    assert (quick.dataset_dir, quick.eval_episodes, quick.start_training) == (doc[0][-1], 5, 100)
+    for cmd in doc[1:]:
+        assert cmd[1] == "fmq.py"
+        args = tyro.cli(fmq.Args, args=cmd[2:])
+        fmq.validate(dataclasses.replace(args, cudagraphs=False))  # the paper runs' --cudagraphs: on a GPU
+        assert args.start_training <= args.online_steps
+    with pytest.raises(fmq.FMQError, match="--start-training 5000 > --online-steps 1000: the online phase would "
+                                           "never update; lower --start-training"):
+        fmq.validate(fmq.Args(online_steps=1000))
+    fmq.validate(fmq.Args(online_steps=1000, start_training=1000)), fmq.validate(fmq.Args(online_steps=0))
+
+
+def ring(buf):
+    """A buffer's chunk starts, in order from the ring's head."""
+    return buf.starts_host[(buf.head + np.arange(buf.n_starts)) % buf.cap].tolist()
+
+
+class Killed(Exception):
+    pass
+
+
+def killed_at(monkeypatch, kill_step):
+    """Patches fmq.update to raise Killed at the update of step kill_step (a crash between checkpoints)."""
+    real = fmq.update
+
+    def update(agent, batch, step, *a):
+        if int(step) == kill_step:
+            raise Killed
+        return real(agent, batch, step, *a)
+    monkeypatch.setattr(fmq, "update", update)
+    return lambda: monkeypatch.setattr(fmq, "update", real)
+
+
+def test_resume_with_more_online_steps_extends_a_finished_and_a_stopped_run(tmp_path, monkeypatch, tiny_env):
+    """--resume with --online-steps 30 -> 50 (a buffer of 60 + 30 rows becomes one of 60 + 50): a finished run and a
+    run killed at step 27 (checkpoint 20) both go on to step 60 exactly as a run of 50 online steps from the start:
+    the same csv rows, networks and result, and a buffer that holds the same rows and chunk starts."""
+    buffers, _ = recording_buffer(monkeypatch)
+    args = lambda d, online: tiny_env_args(tmp_path / d, online_steps=online, resume="auto")  # noqa: E731
+    fmq.main(args("long", 50))
+    fmq.main(args("done", 30))
+    restore = killed_at(monkeypatch, 27)
+    with pytest.raises(Killed):
+        fmq.main(args("stopped", 30))
+    restore()
+    assert [b.cap for b in buffers] == [110, 90, 90] and buffers[-1].written == 60 + 18  # online steps 0..17
+    for d in ("done", "stopped"):
+        fmq.main(args(d, 50))
+        long, run = (tmp_path / x / "runs" / "tiny__fmq__0" for x in ("long", d))
+        assert buffers[-1].cap == 110 and buffers[-1].written == buffers[0].written == 110
+        for k in fmq.ReplayBuffer.FIELDS:
+            assert torch.equal(buffers[-1].rows(k, 0, 110), buffers[0].rows(k, 0, 110)), (d, k)
+        assert ring(buffers[-1]) == ring(buffers[0])
+        for name in ("train.csv", "eval.csv"):
+            assert strip_timing(read_csv(run / name)) == strip_timing(read_csv(long / name)), (d, name)
+        assert [int(r["step"]) for r in read_csv(run / "eval.csv")] == [0, 10, 20, 40, 60]
+        a, b = (torch.load(r / "checkpoints" / "step_000000060.pt", weights_only=False) for r in (long, run))
+        for k in ("actor", "critic", "u_off"):
+            assert all(torch.equal(a[k][n], v) for n, v in b[k].items()), (d, k)
+        assert (run / "final.json").read_text() == (long / "final.json").read_text()
+
+
+@pytest.mark.parametrize("target", ["flow-map", "mvp"])
+def test_a_run_loaded_from_a_checkpoint_goes_on_with_its_curriculum(tmp_path, monkeypatch, tiny_env, target):
+    """The flow-map loss's step (its (r, t) curriculum, and its self-distillation from step curriculum_start on)
+    follows the loaded networks' progress, as the official restore keeps its step: online from an offline checkpoint of
+    step 10 (--offline-steps 0), the online updates of the flow-map and MVP targets see steps 10, 11, ..; so too a
+    resumed run (16, 17) and a run loaded from a checkpoint of that one (10 + 8 = 18)."""
+    steps, real = [], fmq.flow_map_loss
+    monkeypatch.setattr(fmq, "flow_map_loss", lambda actor, obs, a, step, args: steps.append(int(step)) or real(
+        actor, obs, a, step, args))
+    kw = dict(curriculum_start=12, curriculum_end=16, online_target=target)
+    fmq.main(tiny_env_args(tmp_path, online_steps=0, **kw))
+    assert steps == list(range(10))
+    online = lambda n, ckpt, name="online": tiny_env_args(  # noqa: E731
+        tmp_path, exp_name=name, offline_steps=0, online_steps=n, load_checkpoint=str(ckpt), resume="auto", **kw)
+    for n, expected in [(6, list(range(10, 16))), (8, [16, 17])]:  # then resumed with 2 more online steps
+        steps.clear()
+        fmq.main(online(n, tmp_path / "runs" / "tiny__fmq__0" / "checkpoints" / "step_000000010.pt"))
+        assert steps == expected
+    steps.clear()
+    fmq.main(online(2, tmp_path / "runs" / "tiny__online__0" / "checkpoints" / "step_000000008.pt", "again"))
+    assert steps == [18, 19]
+
+
+def test_keep_checkpoints_never_deletes_the_phase_switch_checkpoint(tmp_path):
+    """--keep-checkpoints 2 of a run with 20 offline steps, saving every 10 steps: the two newest and step 20's, the
+    one docs/long_runs.md loads to go online."""
+    args = dataclasses.asdict(fmq.Args(offline_steps=20))
+    for step in range(0, 60, 10):
+        fmq.save_checkpoint(tmp_path, dict(step=step, args=args), keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
+        "step_000000020.pt", "step_000000040.pt", "step_000000050.pt"]
+
+
+def test_the_phase_switch_evaluates_the_offline_agent_before_u_off_is_frozen(tmp_path, monkeypatch, tiny_env):
+    """As the official main.py (it evaluates the offline agent at its last offline step, then switches): the
+    evaluation at step 10, the phase switch, is the offline agent's, labelled offline, its critics aggregated as
+    offline (mean; FMQ's online min after). Online from an offline checkpoint (--offline-steps 0): so at step 0."""
+    seen, inside, real_eval, real_agg = [], [], fmq.evaluate, fmq.q_agg
+
+    def evaluate(*a, **k):
+        seen.append(set()), inside.append(True)
+        try:
+            return real_eval(*a, **k)
+        finally:
+            inside.pop()
+    monkeypatch.setattr(fmq, "evaluate", evaluate)
+    monkeypatch.setattr(fmq, "q_agg", lambda critic, how: (inside and seen[-1].add(how), real_agg(critic, how))[1])
+    fmq.main(tiny_env_args(tmp_path))
+    evals = read_csv(tmp_path / "runs" / "tiny__fmq__0" / "eval.csv")
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "offline"), (20, "online"),
+                                                            (40, "online")]
+    assert seen == [{"mean"}, {"mean"}, {"min"}, {"min"}]
+    fmq.main(tiny_env_args(tmp_path, exp_name="offline", online_steps=0))
+    seen.clear()
+    fmq.main(tiny_env_args(tmp_path, exp_name="loaded", offline_steps=0, online_steps=20, load_checkpoint=str(
+        tmp_path / "runs" / "tiny__offline__0" / "checkpoints" / "step_000000010.pt")))
+    evals = read_csv(tmp_path / "runs" / "tiny__loaded__0" / "eval.csv")
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (20, "online")]
+    assert seen == [{"mean"}, {"min"}]
+
+
+def cli_flags(args):
+    """fmq.py's command-line flags for the Args `args` (the settings that differ from the defaults)."""
+    flags = []
+    for f in dataclasses.fields(args):
+        v, flag = getattr(args, f.name), "--" + f.name.replace("_", "-")
+        if v != f.default:
+            flags += [flag] if v is True else [f"--no-{flag[2:]}"] if v is False else [flag, str(v)]
+    return flags
+
+
+# fmq.py's `__main__` on TinyEnv and tiny_dataset, in a subprocess that sends itself signal SIG at the AT-th env step
+# of evaluations (AT 0: while it loads the dataset, during start-up). argv: ROOT AT SIG fmq.py-flags..
+SIGNAL_DRIVER = """
+import atexit, os, signal, sys
+sys.path.insert(0, sys.argv.pop(1))
+import fmq, test_fmq as t
+at, sig, evaluated, envs = int(sys.argv.pop(1)), getattr(signal, sys.argv.pop(1)), [], []
+
+
+class Env(t.TinyEnv):
+    def step(self, action):
+        if self is not envs[0]:  # an evaluation env
+            evaluated.append(1)
+            if len(evaluated) == at:
+                os.kill(os.getpid(), sig)
+        return super().step(action)
+
+
+def load_dataset(spec, dataset_dir):
+    if at == 0:
+        os.kill(os.getpid(), sig)
+    return t.tiny_dataset(), None
+
+
+fmq.env_spec, fmq.load_dataset = lambda env_id: dict(suite="tiny", name="tiny", reward=None), load_dataset
+fmq.make_env = lambda spec, env_args=None, render=False: envs.append(Env()) or envs[-1]
+atexit.register(lambda: print("evaluation env steps after the signal:", len(evaluated) - at, flush=True))
+src = open(fmq.__file__).read()
+exec(src[src.index('if __name__ == "__main__":'):].replace('__name__ == "__main__"', "True", 1), vars(fmq))
+"""
+
+
+def run_signalled(args, at, sig):
+    return subprocess.run([sys.executable, "-c", SIGNAL_DRIVER, str(ROOT), str(at), sig, *cli_flags(args)],
+                          capture_output=True, text=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_a_stop_during_an_evaluation_is_honoured_at_once_saved_and_resumed(tmp_path, tiny_env, sig):
+    """A signal at the 3rd env step of the evaluation at step 20 (evaluations at 0 and 10 take 31 steps each): one
+    line at once, no env step after it, a checkpoint of step 20, exit status 0 and a line saying where it saved and
+    how to resume. The cut evaluation leaves no eval.csv row; the resumed run redoes it and ends as an uninterrupted
+    run."""
+    out = run_signalled(tiny_env_args(tmp_path / "stopped", resume="auto"), 2 * 31 + 3, sig)
+    run = tmp_path / "stopped" / "runs" / "tiny__fmq__0"
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "evaluation env steps after the signal: 0" in out.stdout
+    assert f"fmq: {sig}: stopping within one env step (again: at once)" in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (f"fmq: stopped at step 20 as asked; saved {run}/checkpoints/step_"
+                                                   f"000000020.pt; continue with the same flags and --resume {run}")
+    assert [int(r["step"]) for r in read_csv(run / "eval.csv")] == [0, 10]
+    fmq.main(tiny_env_args(tmp_path / "stopped", resume="auto"))
+    fmq.main(tiny_env_args(tmp_path / "whole"))
+    for name in ("train.csv", "eval.csv", "final.json"):
+        whole = tmp_path / "whole" / "runs" / "tiny__fmq__0" / name
+        assert strip_timing(read_csv(run / name)) == strip_timing(read_csv(whole)) if name.endswith(".csv") else (
+            (run / name).read_text() == whole.read_text())
+
+
+@pytest.mark.slow
+def test_a_stop_during_start_up_is_one_line(tmp_path):
+    out = run_signalled(tiny_env_args(tmp_path), 0, "SIGTERM")
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines() == ["fmq: stopped during start-up; nothing was saved"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_evaluating_a_checkpoint_loads_no_dataset_and_says_what_it_does(tmp_path, monkeypatch, tiny_env, capsys):
+    """--offline-steps 0 --online-steps 0 --load-checkpoint: the env gives the shapes, no dataset is loaded, and the
+    run's lines name the checkpoint it evaluates and the files it writes (no train.csv or checkpoints/)."""
+    fmq.main(tiny_env_args(tmp_path, online_steps=0))
+    ckpt = tmp_path / "runs" / "tiny__fmq__0" / "checkpoints" / "step_000000010.pt"
+    monkeypatch.setattr(fmq, "load_dataset", lambda *a: pytest.fail("an evaluation loaded the dataset"))
+    capsys.readouterr()
+    final = fmq.main(tiny_env_args(tmp_path, exp_name="eval", offline_steps=0, online_steps=0,
+                                   load_checkpoint=str(ckpt)))
+    run, out = tmp_path / "runs" / "tiny__eval__0", capsys.readouterr().out.splitlines()
+    assert out[0] == f"fmq: run {run} on cpu, evaluating {ckpt}"
+    assert out[-1] == (f"fmq: done at step 0; success best-of-n 0.80 (5 episodes); files in {run} (eval.csv, "
+                       "TensorBoard)")
+    assert [(r["step"], r["phase"], r["success"]) for r in read_csv(run / "eval.csv")] == [("0", "offline", "0.8")]
+    assert final == dict(step=0, success=0.8, sampler="best-of-n") and not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_evaluating_a_checkpoint_of_an_ogbench_task_needs_no_dataset_folder(tmp_path):
+    args = fmq.Args(env_id="scene-t5", hidden_dim=32, num_layers=2, time_dim=8, best_of_n=4, offline_steps=0,
+                    online_steps=0, eval_episodes=1, eval_envs=1, device="cpu", runs_dir=str(tmp_path / "runs"),
+                    dataset_dir=str(tmp_path / "no-data"))
+    agent = fmq.make_agent(args, 40, 5 * args.horizon, "cpu")  # scene: observations 40, actions 5
+    state = dict({k: getattr(agent, k).state_dict() for k in fmq.NETS}, step=0, args=dataclasses.asdict(args))
+    path = fmq.save_checkpoint(tmp_path, dict(state, u_off=None), keep=1)
+    final = fmq.main(dataclasses.replace(args, load_checkpoint=str(path)))
+    assert final["step"] == 0 and 0.0 <= final["success"] <= 1.0 and not (tmp_path / "no-data").exists()
+
+
+class RenderingTinyEnv(TinyEnv):
+    """TinyEnv whose frames (48 x 64) show the episode's step count n: a bar of width 4 n, on 4 grey levels."""
+
+    def reset(self, seed=None):
+        self.n = 0
+        return super().reset(seed)
+
+    def step(self, action):
+        self.n += 1
+        return super().step(action)
+
+    def render(self):
+        frame = np.zeros((48, 64, 3), np.uint8)
+        frame[:, :4 * self.n] = 60 * (1 + self.n % 4)
+        return frame
+
+
+def test_videos_go_to_tensorboard_as_a_small_preview_and_the_end_line_names_them(tmp_path, monkeypatch, tiny_env,
+                                                                                  capsys):
+    """--video-episodes 1, a frame every env step: the mp4 holds every frame; TensorBoard's GIF every 2nd frame at half
+    size (the GIF of the whole video is ~17x its mp4); the end line names videos/."""
+    import imageio.v3 as iio
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None, render=False: RenderingTinyEnv())
+    fmq.main(tiny_env_args(tmp_path, offline_steps=2, online_steps=0, video_episodes=1, video_frame_skip=1))
+    run = tmp_path / "runs" / "tiny__fmq__0"
+    assert capsys.readouterr().out.splitlines()[-1].endswith(f"files in {run} (eval.csv, train.csv, TensorBoard, "
+                                                             f"checkpoints/, videos/)")
+    # the video episode is the 6th (seed 10005): success at step 3 + 10005 % 5 = 3; frames after steps 1, 2, 3
+    frames = np.stack([RenderingTinyEnv.render(SimpleNamespace(n=n)) for n in (1, 2, 3)])
+    for s in (0, 2):
+        np.testing.assert_array_equal(iio.imread(run / "videos" / f"step_{s:09d}.mp4", plugin="FFMPEG",
+                                                 index=None).mean(-1).round(-1), frames.mean(-1).round(-1))
+    images = EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Images("eval/video")
+    assert [(i.step, i.width, i.height) for i in images] == [(0, 32, 24), (2, 32, 24)]
+    gif = iio.imread(images[0].encoded_image_string, extension=".gif", index=None)
+    np.testing.assert_array_equal(gif[..., :3], frames[::2, ::2, ::2])
+
+
+@pytest.mark.slow
+def test_rendering_envs_print_no_gymnasium_render_mode_warning():
+    code = "import fmq; [fmq.make_env(fmq.env_spec('scene-t5'), render=True) for _ in range(2)]"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0 and "render_mode" not in out.stderr, out.stderr[-2000:]
+
+
+def test_sps_leaves_out_evaluations_and_eval_time_goes_on_across_a_resume(tmp_path, monkeypatch, tiny_env):
+    """On a clock that moves 1 s per update and 100 s per evaluation: every train.csv row has sps 1.0 (one update per
+    step; evaluations left out) and eval.csv's time is the run's own, 100, 210, 320, 440 at steps 0, 10, 20, 40, also
+    in a run killed at step 37 (checkpoint 30) and resumed."""
+    now, real_update, real_evaluate = [0.0], fmq.update, fmq.evaluate
+    monkeypatch.setattr(fmq, "time", SimpleNamespace(time=lambda: now[0]))
+    monkeypatch.setattr(fmq, "update", lambda *a: now.__setitem__(0, now[0] + 1) or real_update(*a))
+    monkeypatch.setattr(fmq, "evaluate", lambda *a, **k: now.__setitem__(0, now[0] + 100) or real_evaluate(*a, **k))
+    args = lambda d: tiny_env_args(tmp_path / d, resume="auto")  # noqa: E731
+    fmq.main(args("whole"))
+    restore = killed_at(monkeypatch, 37)
+    with pytest.raises(Killed):
+        fmq.main(args("resumed"))
+    restore()
+    fmq.main(args("resumed"))
+    for d in ("whole", "resumed"):
+        run = tmp_path / d / "runs" / "tiny__fmq__0"
+        assert [float(r["sps"]) for r in read_csv(run / "train.csv")] == [1.0] * 8, d
+        assert [(int(r["step"]), float(r["time"])) for r in read_csv(run / "eval.csv")] == [
+            (0, 100.0), (10, 210.0), (20, 320.0), (40, 440.0)], d
+
+
+@pytest.mark.parametrize("flag", ["offline_steps", "online_steps", "start_training"])
+def test_a_negative_step_count_names_its_flag(flag):
+    with pytest.raises(fmq.FMQError, match=f"^--{flag.replace('_', '-')} must be >= 0$"):
+        fmq.validate(fmq.Args(**{flag: -5, "load_checkpoint": "x.pt"}))
+
+
+@pytest.mark.parametrize("given", [True, False])
+def test_a_missing_dataset_leaves_no_folder_and_offers_dataset_dir_only_if_not_given(tmp_path, monkeypatch, given):
+    import urllib.error
+    import urllib.request
+
+    def no_network(*a, **k):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    root = tmp_path / "data" / "ogbench" if given else tmp_path / "home" / ".ogbench" / "data"
+    with pytest.raises(fmq.FMQError, match=f"{root}/scene-play-v0.npz is missing") as e:
+        fmq.load_dataset(fmq.env_spec("scene-t5"), str(root) if given else None)
+    assert str(e.value).endswith("(manipulation datasets only)" if given else "; or pass --dataset-dir")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and not any((tmp_path / "home").iterdir())
+
+
+def test_resume_goes_on_from_the_newest_readable_checkpoint_and_says_which_it_skipped(tmp_path, tiny_env, capsys):
+    """The newest checkpoint (step 40) truncated, as a full disk or a copy cut short leaves it: --resume goes on from
+    step 30's, in one line naming the one it skipped and why, and ends as the run did; none readable: an error."""
+    run = tmp_path / "runs" / "tiny__fmq__0"
+    fmq.main(tiny_env_args(tmp_path, resume="auto"))
+    evals, final = read_csv(run / "eval.csv"), (run / "final.json").read_text()
+    newest = run / "checkpoints" / "step_000000040.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    capsys.readouterr()
+    fmq.main(tiny_env_args(tmp_path, resume="auto"))
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("fmq: ")]
+    assert line.startswith(f"fmq: cannot read checkpoint {newest} (RuntimeError: ") and line.endswith(
+        "; trying the one before it")
+    assert strip_timing(read_csv(run / "eval.csv")) == strip_timing(evals) and (run / "final.json").read_text() == final
+    assert torch.load(newest, weights_only=False)["step"] == 40  # saved again, whole
+    for path in (run / "checkpoints").iterdir():
+        path.write_bytes(b"")
+    with pytest.raises(fmq.FMQError, match=r"cannot read checkpoint .*/step_000000010.pt \(EOFError"):
+        fmq.main(tiny_env_args(tmp_path, resume="auto"))  # after one line for each newer one
 
 
 # ---------------------------------------------------------------- OGBench test data (made here); tools/make_dataset.py
@@ -2562,7 +2932,7 @@ def test_tiny_run_on_each_ogbench_suite(tmp_path, ogbench_data, monkeypatch, env
                                eval_interval=1000, eval_episodes=1, eval_envs=1))
     run = tmp_path / "runs" / f"{env_id}__fmq__0"
     evals = read_csv(run / "eval.csv")
-    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "online"), (20, "online")]
+    assert [(int(r["step"]), r["phase"]) for r in evals] == [(0, "offline"), (10, "offline"), (20, "online")]
     assert [float(r["length"]) for r in evals] == [40.0] * 3  # untrained policies do not solve a task in 40 steps
     assert final["step"] == 20 and final["success"] == 0.0
     assert json.loads((run / "config.json").read_text())["discount"] == 0.99  # official: 0.99 for every task
@@ -3047,8 +3417,8 @@ def test_video_episodes_are_rendered_written_and_not_counted(tmp_path, ogb, monk
         frames = iio.imread(run / "videos" / f"step_{s:09d}.mp4", plugin="FFMPEG", index=None)
         assert frames.shape == (6, 48, 64, 3) and frames_change(frames[:3]) and frames_change(frames[3:])
     images = EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Images("eval/video")
-    assert [(i.step, i.width, i.height) for i in images] == [(s, 64, 48) for s in steps]
-    assert iio.imread(images[0].encoded_image_string, extension=".gif", index=None).shape == (6, 48, 64, 3)
+    assert [(i.step, i.width, i.height) for i in images] == [(s, 32, 24) for s in steps]  # a preview: half size
+    assert iio.imread(images[0].encoded_image_string, extension=".gif", index=None).shape[:3] == (3, 24, 32)
     [(_, _, _, rows)] = wandb_runs(tmp_path)
     assert [s for s, keys in rows if "eval/video" in keys] == steps
 

@@ -3,8 +3,8 @@
 People copy fmq.py and qgbs.py into other codebases and port them; the tests are how they know the copy is right.
 This tool plants classic porting bugs, one at a time, and checks that the test suite notices each one:
   * every bug in BUGS is a small textual patch (file, exact old snippet, new snippet) with a one-line reason;
-  * each is applied to a copy of the code (fmq.py, qgbs.py, test_fmq.py, pytest.ini, tools/) in a temp folder, and
-    the fast tier (the tests not marked `slow`) runs there with `pytest -x` (stop at the first failure);
+  * each is applied to a copy of the code (fmq.py, qgbs.py, test_fmq.py, pytest.ini, tools/, README.md) in a temp
+    folder, and the fast tier (the tests not marked `slow`) runs there with `pytest -x` (stop at the first failure);
   * it prints a table (bug, killed or SURVIVED, by which test, seconds) and, last, `N of M porting bugs caught`.
 First the unpatched copy runs the same tests: they must pass (that run also measures each test, to order them).
 A patch whose old snippet is not found exactly once is an ERROR, never a silent skip. Exit status 0 only when
@@ -31,7 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ("fmq.py", "qgbs.py", "test_fmq.py", "pytest.ini", "tools")  # what each temp copy holds
+COPY = ("fmq.py", "qgbs.py", "test_fmq.py", "pytest.ini", "tools", "README.md")  # what each temp copy holds
 
 
 def bug(name, why, old, new, file="fmq.py", also=()):
@@ -236,7 +236,8 @@ BUGS = [
     bug("warm_up_off_by_one", "online updates start one env step late (step i >= start_training, 0-based)",
         "step - args.offline_steps + 1 >= args.start_training", "step - args.offline_steps >= args.start_training"),
     bug("phase_switch_late", "u_off frozen one step after the offline phase ends",
-        "if step == args.offline_steps and args.online_steps > 0:", "if step == args.offline_steps + 1 and args.online_steps > 0:"),
+        "if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None",
+        "if step >= args.offline_steps + 1 and args.online_steps > 0 and agent.u_off is None"),
     bug("train_episode_seed_stuck", "every training episode after the first resets with episode 0's seed",
         'obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []', "obs, queue = env.reset(seed=episode_seed(0))[0], []"),
     bug("chunk_queue_kept_across_episodes", "the rest of an action chunk carries over into the next episode",
@@ -274,10 +275,10 @@ BUGS = [
     bug("best_of_n_sampler_uses_qgbs_m", "the best-of-n sampler draws qgbs_m samples, not best_of_n",
         "return best_of_n(actor, q_fn, obs, args.best_of_n, generator)[0]",
         "return best_of_n(actor, q_fn, obs, args.qgbs_m, generator)[0]"),
-    bug("phase_of_inclusive", "the step of the phase switch is logged as offline",
-        '"offline" if s < args.offline_steps or offline_only', '"offline" if s <= args.offline_steps or offline_only'),
+    bug("phase_of_inclusive", "the evaluation at the phase switch is labelled online (by its step, not by u_off)",
+        'phase="offline" if agent.u_off is None else "online"', 'phase="offline" if s < args.offline_steps else "online"'),
     bug("keep_one_checkpoint_more", "keep_checkpoints + 1 checkpoints kept",
-        'sorted(ckpt_dir.glob("step_*.pt"))[:-keep]', 'sorted(ckpt_dir.glob("step_*.pt"))[:-keep - 1]'),
+        '- {switch})[:-keep]', '- {switch})[:-keep - 1]'),
     bug("resume_drops_the_chunk_queue", "on resume, the rest of the interrupted action chunk is dropped",
         'queue = list(ep.get("queue", []))', "queue = []"),
     bug("delta_from_target_critics", "delta_critic from the target critics' spread, not the current ones'",

@@ -165,7 +165,7 @@ def run_local(todo, runs_dir, workers, gpus):
 
     def run_one(name, cmd):
         gpu, t0 = free.get(), time.time()
-        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}))
+        env = dict(os.environ, **({"CUDA_VISIBLE_DEVICES": gpu} if gpu is not None else {}), OMP_NUM_THREADS="1")
         (runs_dir / name).mkdir(parents=True, exist_ok=True)
         try:
             with open(runs_dir / name / "stdout.log", "a") as log:
