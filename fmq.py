@@ -53,7 +53,7 @@ class Args:
     deterministic: bool = False  # deterministic torch kernels: a rerun on the same device gives the same numbers
     device: str = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'
     threads: int = 1  # CPU threads of torch's ops (torch.set_num_threads); on a GPU run only host-side ops use them
-    compile: bool = False  # compile each phase's whole update into one graph with torch.compile (needs g++)
+    compile: bool = False  # run the update under torch.compile: a graph per phase, one per Adam step (needs g++)
     amp: bool = False  # run the networks' forward passes in bfloat16 autocast
     cudagraphs: bool = False  # GPU only: capture each phase's whole update as one CUDA graph and replay it (fastest)
     dataset_dir: Optional[str] = None  # dataset folder; None: ~/.ogbench/data (OGBench) or ~/.robomimic (RoboMimic)
@@ -675,7 +675,9 @@ def update(agent, batch, step, args, losses):
     """One update (official `total_loss`): both losses at the pre-update parameters, one step on their sum, Polyak
     toward the pre-update critic (official `target_update`). Returns logged values as device tensors (no sync).
     No autocast cache: a CUDA graph must not capture it."""
+    agent.critic_opt.zero_grad(set_to_none=True), agent.actor_opt.zero_grad(set_to_none=True)
     online, device = agent.u_off is not None, batch["obs"].device
+    params = [list(agent.critic.parameters()), list(agent.actor.parameters())]
     with torch.autocast(device.type, torch.bfloat16, enabled=args.amp, cache_enabled=not args.cudagraphs):
         c_loss, info = losses["critic"](agent, batch, args.discount, args.horizon, critic_agg(args, online),
                                         args.best_of_n)
@@ -684,61 +686,33 @@ def update(agent, batch, step, args, losses):
         else:  # offline; online, flow-map keeps the offline loss on replay data and mvp takes it toward a*
             a_1 = mvp_target(agent, batch["obs"], args) if online and args.online_target == "mvp" else batch["actions"]
             a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], a_1, step, args)
-    params = [list(agent.critic.parameters()), list(agent.actor.parameters())]
-    if torch.compiler.is_compiling():  # --compile: gradients as values (.backward(), Adam.step() break the graph)
-        g = torch.autograd.grad(c_loss + a_loss, params[0] + params[1])
-        grads = [list(g[:len(params[0])]), list(g[len(params[0]):])]
-    else:
-        agent.critic_opt.zero_grad(set_to_none=True), agent.actor_opt.zero_grad(set_to_none=True)
-        (c_loss + a_loss).backward()
-        grads = [[p.grad for p in ps] for ps in params]
+    (c_loss + a_loss).backward()
+    grads = [[p.grad for p in ps] for ps in params]
     info["critic/grad_norm"], info["actor/grad_norm"] = map(nn.utils.get_total_norm, grads)  # stay on the device
     with torch.no_grad():  # outside autograd, or the targets would join the graph
         torch._foreach_lerp_(list(agent.critic_target.parameters()), params[0], args.tau)
-        for opt, g in zip((agent.critic_opt, agent.actor_opt), grads):
-            adam_step(opt, g) if torch.compiler.is_compiling() else opt.step()
+    agent.critic_opt.step()
+    agent.actor_opt.step()
     return dict(info, **a_info)
-
-
-def adam_step(opt, grads):
-    """torch.optim.Adam's step (make_agent's: no weight decay, amsgrad, maximize) in foreach ops on its own state, for
-    --compile (Adam.step breaks the graph on purpose): m <- lerp(m, g, 1 - b1), v <- b2 v + (1 - b2) g^2,
-    p <- p - lr / (1 - b1^t) m / (sqrt(v / (1 - b2^t)) + eps). The state is made up front by `adam_state`."""
-    (b1, b2), lr, eps, ps = (opt.param_groups[0][k] for k in ("betas", "lr", "eps", "params"))
-    steps, m, v = ([opt.state[p][k] for p in ps] for k in ("step", "exp_avg", "exp_avg_sq"))
-    torch._foreach_add_(steps, 1), torch._foreach_lerp_(m, grads, 1 - b1)
-    torch._foreach_mul_(v, b2), torch._foreach_addcmul_(v, grads, grads, 1 - b2)
-    t = steps[0].to(grads[0].device)  # all counts are equal; each is a CPU scalar unless fused or capturable
-    denom = torch._foreach_add(torch._foreach_div(torch._foreach_sqrt(v), (1 - b2 ** t).sqrt()), eps)
-    torch._foreach_addcdiv_(ps, torch._foreach_mul(m, -lr / (1 - b1 ** t)), denom)
-
-
-def adam_state(opt):
-    """Adam's state as its first step makes it (checkpoints and eager steps share it); a compiled step updates it."""
-    for p in opt.param_groups[0]["params"]:
-        if not opt.state[p]:
-            on_device = opt.defaults["fused"] or opt.defaults["capturable"]
-            opt.state[p].update(step=torch.zeros((), device=p.device if on_device else "cpu"),
-                                exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
 
 
 def make_update(agent, buffer, args, losses):
     """step -> logged values of one update on a fresh batch. The step reaches the update as a device tensor.
-    --compile: batch sampling, losses, backward, Adam and Polyak as one torch.compile graph per phase, with eager's
-    random draws. --cudagraphs: each phase's whole update (compiled or not) is captured once as a CUDA graph, after
-    3 eager warm-up updates on a side stream, and replayed: one launch instead of hundreds."""
+    The speed, all of it here, around the eager `update`: --compile runs it under torch.compile (losses, backward
+    and Polyak one graph per phase; each Adam step a graph of its own, as torch.optim breaks the graph there on
+    purpose), with eager's random draws. --cudagraphs: each phase's whole update (compiled or not) is captured once as
+    a CUDA graph, after 3 eager warm-up updates on a side stream, and replayed: one launch instead of hundreds."""
     step_t = torch.zeros((), device=buffer.device)
     run = lambda: update(agent, buffer.sample(args.batch_size, args.discount), step_t, args, losses)
     if args.compile:
-        torch._dynamo.config.trace_autograd_ops = True  # torch.autograd.grad in the graph (fmq_loss, `update`)
+        torch._dynamo.config.trace_autograd_ops = True  # backward() and fmq_loss's autograd.grad in the graph
+        torch._dynamo.config.nested_graph_breaks = True  # after each Adam step, resume inside `update`: fewer graphs
         torch._inductor.config.fallback_random = True  # eager's random draws (on the CPU, 10x faster than its own)
-        run = torch.compile(run, fullgraph=True, dynamic=False)
+        run = torch.compile(run, dynamic=False)
     graphs = {}  # phase (online?) -> dict(warm=eager updates so far, graph=, out=static outputs)
 
     def step_fn(step):
         step_t.fill_(step)
-        if args.compile:
-            adam_state(agent.critic_opt), adam_state(agent.actor_opt)
         if not args.cudagraphs:
             return run()
         g = graphs.setdefault(agent.u_off is not None, dict(warm=0))

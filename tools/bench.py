@@ -7,9 +7,9 @@ it reports the median over many timed repeats (after one warm-up phase) of
     (the one-step action, taken once per chunk of `horizon` env steps, is left out of that sum),
   * action selection for 1 and 50 states: one-step flow map, best-of-N, QGBS, and a 10-step Euler flow policy
     (the same FlowMapActor integrated on its diagonal u(a_t, t, t)) for comparison,
-  * with --compile, the offline and online updates eager and compiled (one torch.compile graph each: fmq.make_update)
-    side by side, timed in alternating rounds so that a changing machine load hits both alike, their ratio, and the
-    compile time of each graph (the first compiled update; a warm on-disk inductor cache makes it shorter),
+  * with --compile, the offline and online updates eager and compiled (fmq.make_update: the eager update under
+    torch.compile) side by side, timed in alternating rounds so that a changing machine load hits both alike, their
+    ratio, and each phase's compile time (its first compiled update; a warm on-disk inductor cache makes it shorter),
   * the offline update's achieved FLOP/s (FlopCounterMode, forward + backward) as a fraction of the device's
     measured matmul rate at the update's dominant shape [batch * N, hidden] x [hidden, hidden], same dtype.
 Each update includes sampling its batch from a replay buffer of random data (as in fmq.main's loop).
