@@ -46,34 +46,8 @@ Samplers = Annotated[tuple[Sampler, ...], tyro.conf.arg(help_behavior_hint="(def
 
 @dataclass
 class Args:
-    # --- experiment ---
+    # --- task & algorithm ---
     env_id: str = "scene-t5"  # task: a paper id (scene-t5, cube-dbl-t3, can, ...) or any OGBench singletask name
-    exp_name: str = "fmq"  # experiment name; the run folder is {runs_dir}/{env_id}__{exp_name}__{seed}
-    seed: int = 0  # seed of python, numpy, torch and the training env (evaluation episodes use seed + 10000 on)
-    deterministic: bool = False  # deterministic torch kernels: a rerun on the same device gives the same numbers
-    device: str = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'
-    threads: int = 1  # CPU threads of torch's ops (torch.set_num_threads); on a GPU run only host-side ops use them
-    compile: bool = False  # run the update under torch.compile: a graph per phase, one per Adam step (needs g++)
-    amp: bool = False  # run the networks' forward passes in bfloat16 autocast
-    cudagraphs: bool = False  # GPU only: capture each phase's whole update as one CUDA graph and replay it (fastest)
-    dataset_dir: Optional[str] = None  # dataset folder; None: ~/.ogbench/data (OGBench) or ~/.robomimic (RoboMimic)
-    # --- logging & checkpoints ---
-    runs_dir: str = "runs"  # where run folders go (config.json, train.csv, eval.csv, TensorBoard events, checkpoints/)
-    track: bool = False  # also log to Weights & Biases (a resumed run continues the same W&B run)
-    wandb_project: str = "fmq"  # Weights & Biases project name, used with --track
-    wandb_entity: Optional[str] = None  # Weights & Biases entity (user or team), with --track; None: yours
-    wandb_group: Optional[str] = None  # Weights & Biases run group (official run_group), with --track
-    log_interval: int = 5000  # steps between rows of train.csv and TensorBoard (and checks for NaN losses)
-    eval_interval: int = int(1e5)  # steps between evaluations (there is one also at step 0, phase switch and end)
-    eval_episodes: int = 50  # episodes per evaluation, for each evaluated sampler
-    eval_envs: int = 10  # evaluation envs stepped together, in waves (an OGBench env holds ~160 MB of memory)
-    video_episodes: int = 0  # episodes rendered to runs/<run>/videos/ after each evaluation, not counted
-    video_frame_skip: int = 3  # a video frame every this many env steps (and at each episode's end)
-    save_interval: int = int(1e5)  # steps between checkpoints (one is also saved at each evaluation)
-    keep_checkpoints: int = 3  # how many of the most recent checkpoints to keep on disk
-    resume: Optional[str] = None  # continue a stopped run: its folder, or 'auto' for this command's run folder
-    load_checkpoint: Optional[str] = None  # start from this checkpoint file's networks (e.g. with --offline-steps 0)
-    # --- algorithm ---
     offline_steps: int = int(1e6)  # offline pretraining steps: flow map and critics trained on the dataset
     online_steps: int = int(1e6)  # online fine-tuning steps: one env step and --utd-ratio updates each
     utd_ratio: int = 1  # updates per online env step, each on its own batch (offline: one per step)
@@ -117,9 +91,585 @@ class Args:
     qgbs_completion: Literal["euler", "flow-map"] = "euler"  # QGBS completion: an Euler step (official), Alg. 2's jump
     qgbs_k0_step: bool = True  # with --qgbs-k 0, still take one eta step (official); off: Alg. 2, i.e. best-of-M
 
+    # --- run: name, seed, device, speed ---
+    exp_name: str = "fmq"  # experiment name; the run folder is {runs_dir}/{env_id}__{exp_name}__{seed}
+    seed: int = 0  # seed of python, numpy, torch and the training env (evaluation episodes use seed + 10000 on)
+    deterministic: bool = False  # deterministic torch kernels: a rerun on the same device gives the same numbers
+    device: str = "auto"  # where to train: 'auto' (CUDA when available, else CPU), 'cpu' or 'cuda[:i]'
+    threads: int = 1  # CPU threads of torch's ops (torch.set_num_threads); on a GPU run only host-side ops use them
+    compile: bool = False  # run the update under torch.compile: a graph per phase, one per Adam step (needs g++)
+    amp: bool = False  # run the networks' forward passes in bfloat16 autocast
+    cudagraphs: bool = False  # GPU only: capture each phase's whole update as one CUDA graph and replay it (fastest)
+    dataset_dir: Optional[str] = None  # dataset folder; None: ~/.ogbench/data (OGBench) or ~/.robomimic (RoboMimic)
+    # --- logging & checkpoints ---
+    runs_dir: str = "runs"  # where run folders go (config.json, train.csv, eval.csv, TensorBoard events, checkpoints/)
+    track: bool = False  # also log to Weights & Biases (a resumed run continues the same W&B run)
+    wandb_project: str = "fmq"  # Weights & Biases project name, used with --track
+    wandb_entity: Optional[str] = None  # Weights & Biases entity (user or team), with --track; None: yours
+    wandb_group: Optional[str] = None  # Weights & Biases run group (official run_group), with --track
+    log_interval: int = 5000  # steps between rows of train.csv and TensorBoard (and checks for NaN losses)
+    eval_interval: int = int(1e5)  # steps between evaluations (there is one also at step 0, phase switch and end)
+    eval_episodes: int = 50  # episodes per evaluation, for each evaluated sampler
+    eval_envs: int = 10  # evaluation envs stepped together, in waves (an OGBench env holds ~160 MB of memory)
+    video_episodes: int = 0  # episodes rendered to runs/<run>/videos/ after each evaluation, not counted
+    video_frame_skip: int = 3  # a video frame every this many env steps (and at each episode's end)
+    save_interval: int = int(1e5)  # steps between checkpoints (one is also saved at each evaluation)
+    keep_checkpoints: int = 3  # how many of the most recent checkpoints to keep on disk
+    resume: Optional[str] = None  # continue a stopped run: its folder, or 'auto' for this command's run folder
+    load_checkpoint: Optional[str] = None  # start from this checkpoint file's networks (e.g. with --offline-steps 0)
 
 class FMQError(Exception):
     """A user-facing error: printed as one line, no traceback."""
+
+
+# ---------------------------------------------------------------- networks
+def time_features(t, dim):
+    """Fourier features of a time in [0, 1] (official `FourierFeatures`): [cos, sin] of t times dim / 2 log-spaced
+    frequencies 10000^(-k / (dim / 2 - 1)), from 1 down to 1e-4 rad per unit time. dim 0: t itself (QC's input)."""
+    if dim == 0:
+        return t
+    freqs = 1e4 ** -(torch.arange(dim // 2, device=t.device, dtype=t.dtype) / max(dim // 2 - 1, 1))
+    return torch.cat([torch.cos(t * freqs), torch.sin(t * freqs)], -1)
+
+
+def mlp(in_dim, hidden, out_dim, layers, layer_norm):
+    """Official `MLP`: Dense -> GELU (flax's tanh form) -> LayerNorm (eps 1e-6) per hidden layer, then Dense; Dense
+    kernels Xavier-uniform (variance_scaling 1, fan_avg), biases 0."""
+    mods = []
+    for k in range(layers):
+        mods += [nn.Linear(in_dim if k == 0 else hidden, hidden), nn.GELU("tanh")]
+        mods += [nn.LayerNorm(hidden, 1e-6)] * layer_norm
+    net = nn.Sequential(*mods, nn.Linear(hidden, out_dim))
+    for m in net:
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
+    return net
+
+
+class FlowMapActor(nn.Module):
+    """Average velocity u_theta(a_r, r, t | s) of a flow map X_{r,t}(a_r|s) = a_r + (t - r) u_theta(a_r, r, t|s).
+    Actions are flattened chunks of `horizon` actions; a_0 ~ N(0, I) is noise, a_1 an action."""
+
+    def __init__(self, obs_dim, act_dim, args):
+        super().__init__()
+        self.act_dim, self.time_dim, self.euler_steps = act_dim, args.time_dim, args.euler_steps  # see `flow`
+        self.net = mlp(obs_dim + act_dim + 2 * max(args.time_dim, 1), args.hidden_dim, act_dim, args.num_layers,
+                       args.actor_layer_norm)
+
+    def forward(self, obs, a_r, r, t):
+        r, t = (x.to(a_r.dtype).reshape(-1, 1).expand(len(a_r), 1) if torch.is_tensor(x)
+                else a_r.new_full((len(a_r), 1), x) for x in (r, t))
+        return self.net(torch.cat([obs, a_r, time_features(r, self.time_dim), time_features(t, self.time_dim)], -1))
+
+
+class EnsembleLinear(nn.Module):
+    def __init__(self, n, in_dim, out_dim):
+        super().__init__()
+        k = math.sqrt(6.0 / (in_dim + out_dim))  # Xavier-uniform per member, zero bias (as `mlp`)
+        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-k, k))
+        self.bias = nn.Parameter(torch.zeros(n, 1, out_dim))
+
+    def forward(self, x):  # [n, B, in] -> [n, B, out]
+        return torch.baddbmm(self.bias, x, self.weight)
+
+
+class EnsembleLayerNorm(nn.Module):
+    def __init__(self, n, dim):
+        super().__init__()
+        self.weight, self.bias = nn.Parameter(torch.ones(n, 1, dim)), nn.Parameter(torch.zeros(n, 1, dim))
+
+    def forward(self, x):
+        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:], eps=1e-6), self.weight)
+
+
+class Critics(nn.Module):
+    """`num_critics` Q networks on action chunks as one batched ensemble: Q(s, a) -> [num_critics, B]."""
+
+    def __init__(self, obs_dim, act_dim, args):
+        super().__init__()
+        n, h = args.num_critics, args.hidden_dim
+        mods = []
+        for k in range(args.num_layers):
+            mods += [EnsembleLinear(n, obs_dim + act_dim if k == 0 else h, h), nn.GELU("tanh")]
+            mods += [EnsembleLayerNorm(n, h)] * args.critic_layer_norm  # after the GELU, as the official `MLP`
+        self.net, self.n = nn.Sequential(*mods, EnsembleLinear(n, h, 1)), n
+
+    def forward(self, obs, a):
+        h = self.net[:-1](torch.cat([obs, a], -1).expand(self.n, -1, -1))
+        with torch.autocast(h.device.type, enabled=False):  # fp32 Q under --amp: bf16 steps 0.5 apart near |Q| = 100
+            return self.net[-1](h.float()).squeeze(-1)
+
+
+def q_agg(critic, how):
+    """Q(s, a) -> [B], aggregated over the ensemble."""
+    return lambda obs, a: critic(obs, a).min(0).values if how == "min" else critic(obs, a).mean(0)
+
+
+def critic_agg(args, online):
+    """Aggregation of TD target, best-of-N and QGBS: offline_q_agg offline; online --online-q-agg, else the method's:
+    min for FMQ (official FMQAgent), mean for flow-map (official FlowMapPolicy kept online, QC) and mvp."""
+    return (args.online_q_agg or ("min" if args.online_target == "fmq" else "mean")) if online else args.offline_q_agg
+
+
+def make_agent(args, obs_dim, act_dim, device):
+    actor, critic = FlowMapActor(obs_dim, act_dim, args).to(device), Critics(obs_dim, act_dim, args).to(device)
+    adam = lambda net: torch.optim.Adam(net.parameters(), lr=args.lr, fused=torch.device(device).type == "cuda",
+                                        capturable=args.cudagraphs)  # capturable: its step count stays on the device
+    return SimpleNamespace(actor=actor, critic=critic, critic_target=copy.deepcopy(critic).requires_grad_(False),
+                           u_off=None, actor_opt=adam(actor), critic_opt=adam(critic))
+
+
+def freeze_offline_copy(agent):
+    """Alg. 1's u_off: a frozen copy of the pretrained flow map."""
+    agent.u_off = copy.deepcopy(agent.actor).requires_grad_(False)
+
+
+# ---------------------------------------------------------------- sampling (Alg. 1 line 2; Alg. 2 lives in qgbs.py)
+def flow(actor, obs, a_r, r=0.0, steps=None):
+    """X_{r,1}(a_r | s): the flow map's jump a_r + (1 - r) u(a_r, r, 1) if steps is 0, else `steps` Euler steps of
+    the instantaneous velocity u(a, t, t) from r to 1 (a flow-matching policy; QC takes 10). steps: --euler-steps."""
+    steps = actor.euler_steps if steps is None else steps
+    if steps == 0:
+        return a_r + (1.0 - r) * actor(obs, a_r, r, 1.0)
+    for k in range(steps):
+        t = r + (1.0 - r) * k / steps
+        a_r = a_r + (1.0 - r) / steps * actor(obs, a_r, t, t)
+    return a_r
+
+
+def one_step(actor, obs, generator=None):
+    """Alg. 1, line 2: a_1 = X_{0,1}(a_0 | s) = a_0 + u_theta(a_0, 0, 1 | s), a_0 ~ N(0, I): one network evaluation.
+    Every action the agent draws (acting, evaluation, TD target, MVP's target) starts here."""
+    a_0 = torch.randn(len(obs), actor.act_dim, device=obs.device, generator=generator)
+    return flow(actor, obs, a_0).clamp(-1.0, 1.0)
+
+
+def best_of_n(actor, q_fn, obs, n, generator=None):
+    """The best of n one-step samples under q_fn: (actions [B, d], their Q [B])."""
+    obs_n = obs.repeat_interleave(n, 0)
+    a = one_step(actor, obs_n, generator)
+    q_best, i = q_fn(obs_n, a).view(len(obs), n).max(1)
+    return a.view(len(obs), n, -1)[torch.arange(len(obs), device=obs.device), i], q_best
+
+
+def select_action(agent, obs, sampler, args, generator=None):
+    """Action chunks [B, act_dim] for states [B, obs_dim] with the chosen sampler (no gradient to the nets). Critics
+    aggregate as the official agents' (`critic_agg`): offline_q_agg offline, the online one online and in QGBS."""
+    actor, q_fn = agent.actor, q_agg(agent.critic, critic_agg(args, agent.u_off is not None or sampler == "qgbs"))
+    if sampler == "onestep":
+        return one_step(actor, obs, generator)
+    if sampler == "best-of-n":
+        return best_of_n(actor, q_fn, obs, args.best_of_n, generator)[0]
+    jump = lambda a_r, r, s: flow(actor, s, a_r, r)  # X_{r,1}(a_r | s)
+    euler = lambda a_r, r, s: flow(actor, s, a_r, r, max(actor.euler_steps, 1))  # official: one diagonal Euler step
+    return qgbs_lib.qgbs(jump, q_fn, obs, action_dim=actor.act_dim, M=args.qgbs_m, K=args.qgbs_k, B=args.qgbs_b,
+                         rho=args.qgbs_rho, eta=args.qgbs_eta, generator=generator, k0_step=args.qgbs_k0_step,
+                         complete=euler if args.qgbs_completion == "euler" else None)[0]
+
+
+def sampler_nfe(sampler, args):
+    """Network evaluations per action selection (each flow-map jump is --euler-steps of them, if any)."""
+    n = dict(onestep=1, qgbs=qgbs_lib.nfe(args.qgbs_m, args.qgbs_k, args.qgbs_b)).get(sampler, args.best_of_n)
+    return n * max(args.euler_steps, 1)
+
+
+def act(agent, obs, sampler, args, generator=None):
+    """Action chunks [B, horizon, act_dim] (numpy) for states [B, obs_dim] (numpy), on the training device."""
+    device = next(agent.actor.parameters()).device
+    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
+        a = select_action(agent, torch.as_tensor(obs, dtype=torch.float32, device=device), sampler, args, generator)
+    return a.float().view(len(obs), args.horizon, -1).cpu().numpy()
+
+
+# ---------------------------------------------------------------- losses (Thm 3.2, Alg. 1 lines 4-9, baselines)
+def trust_region_velocity(u_ref, grad_q, eta, kappa1=0.0):
+    """Theorem 3.2: the velocity within ||u - u_ref||_2 <= eta that maximises the first-order expansion of Q at
+    a_1, u* = u_ref + eta * grad_q / (||grad_q||_2 + kappa1). Batched over the leading dim; eta a scalar or [B]."""
+    eta = torch.as_tensor(eta, dtype=u_ref.dtype, device=u_ref.device).reshape(-1, *[1] * (u_ref.dim() - 1))
+    norm = grad_q.flatten(1).norm(dim=1).reshape(-1, *[1] * (u_ref.dim() - 1))
+    return u_ref + eta * grad_q / (norm + kappa1)
+
+
+def eulerian_target(u, obs, a_r, r, t, v=None):
+    """Eulerian / MeanFlow: X_{r,t}(a_r) is constant along the flow in r, so u(a_r, r, t) = v(a_r, r) + (t - r)
+    (d/dr) u(a_r, r, t), d/dr = partial_r + v . grad_a (one JVP). v: MeanFlow's conditional velocity a_1 - a_0
+    (unbiased for the marginal one; what training uses), or, if None, the model's own u(a_r, r, r)."""
+    v = u(obs, a_r, r, r).detach() if v is None else v
+    u_rt, du_dr = torch.func.jvp(lambda a, r_: u(obs, a, r_, t), (a_r, r), (v, torch.ones_like(r)))
+    return u_rt, v + (t - r) * du_dr
+
+
+def lagrangian_target(u, obs, a_r, r, t, v=None):
+    """Lagrangian self-distillation (LSD): d/dt X_{r,t}(a_r) = v(X_{r,t}(a_r), t), i.e.
+    u(a_r, r, t) = v(X_{r,t}(a_r), t) - (t - r) partial_t u(a_r, r, t)."""
+    u_rt, du_dt = torch.func.jvp(lambda t_: u(obs, a_r, r, t_), (t,), (torch.ones_like(t),))
+    x_t = (a_r + (t - r) * u_rt).detach()
+    return u_rt, u(obs, x_t, t, t) - (t - r) * du_dt
+
+
+def progressive_target(u, obs, a_r, r, t, v=None):
+    """Progressive self-distillation (PSD): X_{r,t} = X_{s,t} o X_{r,s} for s = r + lam (t - r), i.e.
+    u(a_r, r, t) = lam u(a_r, r, s) + (1 - lam) u(X_{r,s}(a_r), s, t)."""
+    lam = torch.rand_like(r)
+    s = r + lam * (t - r)
+    with torch.no_grad():
+        u_rs = u(obs, a_r, r, s)
+        u_st = u(obs, a_r + (s - r) * u_rs, s, t)
+    return u(obs, a_r, r, t), lam * u_rs + (1 - lam) * u_st
+
+
+FLOW_MAP_TARGETS = dict(eulerian=eulerian_target, lagrangian=lagrangian_target, progressive=progressive_target)
+
+
+def sample_r_t(n, step, args, device):
+    """(r, t), each [n, 1] on `device`, 0 <= r <= t <= 1 (official `flow_utils.sample_r_t`): two sorted uniforms,
+    their interval shrunk about its midpoint by a factor 0 up to `curriculum_start`, rising linearly to 1 at
+    `curriculum_end`."""
+    step = torch.as_tensor(step, dtype=torch.float32, device=device)
+    lo, hi = torch.rand(2, n, 1, device=device).sort(0).values
+    scale = ((step - args.curriculum_start) / max(args.curriculum_end - args.curriculum_start, 1)).clamp(0.0, 1.0)
+    mid, half = (lo + hi) / 2, scale * (hi - lo) / 2
+    return mid - half, mid + half
+
+
+def flow_map_loss(actor, obs, a_data, step, args):
+    """Offline pretraining with no multi-step teacher (official `FlowMapPolicy.actor_loss`): the diagonal (flow
+    matching) loss ||u(a_t, t, t) - (a_1 - a_0)||^2, plus, after `curriculum_start` steps, a self-distillation loss
+    ||u(a_r, r, t) - sg(target)||^2 on its own noise (not with --flow-map-loss none). `step` may be a tensor."""
+    B, step = len(a_data), torch.as_tensor(step, device=a_data.device)
+    a_0, t = torch.randn_like(a_data), torch.rand(B, 1, device=a_data.device)
+    diag = F.mse_loss(actor(obs, (1 - t) * a_0 + t * a_data, t, t), a_data - a_0)
+    if args.flow_map_loss == "none":
+        return diag, {"actor/diag_loss": diag.detach()}
+    (r, t), a_0 = sample_r_t(B, step, args, a_data.device), torch.randn_like(a_data)  # the distillation's own noise
+    a_r = (1 - r) * a_0 + r * a_data
+    u_rt, target = FLOW_MAP_TARGETS[args.flow_map_loss](actor, obs, a_r, r, t, v=a_data - a_0)  # v: eulerian only
+    distill = F.mse_loss(u_rt, target.detach())
+    loss = diag + (step > args.curriculum_start) * distill  # weight 0 up to curriculum_start, as the official code
+    return loss, {"actor/diag_loss": diag.detach(), "actor/distill_loss": distill.detach()}
+
+
+def fmq_loss(agent, obs, a_data, args):
+    """Alg. 1, lines 5-9 (official `FMQAgent._fmq_loss`): regress u_theta(a_r, r, 1) onto sg(u_off + eta_eff g)."""
+    B = len(a_data)
+    r, a_0 = torch.rand(B, 1, device=a_data.device), torch.randn_like(a_data)
+    a_r = (1 - r) * a_0 + r * a_data  # line 5
+    with torch.no_grad():
+        u_off = agent.u_off(obs, a_r, r, 1.0)
+    a_1 = (a_r + (1 - r) * u_off).clamp(-1.0, 1.0).requires_grad_(True)  # line 6, clipped as in the official code
+    qs = agent.critic(obs, a_1)
+    q_guide = qs[0] if args.guidance_critic == "q1" else qs.mean(0)
+    grad_q = torch.autograd.grad(q_guide.sum(), a_1)[0]  # d Q / d a only: no gradient reaches the critic
+    spread = qs.detach().std(0, correction=0)
+    delta = spread / (spread.mean() + 1e-8)  # delta_critic: per-sample critic spread / its batch mean
+    eta_eff = (1.0 if args.official_eta else args.eta) / (1 + args.beta * delta)  # line 8
+    target = trust_region_velocity(u_off, grad_q, eta_eff, args.kappa1).detach()  # line 7 and sg(.) of line 9
+    loss = F.mse_loss(agent.actor(obs, a_r, r, 1.0), target)  # line 9
+    return loss, {"actor/fmq_loss": loss.detach(), "actor/eta_eff": eta_eff.mean(),
+                  "actor/q_grad_norm": grad_q.norm(dim=1).mean()}
+
+
+def mvp_target(agent, obs, args):
+    """MVP's generate and select (Zhan et al. 2026): a* = the best of N samples under the critics, drawn as acting
+    draws; `update` fits a* with the offline loss (MeanFlow + the instantaneous velocity constraint = diagonal loss)."""
+    with torch.no_grad():
+        return best_of_n(agent.actor, q_agg(agent.critic, critic_agg(args, True)), obs, args.best_of_n)[0]
+
+
+def td_target(agent, batch, discount, horizon, agg, n):
+    """Chunked TD target R + discount^h mask Q_target(s', a') (official `critic_loss`): a' is the best of n samples
+    (`one_step`) under the current critics (official `sample_actions`), valued by the target critics; both use `agg`."""
+    a_next, _ = best_of_n(agent.actor, q_agg(agent.critic, agg), batch["next_obs"], n)
+    return batch["R"] + discount ** horizon * batch["mask"] * q_agg(agent.critic_target, agg)(batch["next_obs"], a_next)
+
+
+def critic_loss(agent, batch, discount, horizon, agg, n):
+    with torch.no_grad():
+        target = td_target(agent, batch, discount, horizon, agg, n)
+    qs = agent.critic(batch["obs"], batch["actions"])
+    loss = F.mse_loss(qs, target.expand_as(qs))
+    return loss, {"critic/loss": loss.detach(), "critic/q": qs.mean().detach(), "critic/target": target.mean()}
+
+
+# ---------------------------------------------------------------- update (plain eager; make_update adds the speed)
+def update(agent, batch, step, args, losses):
+    """One update (official `total_loss`): both losses at the pre-update parameters, one step on their sum, Polyak
+    toward the pre-update critic (official `target_update`). Returns logged values as device tensors (no sync).
+    No autocast cache: a CUDA graph must not capture it."""
+    agent.critic_opt.zero_grad(set_to_none=True), agent.actor_opt.zero_grad(set_to_none=True)
+    online, device = agent.u_off is not None, batch["obs"].device
+    params = [list(agent.critic.parameters()), list(agent.actor.parameters())]
+    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp, cache_enabled=not args.cudagraphs):
+        c_loss, info = losses["critic"](agent, batch, args.discount, args.horizon, critic_agg(args, online),
+                                        args.best_of_n)
+        if online and args.online_target == "fmq":
+            a_loss, a_info = losses["fmq"](agent, batch["obs"], batch["actions"], args)
+        else:  # offline; online, flow-map keeps the offline loss on replay data and mvp takes it toward a*
+            a_1 = mvp_target(agent, batch["obs"], args) if online and args.online_target == "mvp" else batch["actions"]
+            a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], a_1, step, args)
+    (c_loss + a_loss).backward()
+    grads = [[p.grad for p in ps] for ps in params]
+    info["critic/grad_norm"], info["actor/grad_norm"] = map(nn.utils.get_total_norm, grads)  # stay on the device
+    with torch.no_grad():  # outside autograd, or the targets would join the graph
+        torch._foreach_lerp_(list(agent.critic_target.parameters()), params[0], args.tau)
+    agent.critic_opt.step()
+    agent.actor_opt.step()
+    return dict(info, **a_info)
+
+
+def make_update(agent, buffer, args, losses):
+    """step -> logged values of one update on a fresh batch. The step reaches the update as a device tensor.
+    The speed, all of it here, around the eager `update`: --compile runs it under torch.compile (losses, backward
+    and Polyak one graph per phase; each Adam step a graph of its own, as torch.optim breaks the graph there on
+    purpose), with eager's random draws. --cudagraphs: each phase's whole update (compiled or not) is captured once as
+    a CUDA graph, after 3 eager warm-up updates on a side stream, and replayed: one launch instead of hundreds."""
+    step_t = torch.zeros((), device=buffer.device)
+    run = lambda: update(agent, buffer.sample(args.batch_size, args.discount), step_t, args, losses)
+    if args.compile:
+        torch._dynamo.config.trace_autograd_ops = True  # backward() and fmq_loss's autograd.grad in the graph
+        torch._dynamo.config.nested_graph_breaks = True  # after each Adam step, resume inside `update`: fewer graphs
+        torch._inductor.config.fallback_random = True  # eager's random draws (on the CPU, 10x faster than its own)
+        run = torch.compile(run, dynamic=False)
+    graphs = {}  # phase (online?) -> dict(warm=eager updates so far, graph=, out=static outputs)
+
+    def step_fn(step):
+        step_t.fill_(step)
+        if not args.cudagraphs:
+            return run()
+        g = graphs.setdefault(agent.u_off is not None, dict(warm=0))
+        if g["warm"] < 3:
+            side = torch.cuda.Stream(buffer.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                info = run()
+            torch.cuda.current_stream().wait_stream(side)
+            g["warm"] += 1
+            return info
+        if "graph" not in g:
+            graphs.pop(agent.u_off is None, None)  # the other phase's graph is done with
+            g["graph"] = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g["graph"]):
+                g["out"] = run()
+        g["graph"].replay()
+        return g["out"]
+    return step_fn
+
+
+def make_losses():
+    """The losses `update` calls, by role (looked up at call time, so tests can patch one)."""
+    return dict(critic=critic_loss, flow_map=flow_map_loss, fmq=fmq_loss)
+
+
+# ---------------------------------------------------------------- training loop (Alg. 1)
+def main(args: Args):
+    """Phase 1, offline pretraining of the flow map and critics on the task's dataset; the transition, u_off frozen;
+    Phase 2, online fine-tuning in the env with FMQ (Alg. 1) or a baseline's actor loss. What it calls after the
+    method (envs and datasets, the buffer, logs, checkpoints) is plumbing, after the marked line below."""
+    run = start_run(args)  # checks, seeds, device, dataset, envs and the replay buffer
+    agent = make_agent(args, run.obs_dim, run.act_dim * args.horizon, run.device)
+    step, ep, queue = restore_run(run, agent, args)  # --resume: the run's whole state; --load-checkpoint: the nets
+    update_fn = make_update(agent, run.buffer, args, make_losses()) if run.buffer else None
+    open_logs(run, args, step)  # the run folder: config.json, train.csv, eval.csv, TensorBoard, W&B
+    obs = reset_training_env(run, args, ep)  # (resuming: replays the interrupted episode)
+    total = args.offline_steps + args.online_steps
+    due = lambda s: s % args.eval_interval == 0 or s in (total, args.offline_steps)  # an evaluation at step s
+    switch = lambda: step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None and not run.stop
+    print(f"fmq: run {run.dir} on {run.device}, " + (f"evaluating {args.load_checkpoint}" if run.eval_only else (
+        f"dataset {run.n_off} rows; {args.offline_steps} offline + {args.online_steps} online steps" + f" (updates "
+        f"from online step {args.start_training})" * (args.online_steps > 0) + f", starting at step {step}")),
+          flush=True)
+    results = {r["sampler"]: float(r["success"]) for r in run.evals}
+    if due(step) and all(int(r["step"]) != step for r in run.evals):  # step 0, or an evaluation a stop cut short
+        results = evaluate_and_log(run, agent, args, step) or results
+    if switch():  # online from an offline checkpoint
+        freeze_offline_copy(agent)
+    run.last_log = (step, time.time())
+    pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
+    while step < total and not run.stop:
+        online = step >= args.offline_steps
+        if online:  # Phase 2, Alg. 1 lines 2-3: act (best-of-N, as the official code), store the transition
+            queue = queue or list(act(agent, obs[None], args.train_sampler, args)[0])
+            action = queue.pop(0)
+            next_obs, r, term, trunc, info = run.env.step(action)
+            run.buffer.add(obs, action, float(run.rewards(r)), 1.0 - term, next_obs, term or trunc)
+            obs, ep["ret"] = next_obs, ep["ret"] + r
+            if term or trunc:
+                last = {"env/episode_return": ep["ret"], "env/episode_success": float(info["success"])}
+                ep = dict(index=ep["index"] + 1, start=run.buffer.written, ret=0.0, last=last)
+                obs, queue = run.env.reset(seed=episode_seed(args, ep["index"]))[0], []
+        info = {}  # online warm-up: the first start_training - 1 online steps only collect data (official main.py)
+        if not online or step - args.offline_steps + 1 >= args.start_training:
+            for _ in range(args.utd_ratio if online else 1):
+                info = update_fn(run.step0 + step)  # Alg. 1 lines 4-9 (Phase 1: the flow-map loss), a fresh batch
+                run.guard.track(info, step)
+        step += 1
+        pbar.update(1)
+        if step % args.log_interval == 0 or step in (total, args.offline_steps):
+            phase, sps = log_train_row(run, args, step, info, ep)
+            pbar.set_postfix(phase=phase, sps=f"{sps:.0f}", success=results.get(args.sampler, "-"))
+        if due(step):
+            results = evaluate_and_log(run, agent, args, step) or results
+            pbar.set_postfix(phase="online" if step >= args.offline_steps else "offline",
+                             success=results.get(args.sampler))
+        if switch():  # the transition, after the offline agent's evaluation: u_off (Alg. 1's input) frozen
+            freeze_offline_copy(agent)
+        if (due(step) or step % args.save_interval == 0) and not run.stop:
+            run.last_ckpt = save_run(run, agent, args, step, ep, queue)
+    pbar.close()
+    return finish_run(run, agent, args, step, ep, queue, results)
+
+
+# ================================================================ plumbing
+# Everything below serves the method above: envs & datasets, the replay buffer, evaluation, logging &
+# videos, checkpoints & resume, validation. A reader of the method can stop here.
+
+
+# ---------------------------------------------------------------- the run: what main calls
+def start_run(args):
+    """Checks, seeds, device, dataset, envs and replay buffer of a run, before any network exists. An evaluation
+    alone (no steps) loads no dataset: the env gives the shapes (RoboMimic's env settings come from its file)."""
+    spec = env_spec(args.env_id)
+    validate(args)
+    torch.set_num_threads(args.threads)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # start-up: SIGTERM stops as Ctrl-C does (`__main__`)
+    named = args.resume not in (None, "auto")  # --resume names the run folder
+    run_dir = Path(args.resume) if named else Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
+    if args.resume is None and latest_checkpoint(run_dir) is not None:  # a new run never starts over a checkpoint
+        raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
+    resume_from, ckpt = read_checkpoint(*sorted((run_dir / "checkpoints").glob("step_*.pt"), reverse=True)) if (
+        args.resume) else (None, None)  # the newest readable one
+    if named and resume_from is None:
+        raise FMQError(f"--resume {args.resume}: no checkpoint in {run_dir / 'checkpoints'}")
+
+    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every new tensor is slow on CPU
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # JAX's default GPU precision
+
+    eval_only = args.offline_steps + args.online_steps == 0 and args.resume is None
+    data, env_args = ({}, None) if eval_only and spec["suite"] != "robomimic" else load_dataset(spec, args.dataset_dir)
+    data = {k: v[:int(len(v) * args.dataset_proportion)] for k, v in data.items()}  # official dataset_proportion
+    env = make_env(spec, env_args)
+    try:  # videos: a first frame now, not at the first evaluation hours later
+        video_env = make_env(spec, env_args, render=True) if args.video_episodes else None
+        if video_env:
+            video_env.reset(seed=0), video_env.render()
+    except Exception as e:
+        raise FMQError(f"--video-episodes: rendering with MUJOCO_GL={os.environ.get('MUJOCO_GL') or 'glfw'} failed ("
+                       f"{type(e).__name__}: {str(e).strip()[:200]}); headless, use MUJOCO_GL=egl on a GPU machine or "
+                       f"MUJOCO_GL=osmesa (apt-get install libosmesa6)") from None
+    obs_dim, act_dim, limit = env.observation_space.shape[0], env.action_space.shape[0], env.spec.max_episode_steps
+    if data and (data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,)):
+        raise FMQError(f"dataset shapes (obs {data['observations'].shape[1:]}, actions {data['actions'].shape[1:]}) "
+                       f"do not match env {spec['name']} (obs ({obs_dim},), actions ({act_dim},))")
+    if args.horizon >= limit:
+        raise FMQError(f"--horizon {args.horizon} must be shorter than the episode ({limit} steps)")
+    rewards, buffer, n_off = reward_fn(spec, args.sparse), None, len(data.get("observations", ()))
+    if not eval_only:
+        data["rewards"] = rewards(data["rewards"]).astype(np.float32)
+        capacity = min(max(args.buffer_size, n_off + 1), n_off + args.online_steps)  # official; no row never written
+        preallocation_check(capacity, 2 * obs_dim + act_dim + 2, device)
+        buffer = ReplayBuffer(data, capacity, args.horizon, device)
+    return SimpleNamespace(spec=spec, dir=run_dir, resume_from=resume_from, ckpt=ckpt, device=device, stop=[],
+                           eval_only=eval_only, env_args=env_args, env=env, video_env=video_env, eval_envs=None,
+                           obs_dim=obs_dim, act_dim=act_dim, rewards=rewards, buffer=buffer, n_off=n_off, step0=0,
+                           t0=time.time(), last_ckpt=resume_from, guard=NonFiniteGuard())
+
+
+def open_logs(run, args, step):
+    """From here on a stop request (Ctrl-C, SIGTERM) is acknowledged at once and honoured within one env step. Makes
+    the run folder (only now: a run that fails to start leaves none) and its logs; resuming, rows after the
+    checkpoint's step are dropped (they are redone)."""
+    def request_stop(sig, _):
+        if run.stop:
+            raise SystemExit(f"fmq: stopped at once by a second {signal.Signals(sig).name}")
+        run.stop.append(sig)
+        tqdm.write(f"fmq: {signal.Signals(sig).name}: stopping within one env step (again: at once)", file=sys.stderr)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, request_stop)
+    resumed = run.resume_from is not None
+    run.dir.mkdir(parents=True, exist_ok=True)
+    (run.dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
+    run.log_wandb = wandb_logger(args, run.dir, resumed)
+    run.writer = SummaryWriter(str(run.dir), purge_step=step + 1 if resumed else None)
+    run.writer.add_text("hyperparameters", "|param|value|\n|-|-|" + "".join(f"\n|{k}|{v}|" for k, v in
+                                                                             vars(args).items()))
+    run.log_train, _ = csv_logger(run.dir / "train.csv", TRAIN_FIELDS, step if resumed else None)
+    run.log_eval, run.evals = csv_logger(run.dir / "eval.csv", EVAL_FIELDS, step if resumed else None)
+
+
+def episode_seed(args, i):
+    return args.seed * 1_000_003 + i  # the training env's episode i starts from this seed
+
+
+def reset_training_env(run, args, ep):
+    """The training env at the start of episode ep["index"]; resuming, the interrupted episode replayed to where the
+    buffer's rows end (and checked against them)."""
+    obs, _ = run.env.reset(seed=episode_seed(args, ep["index"]))
+    if run.resume_from is not None:
+        for a in run.buffer.rows("actions", ep["start"], run.buffer.written).cpu().numpy():
+            obs = run.env.step(a)[0]
+        stored = run.buffer.rows("next_observations", ep["start"], run.buffer.written)
+        if len(stored) and not np.allclose(obs, stored[-1].cpu()):
+            raise FMQError("replaying the interrupted episode did not reproduce its observations (env changed?)")
+    return obs
+
+
+def log_train_row(run, args, step, info, ep):
+    """A train.csv / TensorBoard / W&B row: the last update's values and the last training episode; sps leaves
+    evaluations out. Returns (phase, sps)."""
+    run.guard.check(run.last_ckpt)
+    sps = (step - run.last_log[0]) / (time.time() - run.last_log[1])
+    run.last_log = (step, time.time())
+    row = {**{k: float(v) for k, v in info.items()}, **ep.get("last", {})}
+    for k, v in dict(row, **{"charts/SPS": sps}).items():
+        run.writer.add_scalar(k, v, step)
+    run.log_wandb(row, step)
+    phase = "offline" if step - 1 < args.offline_steps else "online"  # of the step just taken
+    run.log_train(dict(row, step=step, phase=phase, env_steps=max(step - args.offline_steps, 0), sps=round(sps, 1)))
+    return phase, sps
+
+
+def evaluate_and_log(run, agent, args, s):
+    """{sampler: success} at step s for the run's sampler and --extra-samplers, logged (and a video); None if a stop
+    request cut it short (no rows: redone on resume)."""
+    run.eval_envs = run.eval_envs or [make_env(run.spec, run.env_args)
+                                      for _ in range(min(args.eval_envs, args.eval_episodes))]
+    results = {sampler: evaluate(agent, run.eval_envs, args, sampler, run.rewards, stop=run.stop)
+               for sampler in dict.fromkeys((args.sampler, *args.extra_samplers))}  # the first is the run's own
+    if run.stop:
+        return None
+    for sampler, res in results.items():
+        run.log_eval(dict(step=s, phase="offline" if agent.u_off is None else "online", sampler=sampler,
+                          env_steps=max(s - args.offline_steps, 0), nfe=sampler_nfe(sampler, args),
+                          episodes=args.eval_episodes, time=round(time.time() - run.t0, 1), **res))
+        key = "eval/success" + ("" if sampler == args.sampler else f"_{sampler}")
+        run.writer.add_scalar(key, res["success"], s), run.log_wandb({key: res["success"]}, s)
+    if args.video_episodes and evaluate(agent, [run.video_env], args, args.sampler, frames=(frames := []),
+                                        stop=run.stop):
+        write_video(run.dir / "videos" / f"step_{s:09d}.mp4", np.stack(frames), run.writer, run.log_wandb, s)
+    run.last_log = (s, time.time())  # sps leaves evaluations out
+    return {sampler: res["success"] for sampler, res in results.items()}
+
+
+def finish_run(run, agent, args, step, ep, queue, results):
+    """Closes the logs; a requested stop saves the run (exit status 0); else final.json and the end line."""
+    run.writer.close()
+    if args.track:
+        sys.modules["wandb"].finish()
+    if run.stop:  # a requested stop, not an error
+        print(f"fmq: stopped at step {step} as asked" + (f"; saved {save_run(run, agent, args, step, ep, queue)}; "
+              f"continue with the same flags and --resume {run.dir}" if run.buffer else ""), file=sys.stderr)
+        return None
+    final = dict(step=step, success=results.get(args.sampler), sampler=args.sampler)
+    (run.dir / "final.json").write_text(json.dumps(final))
+    held = "eval.csv, TensorBoard" if run.eval_only else "eval.csv, train.csv, TensorBoard, checkpoints/"
+    print(f"fmq: done at step {step}; success " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()) + f" "
+          f"({args.eval_episodes} episodes); files in {run.dir} ({held}{', videos/' * (args.video_episodes > 0)})")
+    return final
 
 
 # ---------------------------------------------------------------- envs & datasets
@@ -148,7 +698,6 @@ RM_HINT = ("use robomimic's v1.5 file, made with robosuite 1.5 (pip install hugg
 logging.getLogger("robosuite_logs").addFilter(lambda r: r.levelno >= logging.ERROR)  # robosuite's import chatter
 warnings.filterwarnings("ignore", r".*(X11: The DISPLAY environment variable is missing|Box (low|high)'s precision|"
                         r"initialised with render_mode='rgb_array' that is not in the possible render_modes)")
-
 GL = "egl" if torch.cuda.is_available() and find_library("EGL_nvidia") else "osmesa" if find_library("OSMesa") else None
 if GL and "MUJOCO_GL" not in os.environ:  # render headless (dm_control would try GLFW, which needs a display)
     os.environ["MUJOCO_GL"] = GL
@@ -319,6 +868,7 @@ def load_robomimic(spec, dataset_dir):
                 next_observations=next_obs, ends=ends), env_args
 
 
+# ---------------------------------------------------------------- replay buffer
 def chunk_return(rewards, masks, discount):
     """Action-chunk reward and mask of a chunk inside one trajectory (Q-chunking's `sample_sequence`): the reward is
     sum_k discount^k r_k over all h steps, also after a mask-0 step (which only offline OGBench data has mid-chunk:
@@ -402,344 +952,7 @@ class ReplayBuffer:
         self.written, self.ep_len, self.ring_t[0], self.ring_t[1] = w, state["ep_len"], 0, len(ring)
 
 
-# ---------------------------------------------------------------- networks
-def time_features(t, dim):
-    """Fourier features of a time in [0, 1] (official `FourierFeatures`): [cos, sin] of t times dim / 2 log-spaced
-    frequencies 10000^(-k / (dim / 2 - 1)), from 1 down to 1e-4 rad per unit time. dim 0: t itself (QC's input)."""
-    if dim == 0:
-        return t
-    freqs = 1e4 ** -(torch.arange(dim // 2, device=t.device, dtype=t.dtype) / max(dim // 2 - 1, 1))
-    return torch.cat([torch.cos(t * freqs), torch.sin(t * freqs)], -1)
-
-
-def mlp(in_dim, hidden, out_dim, layers, layer_norm):
-    """Official `MLP`: Dense -> GELU (flax's tanh form) -> LayerNorm (eps 1e-6) per hidden layer, then Dense; Dense
-    kernels Xavier-uniform (variance_scaling 1, fan_avg), biases 0."""
-    mods = []
-    for k in range(layers):
-        mods += [nn.Linear(in_dim if k == 0 else hidden, hidden), nn.GELU("tanh")]
-        mods += [nn.LayerNorm(hidden, 1e-6)] * layer_norm
-    net = nn.Sequential(*mods, nn.Linear(hidden, out_dim))
-    for m in net:
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight), nn.init.zeros_(m.bias)
-    return net
-
-
-class FlowMapActor(nn.Module):
-    """Average velocity u_theta(a_r, r, t | s) of a flow map X_{r,t}(a_r|s) = a_r + (t - r) u_theta(a_r, r, t|s).
-    Actions are flattened chunks of `horizon` actions; a_0 ~ N(0, I) is noise, a_1 an action."""
-
-    def __init__(self, obs_dim, act_dim, args):
-        super().__init__()
-        self.act_dim, self.time_dim, self.euler_steps = act_dim, args.time_dim, args.euler_steps  # see `flow`
-        self.net = mlp(obs_dim + act_dim + 2 * max(args.time_dim, 1), args.hidden_dim, act_dim, args.num_layers,
-                       args.actor_layer_norm)
-
-    def forward(self, obs, a_r, r, t):
-        r, t = (x.to(a_r.dtype).reshape(-1, 1).expand(len(a_r), 1) if torch.is_tensor(x)
-                else a_r.new_full((len(a_r), 1), x) for x in (r, t))
-        return self.net(torch.cat([obs, a_r, time_features(r, self.time_dim), time_features(t, self.time_dim)], -1))
-
-
-class EnsembleLinear(nn.Module):
-    def __init__(self, n, in_dim, out_dim):
-        super().__init__()
-        k = math.sqrt(6.0 / (in_dim + out_dim))  # Xavier-uniform per member, zero bias (as `mlp`)
-        self.weight = nn.Parameter(torch.empty(n, in_dim, out_dim).uniform_(-k, k))
-        self.bias = nn.Parameter(torch.zeros(n, 1, out_dim))
-
-    def forward(self, x):  # [n, B, in] -> [n, B, out]
-        return torch.baddbmm(self.bias, x, self.weight)
-
-
-class EnsembleLayerNorm(nn.Module):
-    def __init__(self, n, dim):
-        super().__init__()
-        self.weight, self.bias = nn.Parameter(torch.ones(n, 1, dim)), nn.Parameter(torch.zeros(n, 1, dim))
-
-    def forward(self, x):
-        return torch.addcmul(self.bias, F.layer_norm(x, x.shape[-1:], eps=1e-6), self.weight)
-
-
-class Critics(nn.Module):
-    """`num_critics` Q networks on action chunks as one batched ensemble: Q(s, a) -> [num_critics, B]."""
-
-    def __init__(self, obs_dim, act_dim, args):
-        super().__init__()
-        n, h = args.num_critics, args.hidden_dim
-        mods = []
-        for k in range(args.num_layers):
-            mods += [EnsembleLinear(n, obs_dim + act_dim if k == 0 else h, h), nn.GELU("tanh")]
-            mods += [EnsembleLayerNorm(n, h)] * args.critic_layer_norm  # after the GELU, as the official `MLP`
-        self.net, self.n = nn.Sequential(*mods, EnsembleLinear(n, h, 1)), n
-
-    def forward(self, obs, a):
-        h = self.net[:-1](torch.cat([obs, a], -1).expand(self.n, -1, -1))
-        with torch.autocast(h.device.type, enabled=False):  # fp32 Q under --amp: bf16 steps 0.5 apart near |Q| = 100
-            return self.net[-1](h.float()).squeeze(-1)
-
-
-def q_agg(critic, how):
-    """Q(s, a) -> [B], aggregated over the ensemble."""
-    return lambda obs, a: critic(obs, a).min(0).values if how == "min" else critic(obs, a).mean(0)
-
-
-def critic_agg(args, online):
-    """Aggregation of TD target, best-of-N and QGBS: offline_q_agg offline; online --online-q-agg, else the method's:
-    min for FMQ (official FMQAgent), mean for flow-map (official FlowMapPolicy kept online, QC) and mvp."""
-    return (args.online_q_agg or ("min" if args.online_target == "fmq" else "mean")) if online else args.offline_q_agg
-
-
-def make_agent(args, obs_dim, act_dim, device):
-    actor, critic = FlowMapActor(obs_dim, act_dim, args).to(device), Critics(obs_dim, act_dim, args).to(device)
-    adam = lambda net: torch.optim.Adam(net.parameters(), lr=args.lr, fused=torch.device(device).type == "cuda",
-                                        capturable=args.cudagraphs)  # capturable: its step count stays on the device
-    return SimpleNamespace(actor=actor, critic=critic, critic_target=copy.deepcopy(critic).requires_grad_(False),
-                           u_off=None, actor_opt=adam(actor), critic_opt=adam(critic))
-
-
-def freeze_offline_copy(agent):
-    """Alg. 1's u_off: a frozen copy of the pretrained flow map."""
-    agent.u_off = copy.deepcopy(agent.actor).requires_grad_(False)
-
-
-# ---------------------------------------------------------------- sampling
-def flow(actor, obs, a_r, r=0.0, steps=None):
-    """X_{r,1}(a_r | s): the flow map's jump a_r + (1 - r) u(a_r, r, 1) if steps is 0, else `steps` Euler steps of
-    the instantaneous velocity u(a, t, t) from r to 1 (a flow-matching policy; QC takes 10). steps: --euler-steps."""
-    steps = actor.euler_steps if steps is None else steps
-    if steps == 0:
-        return a_r + (1.0 - r) * actor(obs, a_r, r, 1.0)
-    for k in range(steps):
-        t = r + (1.0 - r) * k / steps
-        a_r = a_r + (1.0 - r) / steps * actor(obs, a_r, t, t)
-    return a_r
-
-
-def one_step(actor, obs, generator=None):
-    """Alg. 1, line 2: a_1 = X_{0,1}(a_0 | s) = a_0 + u_theta(a_0, 0, 1 | s), a_0 ~ N(0, I): one network evaluation.
-    Every action the agent draws (acting, evaluation, TD target, MVP's target) starts here."""
-    a_0 = torch.randn(len(obs), actor.act_dim, device=obs.device, generator=generator)
-    return flow(actor, obs, a_0).clamp(-1.0, 1.0)
-
-
-def best_of_n(actor, q_fn, obs, n, generator=None):
-    """The best of n one-step samples under q_fn: (actions [B, d], their Q [B])."""
-    obs_n = obs.repeat_interleave(n, 0)
-    a = one_step(actor, obs_n, generator)
-    q_best, i = q_fn(obs_n, a).view(len(obs), n).max(1)
-    return a.view(len(obs), n, -1)[torch.arange(len(obs), device=obs.device), i], q_best
-
-
-def select_action(agent, obs, sampler, args, generator=None):
-    """Action chunks [B, act_dim] for states [B, obs_dim] with the chosen sampler (no gradient to the nets). Critics
-    aggregate as the official agents' (`critic_agg`): offline_q_agg offline, the online one online and in QGBS."""
-    actor, q_fn = agent.actor, q_agg(agent.critic, critic_agg(args, agent.u_off is not None or sampler == "qgbs"))
-    if sampler == "onestep":
-        return one_step(actor, obs, generator)
-    if sampler == "best-of-n":
-        return best_of_n(actor, q_fn, obs, args.best_of_n, generator)[0]
-    jump = lambda a_r, r, s: flow(actor, s, a_r, r)  # X_{r,1}(a_r | s)
-    euler = lambda a_r, r, s: flow(actor, s, a_r, r, max(actor.euler_steps, 1))  # official: one diagonal Euler step
-    return qgbs_lib.qgbs(jump, q_fn, obs, action_dim=actor.act_dim, M=args.qgbs_m, K=args.qgbs_k, B=args.qgbs_b,
-                         rho=args.qgbs_rho, eta=args.qgbs_eta, generator=generator, k0_step=args.qgbs_k0_step,
-                         complete=euler if args.qgbs_completion == "euler" else None)[0]
-
-
-def sampler_nfe(sampler, args):
-    """Network evaluations per action selection (each flow-map jump is --euler-steps of them, if any)."""
-    n = dict(onestep=1, qgbs=qgbs_lib.nfe(args.qgbs_m, args.qgbs_k, args.qgbs_b)).get(sampler, args.best_of_n)
-    return n * max(args.euler_steps, 1)
-
-
-def act(agent, obs, sampler, args, generator=None):
-    """Action chunks [B, horizon, act_dim] (numpy) for states [B, obs_dim] (numpy), on the training device."""
-    device = next(agent.actor.parameters()).device
-    with torch.no_grad(), torch.autocast(device.type, torch.bfloat16, enabled=args.amp):
-        a = select_action(agent, torch.as_tensor(obs, dtype=torch.float32, device=device), sampler, args, generator)
-    return a.float().view(len(obs), args.horizon, -1).cpu().numpy()
-
-
-# ---------------------------------------------------------------- losses & updates
-def trust_region_velocity(u_ref, grad_q, eta, kappa1=0.0):
-    """Theorem 3.2: the velocity within ||u - u_ref||_2 <= eta that maximises the first-order expansion of Q at
-    a_1, u* = u_ref + eta * grad_q / (||grad_q||_2 + kappa1). Batched over the leading dim; eta a scalar or [B]."""
-    eta = torch.as_tensor(eta, dtype=u_ref.dtype, device=u_ref.device).reshape(-1, *[1] * (u_ref.dim() - 1))
-    norm = grad_q.flatten(1).norm(dim=1).reshape(-1, *[1] * (u_ref.dim() - 1))
-    return u_ref + eta * grad_q / (norm + kappa1)
-
-
-def eulerian_target(u, obs, a_r, r, t, v=None):
-    """Eulerian / MeanFlow: X_{r,t}(a_r) is constant along the flow in r, so u(a_r, r, t) = v(a_r, r) + (t - r)
-    (d/dr) u(a_r, r, t), d/dr = partial_r + v . grad_a (one JVP). v: MeanFlow's conditional velocity a_1 - a_0
-    (unbiased for the marginal one; what training uses), or, if None, the model's own u(a_r, r, r)."""
-    v = u(obs, a_r, r, r).detach() if v is None else v
-    u_rt, du_dr = torch.func.jvp(lambda a, r_: u(obs, a, r_, t), (a_r, r), (v, torch.ones_like(r)))
-    return u_rt, v + (t - r) * du_dr
-
-
-def lagrangian_target(u, obs, a_r, r, t, v=None):
-    """Lagrangian self-distillation (LSD): d/dt X_{r,t}(a_r) = v(X_{r,t}(a_r), t), i.e.
-    u(a_r, r, t) = v(X_{r,t}(a_r), t) - (t - r) partial_t u(a_r, r, t)."""
-    u_rt, du_dt = torch.func.jvp(lambda t_: u(obs, a_r, r, t_), (t,), (torch.ones_like(t),))
-    x_t = (a_r + (t - r) * u_rt).detach()
-    return u_rt, u(obs, x_t, t, t) - (t - r) * du_dt
-
-
-def progressive_target(u, obs, a_r, r, t, v=None):
-    """Progressive self-distillation (PSD): X_{r,t} = X_{s,t} o X_{r,s} for s = r + lam (t - r), i.e.
-    u(a_r, r, t) = lam u(a_r, r, s) + (1 - lam) u(X_{r,s}(a_r), s, t)."""
-    lam = torch.rand_like(r)
-    s = r + lam * (t - r)
-    with torch.no_grad():
-        u_rs = u(obs, a_r, r, s)
-        u_st = u(obs, a_r + (s - r) * u_rs, s, t)
-    return u(obs, a_r, r, t), lam * u_rs + (1 - lam) * u_st
-
-
-FLOW_MAP_TARGETS = dict(eulerian=eulerian_target, lagrangian=lagrangian_target, progressive=progressive_target)
-
-
-def sample_r_t(n, step, args, device):
-    """(r, t), each [n, 1] on `device`, 0 <= r <= t <= 1 (official `flow_utils.sample_r_t`): two sorted uniforms,
-    their interval shrunk about its midpoint by a factor 0 up to `curriculum_start`, rising linearly to 1 at
-    `curriculum_end`."""
-    step = torch.as_tensor(step, dtype=torch.float32, device=device)
-    lo, hi = torch.rand(2, n, 1, device=device).sort(0).values
-    scale = ((step - args.curriculum_start) / max(args.curriculum_end - args.curriculum_start, 1)).clamp(0.0, 1.0)
-    mid, half = (lo + hi) / 2, scale * (hi - lo) / 2
-    return mid - half, mid + half
-
-
-def flow_map_loss(actor, obs, a_data, step, args):
-    """Offline pretraining with no multi-step teacher (official `FlowMapPolicy.actor_loss`): the diagonal (flow
-    matching) loss ||u(a_t, t, t) - (a_1 - a_0)||^2, plus, after `curriculum_start` steps, a self-distillation loss
-    ||u(a_r, r, t) - sg(target)||^2 on its own noise (not with --flow-map-loss none). `step` may be a tensor."""
-    B, step = len(a_data), torch.as_tensor(step, device=a_data.device)
-    a_0, t = torch.randn_like(a_data), torch.rand(B, 1, device=a_data.device)
-    diag = F.mse_loss(actor(obs, (1 - t) * a_0 + t * a_data, t, t), a_data - a_0)
-    if args.flow_map_loss == "none":
-        return diag, {"actor/diag_loss": diag.detach()}
-    (r, t), a_0 = sample_r_t(B, step, args, a_data.device), torch.randn_like(a_data)  # the distillation's own noise
-    a_r = (1 - r) * a_0 + r * a_data
-    u_rt, target = FLOW_MAP_TARGETS[args.flow_map_loss](actor, obs, a_r, r, t, v=a_data - a_0)  # v: eulerian only
-    distill = F.mse_loss(u_rt, target.detach())
-    loss = diag + (step > args.curriculum_start) * distill  # weight 0 up to curriculum_start, as the official code
-    return loss, {"actor/diag_loss": diag.detach(), "actor/distill_loss": distill.detach()}
-
-
-def fmq_loss(agent, obs, a_data, args):
-    """Alg. 1, lines 5-9 (official `FMQAgent._fmq_loss`): regress u_theta(a_r, r, 1) onto sg(u_off + eta_eff g)."""
-    B = len(a_data)
-    r, a_0 = torch.rand(B, 1, device=a_data.device), torch.randn_like(a_data)
-    a_r = (1 - r) * a_0 + r * a_data  # line 5
-    with torch.no_grad():
-        u_off = agent.u_off(obs, a_r, r, 1.0)
-    a_1 = (a_r + (1 - r) * u_off).clamp(-1.0, 1.0).requires_grad_(True)  # line 6, clipped as in the official code
-    qs = agent.critic(obs, a_1)
-    q_guide = qs[0] if args.guidance_critic == "q1" else qs.mean(0)
-    grad_q = torch.autograd.grad(q_guide.sum(), a_1)[0]  # d Q / d a only: no gradient reaches the critic
-    spread = qs.detach().std(0, correction=0)
-    delta = spread / (spread.mean() + 1e-8)  # delta_critic: per-sample critic spread / its batch mean
-    eta_eff = (1.0 if args.official_eta else args.eta) / (1 + args.beta * delta)  # line 8
-    target = trust_region_velocity(u_off, grad_q, eta_eff, args.kappa1).detach()  # line 7 and sg(.) of line 9
-    loss = F.mse_loss(agent.actor(obs, a_r, r, 1.0), target)  # line 9
-    return loss, {"actor/fmq_loss": loss.detach(), "actor/eta_eff": eta_eff.mean(),
-                  "actor/q_grad_norm": grad_q.norm(dim=1).mean()}
-
-
-def mvp_target(agent, obs, args):
-    """MVP's generate and select (Zhan et al. 2026): a* = the best of N samples under the critics, drawn as acting
-    draws; `update` fits a* with the offline loss (MeanFlow + the instantaneous velocity constraint = diagonal loss)."""
-    with torch.no_grad():
-        return best_of_n(agent.actor, q_agg(agent.critic, critic_agg(args, True)), obs, args.best_of_n)[0]
-
-
-def td_target(agent, batch, discount, horizon, agg, n):
-    """Chunked TD target R + discount^h mask Q_target(s', a') (official `critic_loss`): a' is the best of n samples
-    (`one_step`) under the current critics (official `sample_actions`), valued by the target critics; both use `agg`."""
-    a_next, _ = best_of_n(agent.actor, q_agg(agent.critic, agg), batch["next_obs"], n)
-    return batch["R"] + discount ** horizon * batch["mask"] * q_agg(agent.critic_target, agg)(batch["next_obs"], a_next)
-
-
-def critic_loss(agent, batch, discount, horizon, agg, n):
-    with torch.no_grad():
-        target = td_target(agent, batch, discount, horizon, agg, n)
-    qs = agent.critic(batch["obs"], batch["actions"])
-    loss = F.mse_loss(qs, target.expand_as(qs))
-    return loss, {"critic/loss": loss.detach(), "critic/q": qs.mean().detach(), "critic/target": target.mean()}
-
-
-def update(agent, batch, step, args, losses):
-    """One update (official `total_loss`): both losses at the pre-update parameters, one step on their sum, Polyak
-    toward the pre-update critic (official `target_update`). Returns logged values as device tensors (no sync).
-    No autocast cache: a CUDA graph must not capture it."""
-    agent.critic_opt.zero_grad(set_to_none=True), agent.actor_opt.zero_grad(set_to_none=True)
-    online, device = agent.u_off is not None, batch["obs"].device
-    params = [list(agent.critic.parameters()), list(agent.actor.parameters())]
-    with torch.autocast(device.type, torch.bfloat16, enabled=args.amp, cache_enabled=not args.cudagraphs):
-        c_loss, info = losses["critic"](agent, batch, args.discount, args.horizon, critic_agg(args, online),
-                                        args.best_of_n)
-        if online and args.online_target == "fmq":
-            a_loss, a_info = losses["fmq"](agent, batch["obs"], batch["actions"], args)
-        else:  # offline; online, flow-map keeps the offline loss on replay data and mvp takes it toward a*
-            a_1 = mvp_target(agent, batch["obs"], args) if online and args.online_target == "mvp" else batch["actions"]
-            a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], a_1, step, args)
-    (c_loss + a_loss).backward()
-    grads = [[p.grad for p in ps] for ps in params]
-    info["critic/grad_norm"], info["actor/grad_norm"] = map(nn.utils.get_total_norm, grads)  # stay on the device
-    with torch.no_grad():  # outside autograd, or the targets would join the graph
-        torch._foreach_lerp_(list(agent.critic_target.parameters()), params[0], args.tau)
-    agent.critic_opt.step()
-    agent.actor_opt.step()
-    return dict(info, **a_info)
-
-
-def make_update(agent, buffer, args, losses):
-    """step -> logged values of one update on a fresh batch. The step reaches the update as a device tensor.
-    The speed, all of it here, around the eager `update`: --compile runs it under torch.compile (losses, backward
-    and Polyak one graph per phase; each Adam step a graph of its own, as torch.optim breaks the graph there on
-    purpose), with eager's random draws. --cudagraphs: each phase's whole update (compiled or not) is captured once as
-    a CUDA graph, after 3 eager warm-up updates on a side stream, and replayed: one launch instead of hundreds."""
-    step_t = torch.zeros((), device=buffer.device)
-    run = lambda: update(agent, buffer.sample(args.batch_size, args.discount), step_t, args, losses)
-    if args.compile:
-        torch._dynamo.config.trace_autograd_ops = True  # backward() and fmq_loss's autograd.grad in the graph
-        torch._dynamo.config.nested_graph_breaks = True  # after each Adam step, resume inside `update`: fewer graphs
-        torch._inductor.config.fallback_random = True  # eager's random draws (on the CPU, 10x faster than its own)
-        run = torch.compile(run, dynamic=False)
-    graphs = {}  # phase (online?) -> dict(warm=eager updates so far, graph=, out=static outputs)
-
-    def step_fn(step):
-        step_t.fill_(step)
-        if not args.cudagraphs:
-            return run()
-        g = graphs.setdefault(agent.u_off is not None, dict(warm=0))
-        if g["warm"] < 3:
-            side = torch.cuda.Stream(buffer.device)
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                info = run()
-            torch.cuda.current_stream().wait_stream(side)
-            g["warm"] += 1
-            return info
-        if "graph" not in g:
-            graphs.pop(agent.u_off is None, None)  # the other phase's graph is done with
-            g["graph"] = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g["graph"]):
-                g["out"] = run()
-        g["graph"].replay()
-        return g["out"]
-    return step_fn
-
-
-def make_losses():
-    """The losses `update` calls, by role (looked up at call time, so tests can patch one)."""
-    return dict(critic=critic_loss, flow_map=flow_map_loss, fmq=fmq_loss)
-
-
-# ---------------------------------------------------------------- evaluate
+# ---------------------------------------------------------------- evaluation
 def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None, stop=()):
     """Success, return_train (rewards as training sees them: `reward`, reward_fn), return_env and length, means over
     args.eval_episodes episodes run in lockstep in `envs`; episode i resets with seed args.seed + 10_000 + i. With a
@@ -770,6 +983,14 @@ def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None, stop
     return dict(zip(("success", "return_train", "return_env", "length"), map(float, np.mean(episodes, 0))))
 
 
+# ---------------------------------------------------------------- logging & videos
+EVAL_FIELDS = ("step", "phase", "env_steps", "success", "return_train", "return_env", "length", "sampler", "nfe",
+               "episodes", "time")
+TRAIN_FIELDS = ("step", "phase", "env_steps", "sps", "critic/loss", "critic/q", "critic/target", "critic/grad_norm",
+                "actor/diag_loss", "actor/distill_loss", "actor/fmq_loss", "actor/eta_eff",
+                "actor/q_grad_norm", "actor/grad_norm", "env/episode_return", "env/episode_success")
+
+
 def write_video(path, frames, writer, log_wandb, step, fps=15):
     """Frames [T, H, W, 3] to an mp4 (imageio's ffmpeg), to W&B with --track, and to TensorBoard as a GIF (add_video's
     image summary, without its moviepy) of every 2nd frame at half size: ~3x the mp4, the whole video's ~17x."""
@@ -782,62 +1003,6 @@ def write_video(path, frames, writer, log_wandb, step, fps=15):
     image = Summary.Image(height=small.shape[1], width=small.shape[2], colorspace=3, encoded_image_string=gif)
     writer.file_writer.add_summary(Summary(value=[Summary.Value(tag="eval/video", image=image)]), step)
     log_wandb({"eval/video": path}, step)
-
-
-# ---------------------------------------------------------------- checkpoints & logs
-ARCH = ("env_id", "horizon", "hidden_dim", "num_layers", "time_dim", "num_critics", "actor_layer_norm",
-        "critic_layer_norm")
-EVAL_FIELDS = ("step", "phase", "env_steps", "success", "return_train", "return_env", "length", "sampler", "nfe",
-               "episodes", "time")
-TRAIN_FIELDS = ("step", "phase", "env_steps", "sps", "critic/loss", "critic/q", "critic/target", "critic/grad_norm",
-                "actor/diag_loss", "actor/distill_loss", "actor/fmq_loss", "actor/eta_eff",
-                "actor/q_grad_norm", "actor/grad_norm", "env/episode_return", "env/episode_success")
-NETS = ("actor", "critic", "critic_target", "actor_opt", "critic_opt")
-
-
-def save_checkpoint(run_dir, state, keep):
-    """Atomic write (temp file + rename); keeps the `keep` most recent checkpoints, and the phase switch's (the one
-    to --load-checkpoint to go online)."""
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    path, switch = (ckpt_dir / f"step_{s:09d}.pt" for s in (state["step"], state["args"]["offline_steps"]))
-    torch.save(state, path.with_suffix(".tmp"))
-    os.replace(path.with_suffix(".tmp"), path)
-    for old in sorted(set(ckpt_dir.glob("step_*.pt")) - {switch})[:-keep]:
-        old.unlink()
-    return path
-
-
-def latest_checkpoint(run_dir):
-    return max((Path(run_dir) / "checkpoints").glob("step_*.pt"), default=None)  # zero-padded step numbers
-
-
-def read_checkpoint(*paths):
-    """(path, contents) of the first of `paths` that can be read, one line for each one skipped; (None, None): none."""
-    for i, path in enumerate(paths):
-        try:
-            return path, torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay CPU ByteTensors
-        except Exception as e:  # truncated or corrupt: EOFError, OSError, RuntimeError (zip), UnpicklingError
-            why = f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip()[:200]})"
-            if i == len(paths) - 1:
-                raise FMQError(why) from None
-            print(f"fmq: {why}; trying the one before it", file=sys.stderr)
-    return None, None
-
-
-def load_checkpoint(path, args, agent, ckpt=None):
-    """Loads networks and optimisers into `agent` after checking that the checkpoint (`ckpt`, if read) fits this run."""
-    ckpt = read_checkpoint(path)[1] if ckpt is None else ckpt
-    theirs = {k: ckpt["args"].get(k) for k in ARCH if ckpt["args"].get(k) != getattr(args, k)}
-    if theirs:
-        raise FMQError(f"checkpoint {path} does not fit this run: it has {theirs}, this run "
-                       f"{ {k: getattr(args, k) for k in theirs} }")
-    for k in NETS:
-        getattr(agent, k).load_state_dict(ckpt[k])
-    if ckpt.get("u_off") is not None:
-        freeze_offline_copy(agent)
-        agent.u_off.load_state_dict(ckpt["u_off"])
-    return ckpt
 
 
 def csv_logger(path, fields, resume_step=None):
@@ -896,6 +1061,93 @@ class NonFiniteGuard:
                            f"Last good checkpoint: {last_good or 'none yet'}")
 
 
+# ---------------------------------------------------------------- checkpoints & resume
+ARCH = ("env_id", "horizon", "hidden_dim", "num_layers", "time_dim", "num_critics", "actor_layer_norm",
+        "critic_layer_norm")
+NETS = ("actor", "critic", "critic_target", "actor_opt", "critic_opt")
+
+
+def save_checkpoint(run_dir, state, keep):
+    """Atomic write (temp file + rename); keeps the `keep` most recent checkpoints, and the phase switch's (the one
+    to --load-checkpoint to go online)."""
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    path, switch = (ckpt_dir / f"step_{s:09d}.pt" for s in (state["step"], state["args"]["offline_steps"]))
+    torch.save(state, path.with_suffix(".tmp"))
+    os.replace(path.with_suffix(".tmp"), path)
+    for old in sorted(set(ckpt_dir.glob("step_*.pt")) - {switch})[:-keep]:
+        old.unlink()
+    return path
+
+
+def latest_checkpoint(run_dir):
+    return max((Path(run_dir) / "checkpoints").glob("step_*.pt"), default=None)  # zero-padded step numbers
+
+
+def read_checkpoint(*paths):
+    """(path, contents) of the first of `paths` that can be read, one line for each one skipped; (None, None): none."""
+    for i, path in enumerate(paths):
+        try:
+            return path, torch.load(path, map_location="cpu", weights_only=False)  # RNG states stay CPU ByteTensors
+        except Exception as e:  # truncated or corrupt: EOFError, OSError, RuntimeError (zip), UnpicklingError
+            why = f"cannot read checkpoint {path} ({type(e).__name__}: {str(e).strip()[:200]})"
+            if i == len(paths) - 1:
+                raise FMQError(why) from None
+            print(f"fmq: {why}; trying the one before it", file=sys.stderr)
+    return None, None
+
+
+def load_checkpoint(path, args, agent, ckpt=None):
+    """Loads networks and optimisers into `agent` after checking that the checkpoint (`ckpt`, if read) fits this run."""
+    ckpt = read_checkpoint(path)[1] if ckpt is None else ckpt
+    theirs = {k: ckpt["args"].get(k) for k in ARCH if ckpt["args"].get(k) != getattr(args, k)}
+    if theirs:
+        raise FMQError(f"checkpoint {path} does not fit this run: it has {theirs}, this run "
+                       f"{ {k: getattr(args, k) for k in theirs} }")
+    for k in NETS:
+        getattr(agent, k).load_state_dict(ckpt[k])
+    if ckpt.get("u_off") is not None:
+        freeze_offline_copy(agent)
+        agent.u_off.load_state_dict(ckpt["u_off"])
+    return ckpt
+
+
+
+def save_run(run, agent, args, step, ep, queue):
+    """The run's whole state at `step` as a checkpoint: nets, optimisers, u_off, the buffer's online rows, the
+    training episode, every RNG; never over the last good one after a non-finite loss."""
+    run.guard.check(run.last_ckpt)
+    state = {k: getattr(agent, k).state_dict() for k in NETS}
+    state.update(step=step, step0=run.step0, time=time.time() - run.t0, args=asdict(args),
+                 u_off=agent.u_off.state_dict() if agent.u_off else None,
+                 buffer=run.buffer.online_state(), episode=dict(ep, queue=list(queue)),
+                 rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
+                          cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
+    return save_checkpoint(run.dir, state, args.keep_checkpoints)
+
+
+def restore_run(run, agent, args):
+    """(step, training episode, action queue) to start from. --resume: everything save_run saved; --load-checkpoint:
+    the nets, and run.step0, the step they had reached, from which the flow-map loss's curriculum goes on (as the
+    official restore, which keeps its step; a run's own steps count from 0 all the same)."""
+    ep = dict(index=0, start=run.n_off, ret=0.0)
+    if run.resume_from is not None:
+        ckpt = load_checkpoint(run.resume_from, args, agent, run.ckpt)
+        run.step0, run.t0 = ckpt.get("step0", 0), time.time() - ckpt.get("time", 0.0)  # eval.csv's `time` goes on
+        run.buffer.load_online_state(ckpt["buffer"])
+        rng = ckpt["rng"]
+        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        run.ckpt = None  # (its memory)
+        return ckpt["step"], ckpt["episode"], list(ckpt["episode"].get("queue", []))
+    if args.load_checkpoint:
+        ckpt = load_checkpoint(args.load_checkpoint, args, agent)
+        run.step0 = ckpt["step"] + ckpt.get("step0", 0)
+    return 0, ep, []
+
+
+# ---------------------------------------------------------------- validation
 def validate(args):
     problems = [msg for bad, msg in [
         (args.horizon < 1, "--horizon must be >= 1"),
@@ -932,190 +1184,6 @@ def preallocation_check(n_rows, row_floats, device):
     if need > 0.9 * free:
         raise FMQError(f"the replay buffer needs {need / 2**30:.1f} GiB on {device} but only {free / 2**30:.1f} GiB "
                        f"is free; use fewer --online-steps or another device")
-
-
-# ---------------------------------------------------------------- main
-def main(args: Args):
-    spec = env_spec(args.env_id)
-    validate(args)
-    torch.set_num_threads(args.threads)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # start-up: SIGTERM stops as Ctrl-C does (`__main__`)
-    named = args.resume not in (None, "auto")  # --resume names the run folder
-    run_dir = Path(args.resume) if named else Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
-    if args.resume is None and latest_checkpoint(run_dir) is not None:  # a new run never starts over a checkpoint
-        raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
-    resume_from, ckpt = read_checkpoint(*sorted((run_dir / "checkpoints").glob("step_*.pt"), reverse=True)) if (
-        args.resume) else (None, None)
-    if named and resume_from is None:
-        raise FMQError(f"--resume {args.resume}: no checkpoint in {run_dir / 'checkpoints'}")
-
-    random.seed(args.seed), np.random.seed(args.seed), torch.manual_seed(args.seed)
-    if args.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every new tensor is slow on CPU
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # JAX's default GPU precision
-
-    total = args.offline_steps + args.online_steps
-    eval_only = total == 0 and args.resume is None  # an evaluation alone: no buffer, no dataset (but robomimic's env's)
-    data, env_args = ({}, None) if eval_only and spec["suite"] != "robomimic" else load_dataset(spec, args.dataset_dir)
-    data = {k: v[:int(len(v) * args.dataset_proportion)] for k, v in data.items()}  # official dataset_proportion
-    env = make_env(spec, env_args)
-    try:  # videos: a first frame now, not at the first evaluation hours later
-        video_env = make_env(spec, env_args, render=True) if args.video_episodes else None
-        if video_env:
-            video_env.reset(seed=0), video_env.render()
-    except Exception as e:
-        raise FMQError(f"--video-episodes: rendering with MUJOCO_GL={os.environ.get('MUJOCO_GL') or 'glfw'} failed ("
-                       f"{type(e).__name__}: {str(e).strip()[:200]}); headless, use MUJOCO_GL=egl on a GPU machine or "
-                       f"MUJOCO_GL=osmesa (apt-get install libosmesa6)") from None
-    obs_dim, act_dim, limit = env.observation_space.shape[0], env.action_space.shape[0], env.spec.max_episode_steps
-    if data and (data["observations"].shape[1:] != (obs_dim,) or data["actions"].shape[1:] != (act_dim,)):
-        raise FMQError(f"dataset shapes (obs {data['observations'].shape[1:]}, actions {data['actions'].shape[1:]}) "
-                       f"do not match env {spec['name']} (obs ({obs_dim},), actions ({act_dim},))")
-    if args.horizon >= limit:
-        raise FMQError(f"--horizon {args.horizon} must be shorter than the episode ({limit} steps)")
-    rewards, buffer, n_off = reward_fn(spec, args.sparse), None, len(data.get("observations", ()))
-    if not eval_only:
-        data["rewards"] = rewards(data["rewards"]).astype(np.float32)
-        capacity = min(max(args.buffer_size, n_off + 1), n_off + args.online_steps)  # official; no row never written
-        preallocation_check(capacity, 2 * obs_dim + act_dim + 2, device)
-        buffer = ReplayBuffer(data, capacity, args.horizon, device)
-    del data
-
-    agent = make_agent(args, obs_dim, act_dim * args.horizon, device)
-    losses = make_losses()
-    # step0: the loaded networks' step, where the flow-map loss's curriculum goes on (the official restore keeps it)
-    step, step0, elapsed, ep = 0, 0, 0.0, dict(index=0, start=n_off, ret=0.0)
-    if resume_from is not None:
-        load_checkpoint(resume_from, args, agent, ckpt)
-        step, ep, rng, step0, elapsed = ckpt["step"], ckpt["episode"], ckpt["rng"], ckpt.get("step0", 0), ckpt.get(
-            "time", 0.0)  # time: the run's own, eval.csv's `time` goes on
-        buffer.load_online_state(ckpt["buffer"])
-        random.setstate(rng["python"]), np.random.set_state(rng["numpy"]), torch.set_rng_state(rng["torch"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-    elif args.load_checkpoint:
-        ckpt = load_checkpoint(args.load_checkpoint, args, agent)
-        step0 = ckpt["step"] + ckpt.get("step0", 0)
-    update_fn = make_update(agent, buffer, args, losses) if buffer else None
-    stop = []  # from here on a stop request (Ctrl-C, SIGTERM) is acknowledged at once and honoured within one env step
-
-    def request_stop(sig, _):
-        if stop:
-            raise SystemExit(f"fmq: stopped at once by a second {signal.Signals(sig).name}")
-        stop.append(sig)
-        tqdm.write(f"fmq: {signal.Signals(sig).name}: stopping within one env step (again: at once)", file=sys.stderr)
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, request_stop)
-    run_dir.mkdir(parents=True, exist_ok=True)  # only now: a run that fails to start leaves no folder
-    (run_dir / "config.json").write_text(json.dumps(asdict(args), indent=2))
-    log_wandb = wandb_logger(args, run_dir, resume_from is not None)
-    writer = SummaryWriter(str(run_dir), purge_step=step + 1 if resume_from else None)
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|" + "".join(f"\n|{k}|{v}|" for k, v in vars(args).items()))
-    log_train, _ = csv_logger(run_dir / "train.csv", TRAIN_FIELDS, step if resume_from else None)
-    log_eval, evals = csv_logger(run_dir / "eval.csv", EVAL_FIELDS, step if resume_from else None)
-
-    episode_seed = lambda i: args.seed * 1_000_003 + i  # the training env's episode i starts from this seed
-    obs, _ = env.reset(seed=episode_seed(ep["index"]))
-    if resume_from is not None:  # replay the interrupted episode
-        for a in buffer.rows("actions", ep["start"], buffer.written).cpu().numpy():
-            obs = env.step(a)[0]
-        stored = buffer.rows("next_observations", ep["start"], buffer.written)
-        if len(stored) and not np.allclose(obs, stored[-1].cpu()):
-            raise FMQError("replaying the interrupted episode did not reproduce its observations (env changed?)")
-    queue = list(ep.get("queue", []))
-    eval_envs, last_ckpt, guard, t0, last_log = None, resume_from, NonFiniteGuard(), time.time() - elapsed, (
-        step, time.time())
-    phase_of = lambda s: "offline" if s < args.offline_steps else "online"  # of train.csv's rows
-
-    def checkpoint(s):
-        guard.check(last_ckpt)  # a bad state is never saved over the last good one
-        state = {k: getattr(agent, k).state_dict() for k in NETS}
-        state.update(step=s, step0=step0, time=time.time() - t0, args=asdict(args),
-                     u_off=agent.u_off.state_dict() if agent.u_off else None,
-                     buffer=buffer.online_state(), episode=dict(ep, queue=list(queue)),
-                     rng=dict(python=random.getstate(), numpy=np.random.get_state(), torch=torch.get_rng_state(),
-                              cuda=torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None))
-        return save_checkpoint(run_dir, state, args.keep_checkpoints)
-
-    def run_eval(s):
-        """{sampler: success} at step s, logged; None if a stop request cut it short (no rows: redone on resume)."""
-        nonlocal eval_envs, last_log
-        eval_envs = eval_envs or [make_env(spec, env_args) for _ in range(min(args.eval_envs, args.eval_episodes))]
-        results = {sampler: evaluate(agent, eval_envs, args, sampler, rewards, stop=stop)
-                   for sampler in dict.fromkeys((args.sampler, *args.extra_samplers))}  # the first is the run's own
-        if stop:
-            return None
-        for sampler, res in results.items():
-            log_eval(dict(step=s, phase="offline" if agent.u_off is None else "online", sampler=sampler,
-                          env_steps=max(s - args.offline_steps, 0), nfe=sampler_nfe(sampler, args),
-                          episodes=args.eval_episodes, time=round(time.time() - t0, 1), **res))
-            key = "eval/success" + ("" if sampler == args.sampler else f"_{sampler}")
-            writer.add_scalar(key, res["success"], s), log_wandb({key: res["success"]}, s)
-        if args.video_episodes and evaluate(agent, [video_env], args, args.sampler, frames=(frames := []), stop=stop):
-            write_video(run_dir / "videos" / f"step_{s:09d}.mp4", np.stack(frames), writer, log_wandb, s)
-        last_log = (s, time.time())  # sps leaves evaluations out
-        return {sampler: res["success"] for sampler, res in results.items()}
-
-    print(f"fmq: run {run_dir} on {device}, " + (f"evaluating {args.load_checkpoint}" if eval_only else (
-        f"dataset {n_off} rows; {args.offline_steps} offline + {args.online_steps} online steps" + f" (updates from "
-        f"online step {args.start_training})" * (args.online_steps > 0) + f", starting at step {step}")), flush=True)
-    evaluated = lambda s: s % args.eval_interval == 0 or s in (total, args.offline_steps)
-    results, start = {r["sampler"]: float(r["success"]) for r in evals}, step
-    pbar = tqdm(total=total, initial=step, dynamic_ncols=True, mininterval=1.0)
-    while True:  # at each step (the first: 0 or the resumed one): log, evaluate, switch phase, save; then step on
-        if step > start and (step % args.log_interval == 0 or step in (total, args.offline_steps)):
-            guard.check(last_ckpt)
-            sps = (step - last_log[0]) / (time.time() - last_log[1])
-            last_log = (step, time.time())
-            row = {**{k: float(v) for k, v in info.items()}, **ep.get("last", {})}
-            for k, v in dict(row, **{"charts/SPS": sps}).items():
-                writer.add_scalar(k, v, step)
-            log_wandb(row, step)
-            log_train(dict(row, step=step, phase=phase_of(step - 1), env_steps=max(step - args.offline_steps, 0),
-                           sps=round(sps, 1)))
-            pbar.set_postfix(phase=phase_of(step - 1), sps=f"{sps:.0f}", success=results.get(args.sampler, "-"))
-        if evaluated(step) and all(int(r["step"]) != step for r in evals):  # (resumed: one a stop cut short is redone)
-            results = run_eval(step) or results
-            pbar.set_postfix(phase=phase_of(step), success=results.get(args.sampler))
-        if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None and not stop:
-            freeze_offline_copy(agent)  # the phase switch, after the offline agent's evaluation: u_off, Alg. 1's input
-        if buffer and (stop or step > start and (evaluated(step) or step % args.save_interval == 0)):
-            last_ckpt = checkpoint(step)
-        if step >= total or stop:
-            break
-        if step >= args.offline_steps:  # Alg. 1, lines 2-3: act (best-of-N, as the official code), store the transition
-            queue = queue or list(act(agent, obs[None], args.train_sampler, args)[0])
-            action = queue.pop(0)
-            next_obs, r, term, trunc, info = env.step(action)
-            buffer.add(obs, action, float(rewards(r)), 1.0 - term, next_obs, term or trunc)
-            obs, ep["ret"] = next_obs, ep["ret"] + r
-            if term or trunc:
-                last = {"env/episode_return": ep["ret"], "env/episode_success": float(info["success"])}
-                ep = dict(index=ep["index"] + 1, start=buffer.written, ret=0.0, last=last)
-                obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []
-        info = {}  # online warm-up: the first start_training - 1 online steps only collect data (official main.py)
-        if step < args.offline_steps or step - args.offline_steps + 1 >= args.start_training:
-            for _ in range(1 if step < args.offline_steps else args.utd_ratio):
-                info = update_fn(step0 + step)  # Alg. 1, lines 4-9, on a fresh batch
-                guard.track(info, step)
-        step += 1
-        pbar.update(1)
-    pbar.close(), writer.close()
-    if args.track:
-        sys.modules["wandb"].finish()
-    if stop:  # a requested stop, not an error
-        print(f"fmq: stopped at step {step} as asked" + (f"; saved {last_ckpt}; continue with the same flags and "
-              f"--resume {run_dir}" if buffer else ""), file=sys.stderr)
-        return None
-    final = dict(step=step, success=results.get(args.sampler), sampler=args.sampler)
-    (run_dir / "final.json").write_text(json.dumps(final))
-    held = "eval.csv, TensorBoard" if eval_only else "eval.csv, train.csv, TensorBoard, checkpoints/"
-    print(f"fmq: done at step {step}; success " + ", ".join(f"{k} {v:.2f}" for k, v in results.items()) + f" "
-          f"({args.eval_episodes} episodes); files in {run_dir} ({held}{', videos/' * (args.video_episodes > 0)})")
-    return final
 
 
 if __name__ == "__main__":
