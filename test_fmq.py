@@ -2219,7 +2219,7 @@ def test_gpu_check_fetches_every_package_the_code_imports():
                 if "==" in line and not line.startswith("#"))
     assert {norm(w.split("==")[0]): w.partition("==")[2] for w in gpu_check.WHEELS} == {
         d: next((v for k, v in pins.items() if norm(k) == d), "") for d in fetched}  # unpinned only if not in there
-    assert set(gpu_check.NOT_FETCHED) <= {norm(k) for k in pins}
+    assert set(gpu_check.NOT_FETCHED) - {"mutmut"} <= {norm(k) for k in pins}  # mutmut: installed for its tool only
 
 
 # ---------------------------------------------------------------- RoboMimic v1.5: files the tests record, the env guard

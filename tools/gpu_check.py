@@ -44,7 +44,8 @@ WHEELS = ["numpy==2.4.6", "scipy==1.17.1", "h5py==3.16.0", "tyro==1.0.17", "tqdm
           "ogbench==1.2.2", "mujoco==3.3.7", "dm_control==1.0.34", "gymnasium", "imageio==2.38.2",
           "pytest==9.2.0", "pandas==2.3.3", "rliable==1.2.0", "matplotlib==3.11.2", "huggingface_hub==2.4.0"]
 NOT_FETCHED = {"torch": "the machine has it", "wandb": "fmq.py --track only", "robosuite": "the RoboMimic tasks only",
-               "submitit": "tools/sweep.py --launcher slurm only"}  # imported, but not by any step of the check
+               "submitit": "tools/sweep.py --launcher slurm only",
+               "mutmut": "tools/mutmut_run.py only"}  # imported, but not by any step of the check
 SDIST_ONLY = ["rliable==1.2.0"]  # no wheel on PyPI: built here (pure Python), then found by the download
 STRIP = ("dm_control/locomotion/", "dm_control/suite/")  # 47 of dm_control's 56 MB; ogbench uses only mjcf
 PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x86_64", "manylinux_2_17_x86_64",
