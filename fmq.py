@@ -429,6 +429,8 @@ def make_update(agent, buffer, args, losses):
         torch._dynamo.config.trace_autograd_ops = True  # backward() and fmq_loss's autograd.grad in the graph
         torch._dynamo.config.nested_graph_breaks = True  # after each Adam step, resume inside `update`: fewer graphs
         torch._inductor.config.fallback_random = True  # eager's random draws (on the CPU, 10x faster than its own)
+        drop = lambda r: "record function" not in str(r.msg)  # dynamo's note that Optimizer.step's label is ignored
+        logging.getLogger("torch._dynamo.variables.ctx_manager").addFilter(drop)
         run = torch.compile(run, dynamic=False)
     graphs = {}  # phase (online?) -> dict(warm=eager updates so far, graph=, out=static outputs)
 
