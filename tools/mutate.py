@@ -181,11 +181,11 @@ BUGS = [
     bug("critic_loss_summed_over_members", "critic loss summed over the members (mean over the batch only)",
         "loss = F.mse_loss(qs, target.expand_as(qs))", "loss = ((qs - target) ** 2).mean(1).sum()"),
     bug("polyak_after_the_optimiser_step", "Polyak step toward the updated critic (taken after Adam's step)",
+        "    with torch.no_grad():  # outside autograd, or the targets would join the graph\n"
         "        torch._foreach_lerp_(list(agent.critic_target.parameters()), params[0], args.tau)\n"
-        "        for opt, g in zip((agent.critic_opt, agent.actor_opt), grads):\n"
-        "            adam_step(opt, g) if torch.compiler.is_compiling() else opt.step()\n",
-        "        for opt, g in zip((agent.critic_opt, agent.actor_opt), grads):\n"
-        "            adam_step(opt, g) if torch.compiler.is_compiling() else opt.step()\n"
+        "    agent.critic_opt.step()\n    agent.actor_opt.step()\n",
+        "    agent.critic_opt.step()\n    agent.actor_opt.step()\n"
+        "    with torch.no_grad():  # outside autograd, or the targets would join the graph\n"
         "        torch._foreach_lerp_(list(agent.critic_target.parameters()), params[0], args.tau)\n"),
     bug("qgbs_offline_agg_without_u_off", "QGBS of an offline agent ranks by offline_q_agg, not the online one",
         'critic_agg(args, agent.u_off is not None or sampler == "qgbs")', "critic_agg(args, agent.u_off is not None)"),
@@ -228,20 +228,23 @@ BUGS = [
         also=[("qgbs.py", "        eps = torch.randn(batch, M, B, d,", "        a_1 = eta_step(a_1)\n        eps = torch.randn(batch, M, B, d,")]),
     # --- main's loop: stored reward, episode ends, warm-up, phase switch, seeds, evaluation, resume
     bug("online_reward_untransformed", "online transitions store the env's reward, not the transformed one",
-        "buffer.add(obs, action, float(rewards(r)),", "buffer.add(obs, action, float(r),"),
+        "run.buffer.add(obs, action, float(run.rewards(r)),", "run.buffer.add(obs, action, float(r),"),
     bug("online_reward_ignores_sparse", "online transitions get the table's transform but not --sparse's",
-        "buffer.add(obs, action, float(rewards(r)),", "buffer.add(obs, action, float(reward_fn(spec, False)(r)),"),
+        "run.buffer.add(obs, action, float(run.rewards(r)),",
+        "run.buffer.add(obs, action, float(reward_fn(run.spec, False)(r)),"),
     bug("truncation_not_an_end", "a time-limit truncation does not end the stored episode",
         "1.0 - term, next_obs, term or trunc)", "1.0 - term, next_obs, term)"),
     bug("warm_up_off_by_one", "online updates start one env step late (step i >= start_training, 0-based)",
         "step - args.offline_steps + 1 >= args.start_training", "step - args.offline_steps >= args.start_training"),
     bug("phase_switch_late", "u_off frozen one step after the offline phase ends",
-        "if step >= args.offline_steps and args.online_steps > 0 and agent.u_off is None",
-        "if step >= args.offline_steps + 1 and args.online_steps > 0 and agent.u_off is None"),
+        "switch = lambda: step >= args.offline_steps and",
+        "switch = lambda: step >= args.offline_steps + 1 and"),
     bug("train_episode_seed_stuck", "every training episode after the first resets with episode 0's seed",
-        'obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []', "obs, queue = env.reset(seed=episode_seed(0))[0], []"),
+        'obs, queue = run.env.reset(seed=episode_seed(args, ep["index"]))[0], []',
+        "obs, queue = run.env.reset(seed=episode_seed(args, 0))[0], []"),
     bug("chunk_queue_kept_across_episodes", "the rest of an action chunk carries over into the next episode",
-        'obs, queue = env.reset(seed=episode_seed(ep["index"]))[0], []', 'obs = env.reset(seed=episode_seed(ep["index"]))[0]'),
+        'obs, queue = run.env.reset(seed=episode_seed(args, ep["index"]))[0], []',
+        'obs = run.env.reset(seed=episode_seed(args, ep["index"]))[0]'),
     bug("eval_seed_ignores_wave", "evaluation waves reuse the first wave's seeds (seed + 10_000 + i)",
         "e.reset(seed=args.seed + 10_000 + first + i)", "e.reset(seed=args.seed + 10_000 + i)"),
     bug("eval_success_of_last_wave", "evaluation success counts only the last wave",
@@ -280,7 +283,8 @@ BUGS = [
     bug("keep_one_checkpoint_more", "keep_checkpoints + 1 checkpoints kept",
         '- {switch})[:-keep]', '- {switch})[:-keep - 1]'),
     bug("resume_drops_the_chunk_queue", "on resume, the rest of the interrupted action chunk is dropped",
-        'queue = list(ep.get("queue", []))', "queue = []"),
+        'return ckpt["step"], ckpt["episode"], list(ckpt["episode"].get("queue", []))',
+        'return ckpt["step"], ckpt["episode"], []'),
     bug("delta_from_target_critics", "delta_critic from the target critics' spread, not the current ones'",
         "spread = qs.detach().std(0, correction=0)", "spread = agent.critic_target(obs, a_1).detach().std(0, correction=0)"),
     bug("mvp_target_with_grad", "MVP's a* drawn with autograd on (the actor is trained through its own target)",
