@@ -300,20 +300,20 @@ def test_report_without_the_sweeps_flags_says_so_in_one_line(tmp_path, capsys):
                                       f"fmq, mvp\n"
 
 
-def test_sweep_records_its_flags_and_the_report_takes_them(tmp_path, capsys):
+def test_sweep_records_its_flags_and_the_report_takes_them(tmp_path, capsys, monkeypatch):
     """A launched sweep writes runs/sweep.json (command, flags after `--`, methods, commit, date); the report, given
     no `--`, takes the flags from it, and its JSON carries the seeds per method, the settings every run shares, each
     run's own, the sweep's record and its own commit and date."""
-    runs, noop = tmp_path / "runs", tmp_path / "noop.py"
-    noop.write_text("")  # stands in for fmq.py: the sweep launches it with the cell's flags, it does nothing
-    argv = ["--env-ids", "square", "--seeds", "9", "--method", "fmq", "--runs-dir", str(runs), "--script", str(noop),
-            "--workers", "1", "--", *TOY]
-    assert sweep.main(argv) == 0
+    runs, launched = tmp_path / "runs", []
+    monkeypatch.setattr(sweep, "run_local", lambda todo, *a: launched.extend(todo) or 0)  # no fmq.py run
+    argv = ["--env-ids", "square", "--seeds", "9", "--method", "fmq", "--runs-dir", str(runs), "--workers", "1",
+            "--", *TOY]
+    assert sweep.main(argv) == 0 and [name for name, _ in launched] == ["square__fmq__9"]
     record = json.loads((runs / "sweep.json").read_text())
     assert record["flags"] == TOY and record["methods"] == {"fmq": sweep.METHODS["fmq"]}
     assert record["command"] == shlex.join(["python", "tools/sweep.py", *argv]) and record["seeds"] == [9]
     assert record["commit"] == sweep.git_commit() and record["date"][:2] == "20"
-    make_grid(runs)  # the runs of that sweep's flags (square__fmq__9 holds no eval.csv: not a run)
+    make_grid(runs)  # the runs of that sweep's flags
     capsys.readouterr()
     assert report.main(["--runs-dir", str(runs), "--reps", "10", "--out-json", str(tmp_path / "r.json")]) == 0
     assert f"the sweep's flags, from {runs / 'sweep.json'}: {shlex.join(TOY)}" in capsys.readouterr().out
