@@ -6,10 +6,10 @@ examples:
   python fmq.py --exp-name quick --dataset-dir /tmp/ogbench-small --hidden-dim 64 --num-layers 2 --batch-size 64 \
     --best-of-n 8 --offline-steps 1000 --online-steps 1000 --start-training 100 --curriculum-start 100 \
     --curriculum-end 500 --eval-interval 1000 --eval-episodes 5 --log-interval 250   # the quick check on it
-  python fmq.py --env-id cube-dbl-t3 --extra-samplers qgbs --cudagraphs   # a paper run (FMQ, FMQ + QGBS) on a GPU
-  python fmq.py --env-id cube-dbl-t3 --resume auto                         # continue that run after a stop
+  python fmq.py --env-id cube-dbl-t3 --extra-samplers qgbs   # a paper run (FMQ, FMQ + QGBS), on a GPU if there is one
+  python fmq.py --env-id cube-dbl-t3 --resume auto            # continue that run after a stop
 """
-# Read top to bottom: Args -> envs & datasets -> networks -> losses & updates -> evaluate -> main.
+# Read top to bottom: Args -> networks -> sampling -> losses -> update -> main (the loop); then the plumbing.
 import copy
 import csv
 import difflib
