@@ -99,7 +99,7 @@ class Args:
     threads: int = 1  # CPU threads of torch's ops (torch.set_num_threads); on a GPU run only host-side ops use them
     compile: bool = False  # run the update under torch.compile: a graph per phase, one per Adam step (needs g++)
     amp: bool = False  # run the networks' forward passes in bfloat16 autocast
-    cudagraphs: bool = False  # GPU only: capture each phase's whole update as one CUDA graph and replay it (fastest)
+    cudagraphs: bool = False  # GPU only: capture each phase's whole update as one CUDA graph and replay it
     dataset_dir: Optional[str] = None  # dataset folder; None: ~/.ogbench/data (OGBench) or ~/.robomimic (RoboMimic)
     # --- logging & checkpoints ---
     runs_dir: str = "runs"  # where run folders go (config.json, train.csv, eval.csv, TensorBoard events, checkpoints/)

@@ -2223,7 +2223,7 @@ def test_robomimic_guard_separates_v15_files_from_robosuite_14_ones_and_other_co
         # converted, means the same actions; half the gain moves the gripper ~25% otherwise (measured 0.245 on can).
         assert ok["replay"] < 0.01 and old["replay"] < 0.01 and slack["replay"] > 2 * fmq.RM_TOL["replay"]
         assert ok["reward"] == old["reward"] == slack["reward"] == 0.0 and slack["obs"] == ok["obs"]
-    shared141 = DATA / "robomimic"  # robosuite-1.4.1 files of this project's machines, when they are there
+    shared141 = DATA / "robomimic"  # robosuite-1.4.1 files, where a checkout has them beside it
     if (shared141 / "can" / "mh" / "low_dim_v15.hdf5").exists():
         with pytest.raises(fmq.FMQError, match=r"made with robosuite 1\.4\.1; the installed 1\.5\.\d+ does not repr"):
             fmq.load_dataset(fmq.env_spec("can"), str(shared141))

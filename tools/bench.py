@@ -36,11 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fmq  # noqa: E402
 
 ROBOMIMIC_SHAPES = dict(can=(23, 7), square=(23, 7))  # obs_dim, act_dim (the env needs the dataset file)
-FOOTER = ("targets: CPU one-step action (1 state) < 1 ms; GPU offline update < 2 ms, online step < 5 ms.\n"
-          "official FMQ JAX code, side by side (2-core Xeon, fp32, scene-t5 defaults): offline update 263 ms vs 264 "
-          "ms here, online 272 vs 259 ms; compare only runs on one machine, in one window, at one precision.\n"
-          "--compile goal (same CPU, one thread): at most 0.58 of eager at 3x128, batch 128, N 8 (the official code's "
-          "12.5 / 21.5 ms); no slower than eager at the defaults.")
+FOOTER = ("compare only runs on one machine, in one window, at one precision (docs/speed.md: how to read these).")
 
 
 def parse_args(argv=None):

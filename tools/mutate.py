@@ -10,7 +10,7 @@ First the unpatched copy runs the same tests: they must pass (that run also meas
 A patch whose old snippet is not found exactly once is an ERROR, never a silent skip. Exit status 0 only when
 every bug is caught and every patch applies. Opt-in (not part of `pytest`):
 
-  python tools/mutate.py                       # all bugs, one worker per core (~15 min on 2 cores)
+  python tools/mutate.py                       # all bugs, one worker per core (docs/testing.md: its time)
   python tools/mutate.py --only td_drops_mask  # one bug (repeatable)
   python tools/mutate.py --list                # the catalogue
   python tools/mutate.py --tests all           # also the tests marked slow (real envs, subprocesses, training)
