@@ -31,7 +31,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ("fmq.py", "qgbs.py", "test_fmq.py", "pytest.ini", "tools", "README.md", "requirements.txt")  # what each temp copy holds
+# what each temp copy holds
+COPY = ("fmq.py", "qgbs.py", "test_fmq.py", "pytest.ini", "tools", "README.md", "requirements.txt")
 
 
 def bug(name, why, old, new, file="fmq.py", also=()):
