@@ -392,7 +392,7 @@ def critic_loss(agent, batch, discount, horizon, agg, n):
 
 
 # ---------------------------------------------------------------- update (plain eager; make_update adds the speed)
-def update(agent, batch, step, args, losses):
+def update(agent, batch, step, args):
     """One update (official `total_loss`): both losses at the pre-update parameters, one step on their sum, Polyak
     toward the pre-update critic (official `target_update`). Returns logged values as device tensors (no sync).
     No autocast cache: a CUDA graph must not capture it."""
@@ -400,13 +400,12 @@ def update(agent, batch, step, args, losses):
     online, device = agent.u_off is not None, batch["obs"].device
     params = [list(agent.critic.parameters()), list(agent.actor.parameters())]
     with torch.autocast(device.type, torch.bfloat16, enabled=args.amp, cache_enabled=not args.cudagraphs):
-        c_loss, info = losses["critic"](agent, batch, args.discount, args.horizon, critic_agg(args, online),
-                                        args.best_of_n)
+        c_loss, info = critic_loss(agent, batch, args.discount, args.horizon, critic_agg(args, online), args.best_of_n)
         if online and args.online_target == "fmq":
-            a_loss, a_info = losses["fmq"](agent, batch["obs"], batch["actions"], args)
+            a_loss, a_info = fmq_loss(agent, batch["obs"], batch["actions"], args)
         else:  # offline; online, flow-map keeps the offline loss on replay data and mvp takes it toward a*
             a_1 = mvp_target(agent, batch["obs"], args) if online and args.online_target == "mvp" else batch["actions"]
-            a_loss, a_info = losses["flow_map"](agent.actor, batch["obs"], a_1, step, args)
+            a_loss, a_info = flow_map_loss(agent.actor, batch["obs"], a_1, step, args)
     (c_loss + a_loss).backward()
     grads = [[p.grad for p in ps] for ps in params]
     info["critic/grad_norm"], info["actor/grad_norm"] = map(nn.utils.get_total_norm, grads)  # stay on the device
@@ -417,14 +416,14 @@ def update(agent, batch, step, args, losses):
     return dict(info, **a_info)
 
 
-def make_update(agent, buffer, args, losses):
+def make_update(agent, buffer, args):
     """step -> logged values of one update on a fresh batch. The step reaches the update as a device tensor.
     The speed, all of it here, around the eager `update`: --compile runs it under torch.compile (losses, backward
     and Polyak one graph per phase; each Adam step a graph of its own, as torch.optim breaks the graph there on
     purpose), with eager's random draws. --cudagraphs: each phase's whole update (compiled or not) is captured once as
     a CUDA graph, after 3 eager warm-up updates on a side stream, and replayed: one launch instead of hundreds."""
     step_t = torch.zeros((), device=buffer.device)
-    run = lambda: update(agent, buffer.sample(args.batch_size, args.discount), step_t, args, losses)
+    run = lambda: update(agent, buffer.sample(args.batch_size, args.discount), step_t, args)
     if args.compile:
         torch._dynamo.config.trace_autograd_ops = True  # backward() and fmq_loss's autograd.grad in the graph
         torch._dynamo.config.nested_graph_breaks = True  # after each Adam step, resume inside `update`: fewer graphs
@@ -457,11 +456,6 @@ def make_update(agent, buffer, args, losses):
     return step_fn
 
 
-def make_losses():
-    """The losses `update` calls, by role (looked up at call time, so tests can patch one)."""
-    return dict(critic=critic_loss, flow_map=flow_map_loss, fmq=fmq_loss)
-
-
 # ---------------------------------------------------------------- training loop (Alg. 1)
 def main(args: Args):
     """Phase 1, offline pretraining of the flow map and critics on the task's dataset; the transition, u_off frozen;
@@ -470,7 +464,7 @@ def main(args: Args):
     run = start_run(args)  # checks, seeds, device, dataset, envs and the replay buffer
     agent = make_agent(args, run.obs_dim, run.act_dim * args.horizon, run.device)
     step, ep, queue = restore_run(run, agent, args)  # --resume: the run's whole state; --load-checkpoint: the nets
-    update_fn = make_update(agent, run.buffer, args, make_losses()) if run.buffer else None
+    update_fn = make_update(agent, run.buffer, args) if run.buffer else None
     open_logs(run, args, step)  # the run folder: config.json, train.csv, eval.csv, TensorBoard, W&B
     obs = reset_training_env(run, args, ep)  # (resuming: replays the interrupted episode)
     total = args.offline_steps + args.online_steps
@@ -503,7 +497,6 @@ def main(args: Args):
         if not online or step - args.offline_steps + 1 >= args.start_training:
             for _ in range(args.utd_ratio if online else 1):
                 info = update_fn(run.step0 + step)  # Alg. 1 lines 4-9 (Phase 1: the flow-map loss), a fresh batch
-                run.guard.track(info, step)
         step += 1
         pbar.update(1)
         if step % args.log_interval == 0 or step in (total, args.offline_steps):
@@ -578,7 +571,7 @@ def start_run(args):
     return SimpleNamespace(spec=spec, dir=run_dir, resume_from=resume_from, ckpt=ckpt, device=device, stop=[],
                            eval_only=eval_only, env_args=env_args, env=env, video_env=video_env, eval_envs=None,
                            obs_dim=obs_dim, act_dim=act_dim, rewards=rewards, buffer=buffer, n_off=n_off, step0=0,
-                           t0=time.time(), last_ckpt=resume_from, guard=NonFiniteGuard())
+                           t0=time.time(), last_ckpt=resume_from)
 
 
 def open_logs(run, args, step):
@@ -623,10 +616,11 @@ def reset_training_env(run, args, ep):
 def log_train_row(run, args, step, info, ep):
     """A train.csv / TensorBoard / W&B row: the last update's values and the last training episode; sps leaves
     evaluations out. Returns (phase, sps)."""
-    run.guard.check(run.last_ckpt)
     sps = (step - run.last_log[0]) / (time.time() - run.last_log[1])
     run.last_log = (step, time.time())
-    row = {**{k: float(v) for k, v in info.items()}, **ep.get("last", {})}
+    losses = {k: float(v) for k, v in info.items()}
+    check_finite(run, step, losses)
+    row = {**losses, **ep.get("last", {})}
     for k, v in dict(row, **{"charts/SPS": sps}).items():
         run.writer.add_scalar(k, v, step)
     run.log_wandb(row, step)
@@ -1042,25 +1036,16 @@ def wandb_logger(args, run_dir, resumed):
     return log
 
 
-class NonFiniteGuard:
-    """Remembers, on the device, the first step where a logged loss or gradient norm was NaN/inf; `check` syncs."""
-
-    def __init__(self):
-        self.keys, self.first, self.bad = [], None, None
-
-    def track(self, info, step):
-        bad = ~torch.isfinite(torch.stack([v.float() for v in info.values()]))
-        if list(info) != self.keys:  # first step of a phase: the logged keys change
-            self.keys, self.bad = list(info), torch.zeros_like(bad)
-            self.first = torch.full((), -1, device=bad.device) if self.first is None else self.first
-        self.first = torch.where(bad.any() & (self.first < 0), step, self.first)
-        self.bad |= bad
-
-    def check(self, last_good):
-        if self.first is not None and int(self.first) >= 0:
-            names = [k for k, b in zip(self.keys, self.bad.tolist()) if b]
-            raise FMQError(f"non-finite {', '.join(names)} at step {int(self.first)}; training stopped. "
-                           f"Last good checkpoint: {last_good or 'none yet'}")
+def check_finite(run, step, row=(), agent=None):
+    """Stops the run at a NaN/inf: in a logged loss or gradient norm (the log row syncs anyway), or, before a checkpoint
+    is saved, in a network's weights (a NaN update leaves NaN weights: Adam turns NaN or inf gradients into NaN)."""
+    bad = [k for k in row if not math.isfinite(row[k])]
+    if agent and not nn.utils.parameters_to_vector([*agent.actor.parameters(), *agent.critic.parameters()]).isfinite(
+            ).all():
+        bad.append("network weights")
+    if bad:
+        raise FMQError(f"non-finite {', '.join(bad)} at or before step {step}; training stopped. "
+                       f"Last good checkpoint: {run.last_ckpt or 'none yet'}")
 
 
 # ---------------------------------------------------------------- checkpoints & resume
@@ -1117,8 +1102,8 @@ def load_checkpoint(path, args, agent, ckpt=None):
 
 def save_run(run, agent, args, step, ep, queue):
     """The run's whole state at `step` as a checkpoint: nets, optimisers, u_off, the buffer's online rows, the
-    training episode, every RNG; never over the last good one after a non-finite loss."""
-    run.guard.check(run.last_ckpt)
+    training episode, every RNG; never with non-finite weights."""
+    check_finite(run, step, agent=agent)
     state = {k: getattr(agent, k).state_dict() for k in NETS}
     state.update(step=step, step0=run.step0, time=time.time() - run.t0, args=asdict(args),
                  u_off=agent.u_off.state_dict() if agent.u_off else None,

@@ -619,7 +619,7 @@ def _four_updates(compile, online_target):
                     curriculum_end=2, online_target=online_target, compile=compile)
     torch.manual_seed(0)
     agent = fmq.make_agent(args, 6, 2 * args.horizon, "cpu")
-    update = fmq.make_update(agent, fmq.ReplayBuffer(data, 0, args.horizon, "cpu"), args, fmq.make_losses())
+    update = fmq.make_update(agent, fmq.ReplayBuffer(data, 0, args.horizon, "cpu"), args)
     start = [p.detach().clone() for p in agent.actor.parameters()]
     infos = [update(step) for step in range(2)]  # step 1 > curriculum_start: with self-distillation
     fmq.freeze_offline_copy(agent)
@@ -642,7 +642,7 @@ def one_update(online, **kw):
             for p in agent.actor.parameters():
                 p.add_(0.1 * torch.randn_like(p))
     torch.manual_seed(1)
-    fmq.update(agent, batch, 100, args, fmq.make_losses())
+    fmq.update(agent, batch, 100, args)
     return torch.cat([p.detach().flatten() for m in (agent.actor, agent.critic, agent.critic_target)
                       for p in m.parameters()])
 
@@ -1619,7 +1619,7 @@ def test_mvp_and_flow_map_targets_keep_both_modes(target, monkeypatch):
     for step in range(3000):
         batch = dict(obs=zeros, actions=data(256, 1) if target == "mvp" else data(256), R=zeros[:, 0],
                      mask=zeros[:, 0], next_obs=zeros)
-        fmq.update(agent, batch, torch.tensor(step), args, fmq.make_losses())
+        fmq.update(agent, batch, torch.tensor(step), args)
     with torch.no_grad():
         x = fmq.one_step(agent.actor, torch.zeros(4000, 1), torch.Generator().manual_seed(1))
     assert min(mode_fractions(x)) >= 0.3
@@ -1727,25 +1727,25 @@ def test_update_changes_parameters_and_polyak_moves_targets():
             p.add_(0.1 * torch.randn_like(p))
     before = [p.clone() for p in agent.critic_target.parameters()]
     critic_before = [p.clone() for p in agent.critic.parameters()]
-    losses = fmq.make_losses()
-    info = fmq.update(agent, batch, 0, args, losses)
+    info = fmq.update(agent, batch, 0, args)
     assert all(torch.isfinite(v) for v in info.values())
     for p_t, p_b, p, p_new in zip(agent.critic_target.parameters(), before, critic_before, agent.critic.parameters()):
         torch.testing.assert_close(p_t, p_b + args.tau * (p - p_b))
         assert not torch.equal(p, p_new)  # the critic moved
-    fmq.update(agent, batch, 1, args, losses)
+    fmq.update(agent, batch, 1, args)
     assert all(not p.requires_grad and p.grad_fn is None for p in agent.critic_target.parameters())  # frozen, no graph
 
 
-def test_each_update_starts_from_zero_gradients():
+def test_each_update_starts_from_zero_gradients(monkeypatch):
     """Losses = sum of the parameters: every gradient is exactly 1 after each update, not 2 after the second (no
     gradient accumulation across updates, as optax has none)."""
     args, agent, batch = small_agent()
     total = lambda net: sum(p.sum() for p in net.parameters())  # noqa: E731
-    losses = dict(critic=lambda agent, *a: (total(agent.critic), {}), flow_map=lambda actor, *a: (total(actor), {}),
-                  fmq=lambda agent, *a: (total(agent.actor), {}))
+    monkeypatch.setattr(fmq, "critic_loss", lambda agent, *a: (total(agent.critic), {}))
+    monkeypatch.setattr(fmq, "flow_map_loss", lambda actor, *a: (total(actor), {}))
+    monkeypatch.setattr(fmq, "fmq_loss", lambda agent, *a: (total(agent.actor), {}))
     for step in range(2):
-        fmq.update(agent, batch, step, args, losses)
+        fmq.update(agent, batch, step, args)
         for p in [*agent.critic.parameters(), *agent.actor.parameters()]:
             assert torch.equal(p.grad, torch.ones_like(p)), f"update {step}: gradients accumulated"
 
@@ -1760,9 +1760,10 @@ def test_one_update_steps_on_the_summed_loss_at_pre_update_parameters(monkeypatc
 
     def fmq_recording(agent, *a):
         seen.append([p.detach().clone() for p in agent.critic.parameters()])
-        return fmq.fmq_loss(agent, *a)
-    losses = dict(fmq.make_losses(), fmq=fmq_recording)
-    fmq.update(agent, batch, 0, args, losses)
+        return fmq_loss(agent, *a)
+    fmq_loss = fmq.fmq_loss
+    monkeypatch.setattr(fmq, "fmq_loss", fmq_recording)
+    fmq.update(agent, batch, 0, args)
     assert all(torch.equal(p, q) for p, q in zip(seen[0], critic_before))
     for before, net in [(critic_before, agent.critic), (actor_before, agent.actor)]:
         steps = torch.cat([(p - b).flatten() for p, b in zip(net.parameters(), before)]).abs()
@@ -1782,10 +1783,10 @@ def test_update_and_sampling_make_no_tensor_off_the_data_device():
         assert buf.sample(4, 0.9)["obs"].device.type == "cpu"
         for target in ("fmq", "mvp", "flow-map"):
             a = dataclasses.replace(args, online_target=target)
-            info = fmq.update(agent, batch, 10, a, fmq.make_losses())
+            info = fmq.update(agent, batch, 10, a)
             assert all(v.device.type == "cpu" for v in info.values())
         agent.u_off = None
-        fmq.update(agent, batch, step, args, fmq.make_losses())
+        fmq.update(agent, batch, step, args)
         for sampler in ("onestep", "best-of-n", "qgbs"):
             assert fmq.select_action(agent, batch["obs"], sampler, args).device.type == "cpu"
 
@@ -1793,7 +1794,8 @@ def test_update_and_sampling_make_no_tensor_off_the_data_device():
 @pytest.mark.parametrize("online,target,offline_agg,online_agg,expected", [
     (False, "fmq", "mean", None, "mean"), (False, "fmq", "min", None, "min"), (True, "fmq", "mean", None, "min"),
     (True, "mvp", "min", None, "mean"), (True, "flow-map", "min", None, "mean"), (True, "mvp", "mean", "min", "min")])
-def test_update_takes_each_methods_td_target_aggregation(online, target, offline_agg, online_agg, expected):
+def test_update_takes_each_methods_td_target_aggregation(online, target, offline_agg, online_agg, expected,
+                                                         monkeypatch):
     """The TD target's aggregation in `update`: offline_q_agg offline; online the method's (FMQ min, MVP and
     flow-map mean) or --online-q-agg. The critic loss also gets the discount, horizon and N of the run."""
     args, agent, batch = small_agent(online_target=target, offline_q_agg=offline_agg, online_q_agg=online_agg,
@@ -1804,8 +1806,10 @@ def test_update_takes_each_methods_td_target_aggregation(online, target, offline
 
     def critic(agent, batch, discount, horizon, agg, n):
         seen.append((discount, horizon, agg, n))
-        return fmq.critic_loss(agent, batch, discount, horizon, agg, n)
-    fmq.update(agent, batch, 0, args, dict(fmq.make_losses(), critic=critic))
+        return critic_loss(agent, batch, discount, horizon, agg, n)
+    critic_loss = fmq.critic_loss
+    monkeypatch.setattr(fmq, "critic_loss", critic)
+    fmq.update(agent, batch, 0, args)
     assert seen == [(0.9, 3, expected, 3)]
 
 
@@ -1819,12 +1823,12 @@ def test_each_method_fits_its_actor_loss_to_its_own_actions(online, target, fits
         agent.u_off = None
     a_star = torch.full_like(batch["actions"], 0.25)
     monkeypatch.setattr(fmq, "best_of_n", lambda actor, q_fn, obs, n, generator=None: (a_star[:len(obs)], None))
-    seen = []
-    losses = fmq.make_losses()
-    losses.update(flow_map=lambda actor, obs, a, step, args: (seen.append(("flow_map", a, step)), fmq.flow_map_loss(
-        actor, obs, a, step, args))[1], fmq=lambda agent, obs, a, args: (seen.append(("fmq", a, 7)), fmq.fmq_loss(
-            agent, obs, a, args))[1])
-    fmq.update(agent, batch, 7, args, losses)
+    seen, flow_map_loss, fmq_loss = [], fmq.flow_map_loss, fmq.fmq_loss
+    monkeypatch.setattr(fmq, "flow_map_loss", lambda actor, obs, a, step, args: (
+        seen.append(("flow_map", a, step)), flow_map_loss(actor, obs, a, step, args))[1])
+    monkeypatch.setattr(fmq, "fmq_loss", lambda agent, obs, a, args: (
+        seen.append(("fmq", a, 7)), fmq_loss(agent, obs, a, args))[1])
+    fmq.update(agent, batch, 7, args)
     (kind, a, step), = seen
     assert step == 7  # the flow-map loss's curriculum sees the update's step
     assert kind == ("fmq" if fits is None else "flow_map")
@@ -1835,9 +1839,9 @@ def test_make_update_runs_update_on_a_fresh_batch_of_the_runs_size_and_discount(
     """Each call samples batch_size chunks with the run's discount (rewards -1, h 3, discount 0.9: R = -2.71) and hands
     `update` the step as a device tensor."""
     seen = []
-    monkeypatch.setattr(fmq, "update", lambda agent, batch, step, args, losses: seen.append((batch, int(step))) or {})
+    monkeypatch.setattr(fmq, "update", lambda agent, batch, step, args: seen.append((batch, int(step))) or {})
     args = fmq.Args(batch_size=5, discount=0.9, horizon=3)
-    update = fmq.make_update(SimpleNamespace(u_off=None), circular_buffer(), args, fmq.make_losses())
+    update = fmq.make_update(SimpleNamespace(u_off=None), circular_buffer(), args)
     update(4), update(5)
     assert [(len(b["obs"]), s) for b, s in seen] == [(5, 4), (5, 5)]
     torch.testing.assert_close(seen[0][0]["R"], torch.full((5,), -2.71))
@@ -1852,7 +1856,7 @@ def test_polyak_before_the_optimiser_step_is_seen_at_a_large_lr():
             p.add_(0.1 * torch.randn_like(p))
     before = [p.clone() for p in agent.critic_target.parameters()]
     critic_before = [p.clone() for p in agent.critic.parameters()]
-    fmq.update(agent, batch, 0, args, fmq.make_losses())
+    fmq.update(agent, batch, 0, args)
     for p_t, p_b, p, p_new in zip(agent.critic_target.parameters(), before, critic_before, agent.critic.parameters()):
         torch.testing.assert_close(p_t, p_b + 0.005 * (p - p_b), atol=1e-7, rtol=1e-6)
         assert (p_new - p).abs().max() > 0.05  # the optimiser step is large
@@ -1877,7 +1881,7 @@ def test_cuda_graph_replay_is_the_eager_update(online, amp):
             fmq.freeze_offline_copy(agent)
         flat = lambda: torch.cat([p.detach().flatten() for p in [*agent.actor.parameters(), *agent.critic.parameters()]])
         start = flat()
-        update = fmq.make_update(agent, fmq.ReplayBuffer(data, 0, args.horizon, "cuda"), args, fmq.make_losses())
+        update = fmq.make_update(agent, fmq.ReplayBuffer(data, 0, args.horizon, "cuda"), args)
         infos = [update(step) for step in range(6)]
         assert all(torch.isfinite(v).all() for v in infos[-1].values())
         nets.append(flat())
@@ -2856,7 +2860,7 @@ def test_sigkill_and_resume_matches_an_uninterrupted_run(tmp_path, ogb):
 
 def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, tiny_env):
     """A NaN critic loss from step 25 on: the run stops at the next check (the log at step 30) naming the loss, the
-    step and the last good checkpoint (step 20), and saves nothing after it."""
+    step and the last good checkpoint (step 20), and saves nothing after it. Weights are checked before a save."""
     real = fmq.critic_loss
 
     def poisoned(agent, batch, *a):
@@ -2866,11 +2870,18 @@ def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_pa
     poisoned.calls = 0
     monkeypatch.setattr(fmq, "critic_loss", poisoned)
     run = tmp_path / "runs" / "tiny__fmq__0"
-    with pytest.raises(fmq.FMQError, match=f"non-finite critic/loss.* at step 25; .*{run}/checkpoints/step_0+20.pt"):
+    with pytest.raises(fmq.FMQError, match=f"non-finite critic/loss.* at or before step 30; .*{run}/checkpoints/step_0+20"
+                       ):
         fmq.main(tiny_env_args(tmp_path))
     assert fmq.latest_checkpoint(run).name == "step_000000020.pt"
     ckpt = torch.load(run / "checkpoints" / "step_000000020.pt", weights_only=False)
     assert ckpt["step"] == 20 and all(torch.isfinite(p).all() for p in ckpt["critic"].values())
+    args, agent, _ = small_agent()
+    fmq.check_finite(SimpleNamespace(last_ckpt="c.pt"), 7, {"critic/loss": 1.0}, agent)  # all finite: no stop
+    with torch.no_grad():
+        next(agent.critic.parameters())[0, 0, 0] = float("inf")
+    with pytest.raises(fmq.FMQError, match=r"non-finite actor/x, network weights at or before step 7; .* c\.pt$"):
+        fmq.check_finite(SimpleNamespace(last_ckpt="c.pt"), 7, {"critic/loss": 1.0, "actor/x": float("nan")}, agent)
 
 
 def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buffer(tmp_path, monkeypatch, tiny_env):

@@ -181,13 +181,13 @@ def main(argv=None):
     buffer = synthetic_buffer(obs_dim, act_dim, args.horizon, device, online=4 * repeats + 100)
     agent = fmq.make_agent(args, obs_dim, act_dim * args.horizon, device)
     step = args.curriculum_end + 1  # past the curriculum: the full self-distillation loss
-    update = fmq.make_update(agent, buffer, args, fmq.make_losses())
+    update = fmq.make_update(agent, buffer, args)
     variants = dict(eager=(agent, update))  # name -> (agent, update): the compiled one on its own agent and buffer
     if cli.compile:
         args_c = dataclasses.replace(args, compile=True)
         agent_c = fmq.make_agent(args_c, obs_dim, act_dim * args.horizon, device)
         buffer_c = synthetic_buffer(obs_dim, act_dim, args.horizon, device)
-        variants["compiled"] = (agent_c, fmq.make_update(agent_c, buffer_c, args_c, fmq.make_losses()))
+        variants["compiled"] = (agent_c, fmq.make_update(agent_c, buffer_c, args_c))
     rows = []
 
     def row(name, ms, **extra):
@@ -219,8 +219,7 @@ def main(argv=None):
                 compile_s=first["compiled"] - first["eager"])
         if phase == "offline":
             with FlopCounterMode(display=False) as counter:  # eager: the same math, counted op by op
-                fmq.update(agent, buffer.sample(args.batch_size, args.discount), torch.tensor(step), args,
-                           fmq.make_losses())
+                fmq.update(agent, buffer.sample(args.batch_size, args.discount), torch.tensor(step), args)
             flops = counter.get_total_flops()
     offline, online = ms["offline"]["eager"], ms["online"]["eager"]
     env_ms = env_step_ms(env)

@@ -47,7 +47,7 @@ METHOD = ("qgbs.*", *(f"fmq.x_{f}__mutmut_*" for f in (
     "mlp", "q_agg", "critic_agg", "make_agent", "freeze_offline_copy", "flow", "one_step", "best_of_n",
     "select_action", "sampler_nfe", "act", "trust_region_velocity", "eulerian_target", "lagrangian_target",
     "progressive_target", "sample_r_t", "flow_map_loss", "fmq_loss", "mvp_target", "td_target", "critic_loss",
-    "update", "make_losses", "evaluate")),
+    "update", "evaluate")),
           *(f"fmq.xǁ{c}ǁ*" for c in ("ReplayBuffer", "FlowMapActor", "EnsembleLinear", "EnsembleLayerNorm",
                                       "Critics")))
 STATUS = {1: "killed", 3: "killed", 0: "survived", 5: "no tests", 33: "no tests", 36: "timeout", -24: "timeout",

@@ -568,7 +568,7 @@ def test_import_official_adam_state_steps_as_optax(tmp_path):
     batch = dict(obs=torch.randn(16, 40), actions=torch.rand(16, 25) * 2 - 1, R=-torch.rand(16), mask=torch.ones(16),
                  next_obs=torch.randn(16, 40))
     args = dataclasses.replace(fmq.Args(**ckpt["args"]), best_of_n=4)
-    fmq.update(agent, batch, ckpt["step"], args, fmq.make_losses())
+    fmq.update(agent, batch, ckpt["step"], args)
     for (optim, _, p), (p0, mu, nu) in zip(pairs, before):
         m, v = 0.9 * mu + 0.1 * p.grad, 0.999 * nu + 0.001 * p.grad ** 2
         step = 3e-4 * (m / (1 - 0.9 ** 26)) / ((v / (1 - 0.999 ** 26)).sqrt() + 1e-8)
