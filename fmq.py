@@ -394,8 +394,8 @@ def critic_loss(agent, batch, discount, horizon, agg, n):
 # ---------------------------------------------------------------- update (plain eager; make_update adds the speed)
 def update(agent, batch, step, args):
     """One update (official `total_loss`): both losses at the pre-update parameters, one step on their sum, Polyak
-    toward the pre-update critic (official `target_update`). Returns logged values as device tensors (no sync).
-    No autocast cache: a CUDA graph must not capture it."""
+    toward the pre-update critic (official `target_update`). Returns logged values on the device (no sync); no
+    autocast cache, which a CUDA graph must not capture."""
     agent.critic_opt.zero_grad(set_to_none=True), agent.actor_opt.zero_grad(set_to_none=True)
     online, device = agent.u_off is not None, batch["obs"].device
     params = [list(agent.critic.parameters()), list(agent.actor.parameters())]
@@ -417,11 +417,9 @@ def update(agent, batch, step, args):
 
 
 def make_update(agent, buffer, args):
-    """step -> logged values of one update on a fresh batch. The step reaches the update as a device tensor.
-    The speed, all of it here, around the eager `update`: --compile runs it under torch.compile (losses, backward
-    and Polyak one graph per phase; each Adam step a graph of its own, as torch.optim breaks the graph there on
-    purpose), with eager's random draws. --cudagraphs: each phase's whole update (compiled or not) is captured once as
-    a CUDA graph, after 3 eager warm-up updates on a side stream, and replayed: one launch instead of hundreds."""
+    """step -> logged values of one update on a fresh batch (the step reaches it as a device tensor). All the speed is
+    here: --compile runs `update` under torch.compile (a graph per phase, and one per Adam step: torch.optim breaks
+    the graph on purpose); --cudagraphs captures each phase's whole update as a CUDA graph after 3 eager warm-ups."""
     step_t = torch.zeros((), device=buffer.device)
     run = lambda: update(agent, buffer.sample(args.batch_size, args.discount), step_t, args)
     if args.compile:
@@ -521,18 +519,17 @@ def main(args: Args):
 
 # ---------------------------------------------------------------- the run: what main calls
 def start_run(args):
-    """Checks, seeds, device, dataset, envs and replay buffer of a run, before any network exists. An evaluation
-    alone (no steps) loads no dataset: the env gives the shapes (RoboMimic's env settings come from its file)."""
+    """Checks, seeds, device, dataset, envs and replay buffer, before any network (an evaluation alone: no dataset)."""
     spec = env_spec(args.env_id)
     validate(args)
     torch.set_num_threads(args.threads)
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # start-up: SIGTERM stops as Ctrl-C does (`__main__`)
     named = args.resume not in (None, "auto")  # --resume names the run folder
     run_dir = Path(args.resume) if named else Path(args.runs_dir) / f"{args.env_id}__{args.exp_name}__{args.seed}"
-    if args.resume is None and latest_checkpoint(run_dir) is not None:  # a new run never starts over a checkpoint
+    ckpts = sorted((run_dir / "checkpoints").glob("step_*.pt"), reverse=True)  # newest first (zero-padded steps)
+    if args.resume is None and ckpts:  # a new run never starts over a checkpoint
         raise FMQError(f"{run_dir} already holds a run; continue it with --resume auto, or pick another --exp-name")
-    resume_from, ckpt = read_checkpoint(*sorted((run_dir / "checkpoints").glob("step_*.pt"), reverse=True)) if (
-        args.resume) else (None, None)  # the newest readable one
+    resume_from, ckpt = read_checkpoint(*ckpts) if args.resume else (None, None)  # the newest readable one
     if named and resume_from is None:
         raise FMQError(f"--resume {args.resume}: no checkpoint in {run_dir / 'checkpoints'}")
 
@@ -543,7 +540,6 @@ def start_run(args):
         torch.utils.deterministic.fill_uninitialized_memory = False  # NaN-filling every new tensor is slow on CPU
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # JAX's default GPU precision
-
     eval_only = args.offline_steps + args.online_steps == 0 and args.resume is None
     data, env_args = ({}, None) if eval_only and spec["suite"] != "robomimic" else load_dataset(spec, args.dataset_dir)
     data = {k: v[:int(len(v) * args.dataset_proportion)] for k, v in data.items()}  # official dataset_proportion
@@ -575,9 +571,8 @@ def start_run(args):
 
 
 def open_logs(run, args, step):
-    """From here on a stop request (Ctrl-C, SIGTERM) is acknowledged at once and honoured within one env step. Makes
-    the run folder (only now: a run that fails to start leaves none) and its logs; resuming, rows after the
-    checkpoint's step are dropped (they are redone)."""
+    """The run folder (only now: a run that fails to start leaves none) and its logs; from here on a stop request
+    (Ctrl-C, SIGTERM) is acknowledged at once and honoured within one env step."""
     def request_stop(sig, _):
         if run.stop:
             raise SystemExit(f"fmq: stopped at once by a second {signal.Signals(sig).name}")
@@ -601,8 +596,7 @@ def episode_seed(args, i):
 
 
 def reset_training_env(run, args, ep):
-    """The training env at the start of episode ep["index"]; resuming, the interrupted episode replayed to where the
-    buffer's rows end (and checked against them)."""
+    """The training env at episode ep["index"]'s start; resuming, replayed to where the buffer's rows end (checked)."""
     obs, _ = run.env.reset(seed=episode_seed(args, ep["index"]))
     if run.resume_from is not None:
         for a in run.buffer.rows("actions", ep["start"], run.buffer.written).cpu().numpy():
@@ -614,8 +608,7 @@ def reset_training_env(run, args, ep):
 
 
 def log_train_row(run, args, step, info, ep):
-    """A train.csv / TensorBoard / W&B row: the last update's values and the last training episode; sps leaves
-    evaluations out. Returns (phase, sps)."""
+    """A train.csv / TensorBoard / W&B row of the last update and training episode -> (phase, sps)."""
     sps = (step - run.last_log[0]) / (time.time() - run.last_log[1])
     run.last_log = (step, time.time())
     losses = {k: float(v) for k, v in info.items()}
@@ -630,8 +623,7 @@ def log_train_row(run, args, step, info, ep):
 
 
 def evaluate_and_log(run, agent, args, s):
-    """{sampler: success} at step s for the run's sampler and --extra-samplers, logged (and a video); None if a stop
-    request cut it short (no rows: redone on resume)."""
+    """{sampler: success} at step s for the run's sampler and --extra-samplers, logged; None if a stop cut it short."""
     run.eval_envs = run.eval_envs or [make_env(run.spec, run.env_args)
                                       for _ in range(min(args.eval_envs, args.eval_episodes))]
     results = {sampler: evaluate(agent, run.eval_envs, args, sampler, run.rewards, stop=run.stop)
@@ -751,11 +743,9 @@ class RoboMimicEnv:
 
 
 def robomimic_mismatch(f, env):
-    """How far `env` is from the one that recorded robomimic file f (3 demos), next to RM_TOL. obs: restored states[k]
-    vs obs[k] (states[k-1] first: robosuite 1.5 fills object-eef poses from its cache); robosuite 1.4's `object`
-    order gives ~1. replay: the gripper's miss against states[k+1] after stepping actions[k] from states[k] (8 rows
-    per demo, after a warm-up step), over how far it moved: other controllers, scalings, control_freq, kp or damping
-    off by a third or more. reward: env.reward() at states[k+1] vs rewards[k], last and first rewarded row."""
+    """How far `env` is from the one that recorded robomimic file f (3 demos), next to RM_TOL. obs: restored states
+    vs obs (robosuite 1.4's `object` order: ~1). replay: the gripper's miss after stepping actions[k] from states[k],
+    over how far it moved (8 rows a demo): other controllers, scalings, gains. reward: env.reward() vs rewards."""
     import mujoco
     sim, model = env.env.sim, env.env.sim.model._model
     aside, site = mujoco.MjData(model), env.env.robots[0].eef_site_id["right"]
@@ -799,8 +789,7 @@ def make_env(spec, env_args=None, render=False):
 
 
 def load_dataset(spec, dataset_dir):
-    """Offline data as numpy arrays (observations, actions, rewards, masks, next_observations, ends) and the
-    robomimic env metadata (None for OGBench). `ends` marks the last step of each trajectory."""
+    """Offline data as numpy arrays (`ends`: each trajectory's last step) and robomimic's env metadata (or None)."""
     data, env_args = (load_robomimic if spec["suite"] == "robomimic" else load_ogbench)(spec, dataset_dir)
     data["actions"] = data["actions"].clip(-1 + 1e-5, 1 - 1e-5)  # official loaders (env_utils.py action_clip_eps)
     return data, env_args
@@ -874,11 +863,9 @@ def chunk_return(rewards, masks, discount):
 
 
 class ReplayBuffer:
-    """The offline dataset and the online transitions, on the training device, preallocated once. Circular, as the
-    official one (`capacity` = max(buffer_size, dataset + 1)): when full, each online row overwrites the oldest row,
-    offline ones first. Row v of the running count lives at v % capacity. Samples action chunks inside one episode:
-    `starts` is a ring (FIFO) of chunk starts, one joining when its chunk's last step is stored and the oldest
-    leaving when its first row is overwritten."""
+    """The dataset and the online rows on the training device, preallocated; circular as the official one: row v of
+    the running count lives at v % capacity, the oldest (offline first) overwritten. Chunks lie inside one episode:
+    `starts`, a ring of chunk starts, gains one when a chunk's last step is stored, loses one when its first goes."""
 
     FIELDS = ("observations", "actions", "rewards", "masks", "next_observations")
 
@@ -934,8 +921,7 @@ class ReplayBuffer:
                     written=self.written, ring=(self.starts_host.copy(), self.head, self.n_starts), ep_len=self.ep_len)
 
     def load_online_state(self, state):
-        """online_state into this buffer, whose capacity may differ (a run resumed with other --online-steps): row v
-        at v % capacity, and the ring, in order from its head, of the chunk starts whose rows this capacity holds."""
+        """online_state into this buffer, whose capacity may differ (resumed with other --online-steps)."""
         if "ring" not in state:
             raise FMQError("the checkpoint was written by an older fmq.py (linear replay buffer); resume it with that")
         (w, kept), (starts, head, n) = (state["written"], min(len(state["rows"]["rewards"]), self.cap)), state["ring"]
@@ -950,11 +936,9 @@ class ReplayBuffer:
 
 # ---------------------------------------------------------------- evaluation
 def evaluate(agent, envs, args, sampler, reward=REWARDS[None], frames=None, stop=()):
-    """Success, return_train (rewards as training sees them: `reward`, reward_fn), return_env and length, means over
-    args.eval_episodes episodes run in lockstep in `envs`; episode i resets with seed args.seed + 10_000 + i. With a
-    list `frames` (envs that render), the args.video_episodes episodes after those instead, which the official
-    `evaluate` renders and does not count: a frame every --video-frame-skip env steps and at each episode's end.
-    None as soon as `stop` (main's stop requests) holds one: before the next env step."""
+    """Success, return_train (rewards as training sees them), return_env and length, means over args.eval_episodes
+    episodes in lockstep in `envs`, episode i seeded args.seed + 10_000 + i. With a list `frames`, the video episodes
+    after those (rendered, not counted, as the official `evaluate`). None once `stop` holds a stop request."""
     gen, episodes = torch.Generator(next(agent.actor.parameters()).device).manual_seed(args.seed + 10_000), []
     start = args.eval_episodes if frames is not None else 0  # the video episodes come after the counted ones
     end = start + (args.video_episodes if frames is not None else args.eval_episodes)
@@ -1014,9 +998,8 @@ def csv_logger(path, fields, resume_step=None):
 
 
 def wandb_logger(args, run_dir, resumed):
-    """With --track, log(row, step) to a W&B run that --resume continues: its id and the last step it was sent live in
-    run_dir/wandb.json; a resumed run passes the id back (resume="allow") and skips the steps that W&B already holds
-    (those redone after the checkpoint). A Path in a row is a video. Without --track, log does nothing."""
+    """With --track, log(row, step) to a W&B run that --resume continues (id and last step sent in run_dir/wandb.json;
+    steps W&B holds are not sent again: offline W&B would log them twice). A Path in a row is a video."""
     if not args.track:
         return lambda row, step: None
     try:
@@ -1055,8 +1038,7 @@ NETS = ("actor", "critic", "critic_target", "actor_opt", "critic_opt")
 
 
 def save_checkpoint(run_dir, state, keep):
-    """Atomic write (temp file + rename); keeps the `keep` most recent checkpoints, and the phase switch's (the one
-    to --load-checkpoint to go online)."""
+    """Atomic write; keeps the `keep` newest checkpoints and the phase switch's (to --load-checkpoint to go online)."""
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path, switch = (ckpt_dir / f"step_{s:09d}.pt" for s in (state["step"], state["args"]["offline_steps"]))
@@ -1066,9 +1048,6 @@ def save_checkpoint(run_dir, state, keep):
         old.unlink()
     return path
 
-
-def latest_checkpoint(run_dir):
-    return max((Path(run_dir) / "checkpoints").glob("step_*.pt"), default=None)  # zero-padded step numbers
 
 
 def read_checkpoint(*paths):
@@ -1099,10 +1078,8 @@ def load_checkpoint(path, args, agent, ckpt=None):
     return ckpt
 
 
-
 def save_run(run, agent, args, step, ep, queue):
-    """The run's whole state at `step` as a checkpoint: nets, optimisers, u_off, the buffer's online rows, the
-    training episode, every RNG; never with non-finite weights."""
+    """The run's whole state: nets, optimisers, u_off, the buffer's online rows, the training episode, every RNG."""
     check_finite(run, step, agent=agent)
     state = {k: getattr(agent, k).state_dict() for k in NETS}
     state.update(step=step, step0=run.step0, time=time.time() - run.t0, args=asdict(args),
@@ -1114,9 +1091,8 @@ def save_run(run, agent, args, step, ep, queue):
 
 
 def restore_run(run, agent, args):
-    """(step, training episode, action queue) to start from. --resume: everything save_run saved; --load-checkpoint:
-    the nets, and run.step0, the step they had reached, from which the flow-map loss's curriculum goes on (as the
-    official restore, which keeps its step; a run's own steps count from 0 all the same)."""
+    """(step, training episode, action queue) to start from. --resume: all save_run saved; --load-checkpoint: the
+    nets, and in run.step0 their step, where the flow-map curriculum goes on (the official restore keeps its step)."""
     ep = dict(index=0, start=run.n_off, ret=0.0)
     if run.resume_from is not None:
         ckpt = load_checkpoint(run.resume_from, args, agent, run.ckpt)

@@ -408,7 +408,7 @@ def run_cli(*flags):
 
 def checkpoint_step(run):
     """The step of the run's newest checkpoint (-1 if none yet)."""
-    ckpt = fmq.latest_checkpoint(run)
+    ckpt = max((run / "checkpoints").glob("step_*.pt"))
     return int(ckpt.stem.split("_")[1]) if ckpt else -1
 
 
@@ -2873,7 +2873,7 @@ def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_pa
     with pytest.raises(fmq.FMQError, match=f"non-finite critic/loss.* at or before step 30; .*{run}/checkpoints/step_0+20"
                        ):
         fmq.main(tiny_env_args(tmp_path))
-    assert fmq.latest_checkpoint(run).name == "step_000000020.pt"
+    assert max((run / "checkpoints").glob("step_*.pt")).name == "step_000000020.pt"
     ckpt = torch.load(run / "checkpoints" / "step_000000020.pt", weights_only=False)
     assert ckpt["step"] == 20 and all(torch.isfinite(p).all() for p in ckpt["critic"].values())
     args, agent, _ = small_agent()
@@ -2905,7 +2905,7 @@ def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buff
         fmq.main(args("b"))
     run_a, run_b = (tmp_path / d / "runs" / "tiny__fmq__0" for d in "ab")
     assert buffers[-1].cap == 61 and buffers[-1].written == 60 + 28  # wrapped before the kill
-    assert fmq.latest_checkpoint(run_b).name == "step_000000030.pt"
+    assert max((run_b / "checkpoints").glob("step_*.pt")).name == "step_000000030.pt"
     assert int(read_csv(run_b / "train.csv")[-1]["step"]) == 35  # a row past the checkpoint
     monkeypatch.setattr(fmq, "update", real)
     fmq.main(args("b"))
