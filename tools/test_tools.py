@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository r
 from test_fmq import OFFICIAL, ROOT, TINY_ARCH, TOOLS, read_csv  # noqa: E402
 import fmq  # noqa: E402
 import import_official  # noqa: E402
+import bitcheck  # noqa: E402
 import make_dataset  # noqa: E402
 import qgbs_sweep  # noqa: E402
 import report  # noqa: E402
@@ -636,3 +637,23 @@ def test_import_official_offline_and_not_found_says_what_to_fetch(tmp_path, env,
     assert f"hf_hub_download('christoszi/flow-map-policies', '{rel}'" in code.stderr
     assert str(tmp_path / "none" / rel) in code.stderr and not (tmp_path / "x.pt").exists()
     assert not (tmp_path / "none").exists()
+
+
+# ---------------------------------------------------------------- tools/bitcheck.py
+def test_bitcheck_digest_hashes_tensors_in_key_order_without_args_and_time(tmp_path):
+    """The digest is sha256 over each key and each tensor's dtype, shape and bytes, keys sorted, `args` and `time`
+    left out: a checkpoint that differs only there digests alike; one float's last bit, a dtype or a key does not."""
+    import hashlib
+    x = torch.tensor([1.0, -2.0])
+    h = hashlib.sha256()
+    h.update(b"rng"), h.update(b"5"), h.update(b"w"), h.update(b"(torch.float32, (2,))" + x.numpy().tobytes())
+    assert bitcheck.digest({"w": x, "rng": 5, "args": {"lr": 1}, "time": 3.0}) == h.hexdigest()[:16]
+    assert bitcheck.digest({"w": x, "rng": 5, "args": {"lr": 2}, "time": 9.0}) == h.hexdigest()[:16]
+    bumped = torch.tensor([1.0, np.nextafter(np.float32(-2.0), np.float32(0))])
+    for other in ({"w": bumped, "rng": 5}, {"w": x.double(), "rng": 5}, {"v": x, "rng": 5}, {"w": x, "rng": 6}):
+        assert bitcheck.digest(other) != h.hexdigest()[:16]
+    (tmp_path / "a.csv").write_text("step,time,sps,loss\n10,1.5,99,0.25\n")
+    (tmp_path / "b.csv").write_text("step,time,sps,loss\n10,7.0,12,0.25\n")
+    (tmp_path / "c.csv").write_text("step,time,sps,loss\n10,1.5,99,0.26\n")
+    assert bitcheck.csv_digest(tmp_path / "a.csv") == bitcheck.csv_digest(tmp_path / "b.csv")
+    assert bitcheck.csv_digest(tmp_path / "a.csv") != bitcheck.csv_digest(tmp_path / "c.csv")
