@@ -1023,8 +1023,7 @@ def check_finite(run, step, row=(), agent=None):
     """Stops the run at a NaN/inf: in a logged loss or gradient norm (the log row syncs anyway), or, before a checkpoint
     is saved, in a network's weights (a NaN update leaves NaN weights: Adam turns NaN or inf gradients into NaN)."""
     bad = [k for k in row if not math.isfinite(row[k])]
-    if agent and not nn.utils.parameters_to_vector([*agent.actor.parameters(), *agent.critic.parameters()]).isfinite(
-            ).all():
+    if agent and not all(p.isfinite().all() for p in (*agent.actor.parameters(), *agent.critic.parameters())):
         bad.append("network weights")
     if bad:
         raise FMQError(f"non-finite {', '.join(bad)} at or before step {step}; training stopped. "
@@ -1047,7 +1046,6 @@ def save_checkpoint(run_dir, state, keep):
     for old in sorted(set(ckpt_dir.glob("step_*.pt")) - {switch})[:-keep]:
         old.unlink()
     return path
-
 
 
 def read_checkpoint(*paths):
