@@ -293,7 +293,7 @@ BUGS = [
     bug("batch_discount_per_chunk", "batches sampled with discount ** horizon as the per-step discount",
         "buffer.sample(args.batch_size, args.discount)", "buffer.sample(args.batch_size, args.discount ** args.horizon)"),
     bug("flow_map_loss_at_step_0", "the offline loss always gets step 0 (the curriculum never starts)",
-        'losses["flow_map"](agent.actor, batch["obs"], a_1, step, args)', 'losses["flow_map"](agent.actor, batch["obs"], a_1, 0, args)'),
+        'flow_map_loss(agent.actor, batch["obs"], a_1, step, args)', 'flow_map_loss(agent.actor, batch["obs"], a_1, 0, args)'),
     bug("validate_rho_zero_allowed", "--qgbs-rho 0 accepted (t' = 0: QGBS re-noises to pure noise)",
         "(args.qgbs_rho <= 0,", "(args.qgbs_rho < 0,"),
     bug("validate_one_critic_allowed", "--num-critics 1 accepted (delta_critic is then 0 / 0)",
