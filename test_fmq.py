@@ -2,6 +2,7 @@
 `pytest`: everything, with the end-to-end tier marked slow (real envs, subprocesses, training); their times are in
 docs/testing.md. CUDA tests skip without a GPU."""
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -3343,6 +3344,77 @@ def test_beam_is_top_m_of_completions():
     order = info["beam_q"].argsort(dim=1, descending=True)
     torch.testing.assert_close(info["beam_q"].gather(1, order), top_q)
     torch.testing.assert_close(info["beam"][torch.arange(3)[:, None], order], top_a)
+
+
+def test_qgbs_defaults_are_the_papers_best_setting_and_alg2_as_written():
+    """M=4, K=1, B=4 (the paper's best, 20 NFE), rho=1.5 and eta=0.3 (the official evaluation config), Alg. 2's K = 0
+    (no eta step) and actions in [-1, 1]; a call without them equals one that passes them."""
+    defaults = {k: p.default for k, p in inspect.signature(qgbs.qgbs).parameters.items()}
+    assert {k: defaults[k] for k in ("M", "K", "B", "rho", "eta", "k0_step", "action_range")} == dict(
+        M=4, K=1, B=4, rho=1.5, eta=0.3, k0_step=False, action_range=(-1.0, 1.0))
+    obs = make_obs(batch=3)
+    plain, _ = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, generator=gen(4))
+    given, _ = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=4, K=1, B=4, rho=1.5, eta=0.3, generator=gen(4))
+    assert torch.equal(plain, given)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(), "qgbs: pass action_dim (the flow map needs a_0 of known size)"),
+    (dict(action_dim=2, M=0), "qgbs: need M >= 1, K >= 0, B >= 1; got M=0, K=1, B=4"),
+    (dict(action_dim=2, K=-1), "qgbs: need M >= 1, K >= 0, B >= 1; got M=4, K=-1, B=4"),
+    (dict(action_dim=2, B=0), "qgbs: need M >= 1, K >= 0, B >= 1; got M=4, K=1, B=0"),
+    (dict(action_dim=2, rho=0.0), "qgbs: need rho > 0 (signal-to-noise ratio); got rho=0.0")])
+def test_qgbs_refuses_bad_arguments_in_one_line_naming_them(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        qgbs.qgbs(toy_jump, toy_q, make_obs(batch=2), **kwargs)
+    assert str(e.value) == message
+
+
+def test_qgbs_clamps_every_candidate_and_step_to_the_action_range():
+    """Jumps and completions far outside [-1, 1] on both sides, and a Q whose gradient pushes further out: every
+    action the critic scores is inside the range, and the result is the clamped sign pattern."""
+    signs = torch.tensor([1.0, -1.0, 1.0])
+    jump = lambda a_r, r, o: 10 * signs.expand_as(a_r)  # noqa: E731
+    seen = []
+    q = lambda o, a: (seen.append(a.detach().clone()), (a * signs).sum(-1))[1]  # noqa: E731
+    for K, k0_step in [(1, False), (2, False), (0, True)]:
+        actions, _ = qgbs.qgbs(jump, q, torch.zeros(2, 4), action_dim=3, M=2, K=K, B=2, eta=0.3, generator=gen(0),
+                               k0_step=k0_step)
+        assert torch.equal(actions, signs.expand(2, 3))
+        assert all(a.min() >= -1 and a.max() <= 1 for a in seen), (K, k0_step)
+        seen.clear()
+    actions, _ = qgbs.qgbs(jump, q, torch.zeros(2, 4), action_dim=3, M=2, K=1, B=2, generator=gen(0),
+                           action_range=(-0.5, 0.25))
+    assert torch.equal(actions, torch.tensor([0.25, -0.5, 0.25]).expand(2, 3))
+
+
+def test_qgbs_eta_step_divides_by_the_gradient_norm_plus_its_floor():
+    """Alg. 2, line 9 with the floor 1e-8: a gradient of norm 1e-8 moves the action by eta * 1e-8 / 2e-8 = eta / 2
+    (not a division by zero)."""
+    jump = lambda a_r, r, o: torch.zeros_like(a_r)  # noqa: E731
+    q = lambda o, a: 1e-8 * a[:, 0]  # noqa: E731
+    actions, _ = qgbs.qgbs(jump, q, torch.zeros(3, 2, dtype=torch.float64), action_dim=2, M=1, K=0, eta=0.3,
+                           generator=gen(0), k0_step=True)
+    torch.testing.assert_close(actions, torch.tensor([[0.15, 0.0]] * 3, dtype=torch.float64))
+
+
+def test_qgbs_draws_its_noise_in_the_observations_dtype_and_takes_integer_observations():
+    """float64 observations: a_0 and eps are float64 draws from the generator, in that order (the completion's input
+    reads (1 - t') eps exactly), and the actions are float64; integer observations give default-dtype actions."""
+    seen = {}
+    jump = lambda a_r, r, o: (seen.setdefault("a_0", a_r.clone()), torch.zeros_like(a_r))[1]  # noqa: E731
+    complete = lambda a, t, o: (seen.update(a_tp=a.clone()), torch.zeros_like(a))[1]  # noqa: E731
+    actions, _ = qgbs.qgbs(jump, toy_q, torch.zeros(3, D, dtype=torch.float64), action_dim=D, M=2, K=1, B=3,
+                           rho=1.5, generator=gen(7), complete=complete)
+    ref = gen(7)
+    a_0 = torch.randn(3, 2, D, generator=ref, dtype=torch.float64)
+    eps = torch.randn(3, 2, 3, D, generator=ref, dtype=torch.float64)
+    assert torch.equal(seen["a_0"], a_0.reshape(6, D))
+    assert torch.equal(seen["a_tp"], ((1 - 0.6) * eps).reshape(18, D))
+    assert actions.dtype == torch.float64
+    ints, _ = qgbs.qgbs(lambda a_r, r, o: 0.5 * a_r, lambda o, a: -a.pow(2).sum(-1), torch.ones(3, 2, dtype=torch.long),
+                        action_dim=4, M=2, K=1, B=2, generator=gen(1))
+    assert ints.dtype == torch.get_default_dtype() and ints.shape == (3, 4) and ints.abs().max() <= 1
 
 
 def test_qgbs_renoising_noise_is_fresh_standard_normal_per_beam_and_branch():
