@@ -1251,6 +1251,17 @@ def test_trust_region_velocity_is_the_maximiser_on_the_boundary():
                                grad_q / np.linalg.norm(grad_q, axis=1, keepdims=True), atol=1e-12)
 
 
+def test_trust_region_velocity_keeps_the_inputs_dtype():
+    """float64 velocities with a Python eta: u* = u_ref + .3 g / ||g|| to float64 precision (eta made a float32
+    tensor is .30000001192: 4e-8 off)."""
+    u_ref = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
+    g = torch.tensor([[3.0, 4.0, 0.0], [0.0, 0.0, 2.0]], dtype=torch.float64)
+    u = fmq.trust_region_velocity(u_ref, g, 0.3)
+    assert u.dtype == torch.float64
+    torch.testing.assert_close(u, torch.tensor([[1.18, 0.24, 0.0], [0.0, 0.0, 0.3]], dtype=torch.float64), rtol=0,
+                               atol=1e-15)
+
+
 # ---------------------------------------------------------------- losses: the flow-map losses, the (r, t) curriculum
 @pytest.mark.parametrize("kind", ["eulerian", "lagrangian", "progressive"])
 def test_flow_map_losses_vanish_only_for_the_exact_flow_map(kind):
@@ -1293,8 +1304,22 @@ def test_flow_map_loss_curriculum_and_gradients():
         loss, info = fmq.flow_map_loss(actor, obs, a, args.curriculum_end, with_loss(kind))
         actor.zero_grad()
         loss.backward()
-        assert torch.isfinite(loss) and "actor/distill_loss" in info
+        assert torch.isfinite(loss) and set(info) == {"actor/diag_loss", "actor/distill_loss"} <= set(fmq.TRAIN_FIELDS)
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in actor.parameters())
+    loss, info = fmq.flow_map_loss(actor, obs, a, args.curriculum_end, with_loss("none"))  # flow matching alone
+    assert info == {"actor/diag_loss": loss.detach()}
+
+
+def test_eulerian_target_without_v_uses_the_models_own_diagonal_velocity():
+    """v = None: v = u(a_r, r, r) of the model itself. u(s, a, r, t) = s a (1 + t): v = s a (1 + r), du/dr along
+    (v, 1) = s (1 + t) v, target = v + (t - r) s (1 + t) v (each term needs the state s)."""
+    u = lambda obs, a, r, t: obs * a * (1 + t)  # noqa: E731
+    obs, a_r = torch.tensor([[2.0, -1.0], [0.5, 3.0]]), torch.tensor([[0.3, 0.7], [-0.2, 0.1]])
+    r, t = torch.tensor([[0.2], [0.5]]), torch.tensor([[0.6], [0.9]])
+    u_rt, target = fmq.eulerian_target(u, obs, a_r, r, t)
+    v = obs * a_r * (1 + r)
+    torch.testing.assert_close(u_rt, obs * a_r * (1 + t))
+    torch.testing.assert_close(target, v + (t - r) * obs * (1 + t) * v)
 
 
 @pytest.mark.slow
@@ -1443,6 +1468,17 @@ def test_progressive_midpoint_lam_is_uniform_per_sample():
     _is_uniform01(s)
 
 
+@pytest.mark.parametrize("start,end", [(100, 100), (100, 101)])
+def test_sample_r_t_with_a_curriculum_of_zero_or_one_step_is_full_width_one_step_after_its_start(start, end):
+    """The curriculum's length is at least one step: one step after its start the (r, t) interval has its full width,
+    i.e. the two sorted uniforms of the same draw."""
+    torch.manual_seed(0)
+    lo, hi = torch.rand(2, 500, 1).sort(0).values
+    torch.manual_seed(0)
+    r, t = fmq.sample_r_t(500, 101, fmq.Args(curriculum_start=start, curriculum_end=end), "cpu")
+    torch.testing.assert_close(r, lo), torch.testing.assert_close(t, hi)
+
+
 def test_sample_r_t_at_full_curriculum_is_two_sorted_uniforms():
     """r = min, t = max of two independent U[0, 1]: E r = 1/3, E t = 2/3, Var r = Var t = 1/18, corr(r, t) = 1/2,
     P(r < 1/2) = 3/4, P(t < 1/2) = 1/4 (one draw reused for both, or no sorting, gives other numbers)."""
@@ -1577,6 +1613,27 @@ def test_fmq_r_is_uniform_per_sample_and_the_same_for_u_off_and_the_actor():
     assert 0 <= r.min() and r.max() < 1 and len(r.unique()) > 39_000
     assert r.mean().item() == pytest.approx(0.5, abs=0.01) and r.var().item() == pytest.approx(1 / 12, abs=0.003)
     assert (r < 0.1).float().mean().item() == pytest.approx(0.1, abs=0.01)
+
+
+def test_fmq_loss_logs_its_three_values_and_the_per_sample_norm_of_the_guidance_gradient():
+    """info holds fmq_loss (the loss), eta_eff's batch mean and the batch mean of the per-sample ||dQ / da_1||, as
+    train.csv's columns. 'mean' guidance: Q1 = a.(3, 4), Q2 = a.(-3, 4) guide with (0, 4) per sample: norm 4 (the
+    norm over a batch of 4 samples would be 8; Q averaged over the batch too, 1; summed over the critics, 8)."""
+    critic = lambda obs, a: torch.stack([a @ torch.tensor([3.0, 4.0]), a @ torch.tensor([-3.0, 4.0])])  # noqa: E731
+    agent, args = fmq_stand_ins(critic, eta=1.0, beta=0.0, guidance_critic="mean")
+    loss, info = fmq.fmq_loss(agent, torch.zeros(4, 1), torch.zeros(4, 2), args)
+    assert set(info) == {"actor/fmq_loss", "actor/eta_eff", "actor/q_grad_norm"} <= set(fmq.TRAIN_FIELDS)
+    assert info["actor/fmq_loss"] == loss and info["actor/q_grad_norm"].item() == pytest.approx(4.0, rel=1e-6)
+
+
+def test_delta_critic_is_the_population_spread_over_its_batch_mean_plus_1e_8():
+    """At critic spreads of 1e-8, where the floor and the ddof show: Q2 - Q1 = 2e-8, 6e-8 -> std (ddof 0) 1e-8, 3e-8,
+    batch mean 2e-8, delta = std / (2e-8 + 1e-8) = 1/3, 1; eta 1, beta 1: eta_eff = .75, .5, mean .625 (ddof 1:
+    .602; the floor subtracted: .375)."""
+    critic = lambda obs, a: torch.stack([1e-6 * a.sum(-1), 1e-6 * a.sum(-1) + obs[:, 0]])  # noqa: E731
+    agent, args = fmq_stand_ins(critic, eta=1.0, beta=1.0)
+    _, info = fmq.fmq_loss(agent, torch.tensor([[2e-8], [6e-8]]), torch.zeros(2, 2), args)
+    assert info["actor/eta_eff"].item() == pytest.approx(0.625, rel=1e-4)
 
 
 @pytest.mark.parametrize("kappa1,beta,expected", [(5.0, 0.3, 0.125), (0.0, 0.3, 0.5)])
@@ -2533,6 +2590,13 @@ def test_chunk_return_hand_worked():
     # row 0: -1 - .9 - .5 * .81 - .729 - 2 * .6561; row 1: -(1 + .9 + .81 + .729 + .6561); row 2: 2 - (.9 + ... + .6561)
     torch.testing.assert_close(R, torch.tensor([-4.3462, -4.0951, -1.0951]))
     torch.testing.assert_close(mask, torch.tensor([0.0, 1.0, 0.0]))
+
+
+def test_chunk_return_keeps_the_rewards_dtype():
+    """float64 rewards: R = 1 + .9 + .81 = 2.71 to float64 precision (discount powers in float32 are 2e-8 off)."""
+    R, mask = fmq.chunk_return(torch.ones(1, 3, dtype=torch.float64), torch.ones(1, 3, dtype=torch.float64), 0.9)
+    assert R.dtype == torch.float64
+    torch.testing.assert_close(R, torch.tensor([1 + 0.9 + 0.9 ** 2], dtype=torch.float64), rtol=0, atol=1e-15)
 
 
 def test_replay_buffer_chunks_stay_inside_episodes():
