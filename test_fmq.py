@@ -990,6 +990,43 @@ def test_time_features_are_low_frequency():
     assert speed.abs().max().item() == pytest.approx(1.0) and speed[0, 63].item() == pytest.approx(1e-4)
 
 
+def test_time_features_of_small_dims_and_float64_times():
+    """dim 0: t itself (Q-chunking's raw time input); dim 2: one frequency, 1; dim 4: 1 and 10000^-1 = 1e-4 (the
+    exponent's divisor is dim / 2 - 1, at least 1); a float64 t gets float64 frequencies (exact to 1e-15)."""
+    t = torch.tensor([[0.5], [2.0]], dtype=torch.float64)
+    assert torch.equal(fmq.time_features(t, 0), t)
+    torch.testing.assert_close(fmq.time_features(t, 2), torch.cat([t.cos(), t.sin()], -1))
+    f = torch.tensor([1.0, 1e-4], dtype=torch.float64)
+    torch.testing.assert_close(fmq.time_features(t, 4), torch.cat([(t * f).cos(), (t * f).sin()], -1), rtol=0,
+                               atol=1e-15)
+    f64 = 1e4 ** -(torch.arange(32, dtype=torch.float64) / 31)
+    torch.testing.assert_close(fmq.time_features(t, 64), torch.cat([(t * f64).cos(), (t * f64).sin()], -1), rtol=0,
+                               atol=1e-15)
+    actor = fmq.FlowMapActor(3, 2, fmq.Args(hidden_dim=8, num_layers=1, time_dim=0))
+    assert actor(torch.zeros(4, 3), torch.zeros(4, 2), 0.0, 1.0).shape == (4, 2)  # r and t in raw: 3 + 2 + 2 inputs
+
+
+def test_actor_takes_times_of_another_dtype_as_the_actions_dtype():
+    """r and t given as float64 tensors (or Python floats) act as the float32 ones: cast to the actions' dtype."""
+    actor, obs, a = fmq.FlowMapActor(3, 2, fmq.Args(hidden_dim=8, num_layers=1)), torch.randn(4, 3), torch.randn(4, 2)
+    r = torch.rand(4, 1)
+    torch.testing.assert_close(actor(obs, a, r.double(), torch.ones(4, 1, dtype=torch.float64)), actor(obs, a, r, 1.0))
+
+
+@pytest.mark.parametrize("cudagraphs", [False, True])
+def test_make_agent_puts_nets_on_the_device_with_adam_fused_only_on_cuda(cudagraphs):
+    """Actor, critics and target critics on the given device; Adam at --lr, fused on CUDA only (not on the CPU, where
+    fused Adam is another kernel), capturable exactly with --cudagraphs."""
+    args = fmq.Args(hidden_dim=8, num_layers=1, lr=1e-3, cudagraphs=cudagraphs)
+    for device in ["meta", "cpu"] + ["cuda"] * torch.cuda.is_available():
+        agent = fmq.make_agent(args, 3, 2, device)
+        nets = (agent.actor, agent.critic, agent.critic_target)
+        assert {p.device.type for net in nets for p in net.parameters()} == {torch.device(device).type}
+        for opt in (agent.actor_opt, agent.critic_opt):
+            assert opt.defaults["fused"] is (device == "cuda") and opt.defaults["capturable"] is cudagraphs
+            assert opt.defaults["lr"] == 1e-3
+
+
 def test_mlp_blocks_and_init_follow_the_official_networks():
     """Dense -> GELU (tanh) -> LayerNorm (eps 1e-6) per hidden layer; Xavier-uniform kernels, zero biases."""
     args = fmq.Args(hidden_dim=256, num_layers=2)
@@ -1847,6 +1884,42 @@ def test_update_and_sampling_make_no_tensor_off_the_data_device():
         fmq.update(agent, batch, step, args)
         for sampler in ("onestep", "best-of-n", "qgbs"):
             assert fmq.select_action(agent, batch["obs"], sampler, args).device.type == "cpu"
+            assert fmq.act(agent, batch["obs"][:2].numpy(), sampler, dataclasses.replace(args, horizon=2)).shape == (
+                2, 2, 5)
+
+
+def test_act_takes_the_envs_float64_observations_as_float32():
+    """Envs return float64 observations (numpy's default); act hands the nets float32 states: the same chunks."""
+    args, agent, batch = small_agent(horizon=2)
+    obs = batch["obs"][:3].numpy()
+    a64 = fmq.act(agent, obs.astype(np.float64), "onestep", args, torch.Generator().manual_seed(0))
+    a32 = fmq.act(agent, obs, "onestep", args, torch.Generator().manual_seed(0))
+    assert a64.dtype == np.float32 and np.array_equal(a64, a32)
+
+
+def test_update_logs_both_losses_and_both_gradient_norms_as_train_csv_columns():
+    args, agent, batch = small_agent()
+    for target in ("fmq", "mvp", "flow-map"):
+        info = fmq.update(agent, batch, 10, dataclasses.replace(args, online_target=target))
+        assert {"critic/loss", "critic/q", "critic/target", "critic/grad_norm", "actor/grad_norm"} <= set(info)
+        assert set(info) <= set(fmq.TRAIN_FIELDS), target
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_amp_runs_the_nets_in_bfloat16_autocast_and_only_with_amp(amp):
+    """--amp: act and update run the actor's layers in bfloat16 (even where the device's default autocast dtype is
+    another: here the CPU's is set to float16); without it, in float32."""
+    args, agent, batch = small_agent(amp=amp)
+    seen = []
+    agent.actor.net[0].register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+    default = torch.get_autocast_dtype("cpu")
+    torch.set_autocast_dtype("cpu", torch.float16)
+    try:
+        fmq.act(agent, batch["obs"][:2].numpy(), "onestep", dataclasses.replace(args, horizon=2))
+        fmq.update(agent, batch, 10, args)
+    finally:
+        torch.set_autocast_dtype("cpu", default)
+    assert seen and set(seen) == {torch.bfloat16 if amp else torch.float32}
 
 
 @pytest.mark.parametrize("online,target,offline_agg,online_agg,expected", [
