@@ -37,6 +37,8 @@ pytest_add_cli_args =
 also_copy =
   tools
   pytest.ini
+  README.md
+  requirements.txt
 process_isolation = forkserver
 """
 # The method: networks and init, sampling, losses, update, TD target, acting, evaluation, the buffer, the
@@ -58,7 +60,7 @@ def prepare(work):
     """Copies the sources and the tests to `work` and writes mutmut's setup.cfg there. mutmut 3 does not mutate a
     decorated function, so the copy of qgbs.py applies @torch.no_grad() to qgbs after its definition instead."""
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("fmq.py", "test_fmq.py", "pytest.ini"):
+    for name in ("fmq.py", "test_fmq.py", "pytest.ini", "README.md", "requirements.txt"):  # tests read the last two
         shutil.copy2(ROOT / name, work / name)
     src = (ROOT / "qgbs.py").read_text()
     patched = src.replace("@torch.no_grad()\ndef qgbs(", "def qgbs(") + "\n\nqgbs = torch.no_grad()(qgbs)\n"
