@@ -986,8 +986,9 @@ def test_time_features_are_low_frequency():
     t = torch.zeros(1, 1, dtype=torch.float64)
     feats, speed = torch.func.jvp(lambda x: fmq.time_features(x, 64), (t,), (torch.ones_like(t),))
     torch.testing.assert_close(feats[0], torch.cat([torch.ones(32), torch.zeros(32)]).double())
-    torch.testing.assert_close(speed[0, 32:], 1e4 ** -(torch.arange(32, dtype=torch.float64) / 31))
+    torch.testing.assert_close(speed[0, 32:], 1e4 ** -(torch.arange(32, dtype=torch.float64) / 31), rtol=1e-12, atol=0)
     assert speed.abs().max().item() == pytest.approx(1.0) and speed[0, 63].item() == pytest.approx(1e-4)
+    assert torch.equal(fmq.time_features(t + 0.3, 0), t + 0.3)  # time_dim 0: the time itself (QC's input)
 
 
 def test_time_features_of_small_dims_and_float64_times():
@@ -1227,6 +1228,10 @@ def test_act_and_the_buffer_keep_a_chunk_in_time_order():
     agent = SimpleNamespace(actor=Fixed(), critic=CURRENT, u_off=None)
     np.testing.assert_allclose(fmq.act(agent, np.zeros((2, 3)), "onestep", fmq.Args(horizon=3)),
                                chunk.view(1, 3, 2).expand(2, 3, 2).numpy(), atol=1e-6)
+    args, agent, _ = small_agent(horizon=5)  # an env's float64 observations reach the float32 nets as float32
+    obs = np.random.default_rng(0).normal(size=(3, 6))
+    chunks = [fmq.act(agent, o, "best-of-n", args, torch.Generator().manual_seed(0)) for o in (obs, np.float32(obs))]
+    assert chunks[0].shape == (3, 5, 2) and np.array_equal(*chunks)
     n, v = 12, np.arange(12, dtype=np.float32)
     data = dict(observations=v[:, None], actions=np.stack([v, 100 + v], 1) / 200, rewards=-np.ones(n),
                 masks=np.ones(n), next_observations=v[:, None] + 1, ends=np.arange(n) % 4 == 3)
@@ -1302,13 +1307,16 @@ def test_trust_region_velocity_keeps_the_inputs_dtype():
 # ---------------------------------------------------------------- losses: the flow-map losses, the (r, t) curriculum
 @pytest.mark.parametrize("kind", ["eulerian", "lagrangian", "progressive"])
 def test_flow_map_losses_vanish_only_for_the_exact_flow_map(kind):
+    """Per state s, data N(MU + s, SIGMA^2): the exact flow map is u(x, r, t | s) = s + u_0(x - r s, r, t), u_0 that
+    of N(MU, SIGMA^2). Its target (v = None: the model's own velocity) equals it; a target that drops s does not."""
     torch.manual_seed(0)
     x, r = torch.randn(256, 3, dtype=torch.float64), torch.rand(256, 1, dtype=torch.float64) * 0.8
     t = r + 0.05 + torch.rand(256, 1, dtype=torch.float64) * (0.95 - r)
-    obs = torch.zeros(256, 1, dtype=torch.float64)
-    u_rt, target = fmq.FLOW_MAP_TARGETS[kind](gaussian_flow_map(), obs, x, r, t)
+    obs = torch.randn(256, 1, dtype=torch.float64)
+    shifted = lambda u_0: lambda s, x, r, t: s + u_0(s, x - r * s, r, t)  # noqa: E731
+    u_rt, target = fmq.FLOW_MAP_TARGETS[kind](shifted(gaussian_flow_map()), obs, x, r, t)
     assert (u_rt - target).abs().max() < 1e-8
-    u_rt, target = fmq.FLOW_MAP_TARGETS[kind](gaussian_flow_map(wrong=1.3), obs, x, r, t)
+    u_rt, target = fmq.FLOW_MAP_TARGETS[kind](shifted(gaussian_flow_map(wrong=1.3)), obs, x, r, t)
     assert ((u_rt - target) ** 2).mean() > 1e-3
 
 
@@ -1334,6 +1342,8 @@ def test_flow_map_loss_curriculum_and_gradients():
     for kind in fmq.FLOW_MAP_TARGETS:  # up to curriculum_start the self-distillation term has weight 0
         loss, info = fmq.flow_map_loss(actor, obs, a, args.curriculum_start, with_loss(kind))
         assert loss == info["actor/diag_loss"]
+    loss, info = fmq.flow_map_loss(actor, obs, a, args.curriculum_end, with_loss("none"))  # the diagonal loss only
+    assert list(info) == ["actor/diag_loss"] and loss == info["actor/diag_loss"]
     for kind in ["lagrangian", "progressive"]:  # r = t: these self-distillation terms vanish
         loss, info = fmq.flow_map_loss(actor, obs, a, 0, with_loss(kind))
         assert info["actor/distill_loss"] < 1e-12
@@ -1601,6 +1611,8 @@ def test_eta_eff_damps_with_the_per_sample_critic_spread(official, expected):
     assert loss.item() == pytest.approx(expected, rel=1e-5)
     eta_eff = (1.0 if official else 0.8) / torch.tensor([1.25, 1.5, 1.75])
     assert info["actor/eta_eff"].item() == pytest.approx(eta_eff.mean().item(), rel=1e-6)
+    assert info["actor/fmq_loss"].item() == pytest.approx(expected, rel=1e-5)
+    assert info["actor/q_grad_norm"].item() == pytest.approx(5.0, rel=1e-6)  # ||grad Q1|| = ||(3, 4)||
 
 
 def test_fmq_loss_interpolates_a_r_from_noise_to_data():
@@ -1839,10 +1851,13 @@ def test_each_update_starts_from_zero_gradients(monkeypatch):
     monkeypatch.setattr(fmq, "critic_loss", lambda agent, *a: (total(agent.critic), {}))
     monkeypatch.setattr(fmq, "flow_map_loss", lambda actor, *a: (total(actor), {}))
     monkeypatch.setattr(fmq, "fmq_loss", lambda agent, *a: (total(agent.actor), {}))
+    sizes = [sum(p.numel() for p in net.parameters()) for net in (agent.critic, agent.actor)]
     for step in range(2):
-        fmq.update(agent, batch, step, args)
+        info = fmq.update(agent, batch, step, args)
         for p in [*agent.critic.parameters(), *agent.actor.parameters()]:
             assert torch.equal(p.grad, torch.ones_like(p)), f"update {step}: gradients accumulated"
+        logged = [info["critic/grad_norm"].item(), info["actor/grad_norm"].item()]
+        assert logged == pytest.approx([n ** 0.5 for n in sizes], rel=1e-6)  # the norm of all-ones gradients
 
 
 def test_one_update_steps_on_the_summed_loss_at_pre_update_parameters(monkeypatch):
@@ -1884,8 +1899,7 @@ def test_update_and_sampling_make_no_tensor_off_the_data_device():
         fmq.update(agent, batch, step, args)
         for sampler in ("onestep", "best-of-n", "qgbs"):
             assert fmq.select_action(agent, batch["obs"], sampler, args).device.type == "cpu"
-            assert fmq.act(agent, batch["obs"][:2].numpy(), sampler, dataclasses.replace(args, horizon=2)).shape == (
-                2, 2, 5)
+            assert fmq.act(agent, batch["obs"].numpy(), sampler, args).shape == (8, args.horizon, 10 // args.horizon)
 
 
 def test_act_takes_the_envs_float64_observations_as_float32():
@@ -2469,10 +2483,13 @@ def test_robomimic_wrong_observation_keys(rm_data, tmp_path):
         fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
 
 
-def test_missing_robomimic_dataset_names_the_path_and_the_v15_download(tmp_path):
+def test_missing_robomimic_dataset_names_the_path_and_the_v15_download(tmp_path, monkeypatch):
     with pytest.raises(fmq.FMQError, match=rf"not found at {tmp_path}/square/mh/low_dim_v15.hdf5; use robomimic's "
                        r"v1.5 file.*hf_hub_download\('robomimic/robomimic_datasets', 'v1.5/square/mh/low_dim_v15"):
         fmq.load_dataset(fmq.env_spec("square"), str(tmp_path))
+    monkeypatch.setenv("HOME", str(tmp_path))  # without --dataset-dir: ~/.robomimic (docs/environments.md)
+    with pytest.raises(fmq.FMQError, match=f"not found at {tmp_path}/.robomimic/can/mh/low_dim_v15.hdf5; "):
+        fmq.load_dataset(fmq.env_spec("can"), None)
 
 
 @pytest.mark.parametrize("given", [True, False])
@@ -2572,8 +2589,8 @@ def test_load_robomimic_key_order_demo_order_masks_and_ends(tmp_path, monkeypatc
     terminals = dones, and each demo's last step ends chunks. The env guard is stubbed (its own tests are slow)."""
     monkeypatch.setattr(fmq, "RoboMimicEnv", lambda env_args, limit, render=False: ("env", env_args, limit))
     guarded = []
-    monkeypatch.setattr(fmq, "robomimic_mismatch", lambda f, env: (guarded.append(env), dict(obs=0, replay=0,
-                                                                                              reward=0))[1])
+    monkeypatch.setattr(fmq, "robomimic_mismatch", lambda f, env: (guarded.append((f.filename, env)),
+                                                                   dict(obs=0, replay=0, reward=0))[1])
     sizes = dict(robot0_eef_pos=3, robot0_eef_quat=4, robot0_gripper_qpos=2, object=5, robot0_joint_pos=7)
     base = dict(robot0_eef_pos=100, robot0_eef_quat=200, robot0_gripper_qpos=300, object=400, robot0_joint_pos=900)
 
@@ -2587,7 +2604,8 @@ def test_load_robomimic_key_order_demo_order_masks_and_ends(tmp_path, monkeypatc
     env_args = dict(env_name="PickPlaceCan", env_version="1.5.1", env_kwargs={})
     write_robomimic(tmp_path / "can" / "mh" / "low_dim_v15.hdf5", demos, env_args)
     data, got_args = fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
-    assert got_args == env_args and guarded == [("env", env_args, 300)]
+    assert got_args == env_args and guarded == [(str(tmp_path / "can" / "mh" / "low_dim_v15.hdf5"), ("env", env_args,
+                                                                                                   300))]
     order = [1] * 2 + [2] * 4 + [10] * 3
     t = [0, 1, 0, 1, 2, 3, 0, 1, 2]
     assert data["observations"].shape == (9, 14)
@@ -2605,6 +2623,17 @@ def test_load_robomimic_key_order_demo_order_masks_and_ends(tmp_path, monkeypatc
     np.testing.assert_array_equal(fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))[0]["ends"], data["ends"])
     monkeypatch.setattr(fmq, "robomimic_mismatch", lambda f, env: dict(obs=0, replay=0.2, reward=0))
     with pytest.raises(fmq.FMQError, match="does not reproduce it"):
+        fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
+    demos["demo_1"]["obs"].pop("object")  # the first demo (numeric order) lacks a key
+    write_robomimic(tmp_path / "bare" / "can" / "mh" / "low_dim_v15.hdf5", demos, env_args)
+    keys = "['robot0_eef_pos', 'robot0_eef_quat', 'robot0_gripper_qpos', 'object']"
+    with pytest.raises(fmq.FMQError, match=re.escape("lacks observation keys ['object'] (it has ['robot0_eef_pos', "
+                                                     f"'robot0_eef_quat', 'robot0_gripper_qpos', 'robot0_joint_pos']); "
+                                                     f"FMQ needs the low-dim keys {keys}")):
+        fmq.load_dataset(fmq.env_spec("can"), str(tmp_path / "bare"))
+    monkeypatch.setattr(fmq, "RoboMimicEnv", lambda env_args, limit, render=False: {}["no robot"])
+    with pytest.raises(fmq.FMQError, match=re.escape("was made with robosuite 1.5.1; the installed ") + r"[\d.]+ "
+                       + re.escape("cannot rebuild its env (KeyError: \"'no robot'\"); use robomimic's v1.5 file")):
         fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
 
 
@@ -2646,6 +2675,7 @@ def test_any_ogbench_singletask_id_gets_the_ogbench_spec_and_qgbs_keeps_the_pape
     import inspect
     name = "puzzle-3x3-play-singletask-task1-v0"
     assert fmq.env_spec(name) == dict(suite="ogbench", name=name, reward=None)
+    assert fmq._ogb(name, "sparse") == dict(suite="ogbench", name=name, reward="sparse")  # what the table's rows use
     defaults = {k: p.default for k, p in inspect.signature(qgbs.qgbs).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     assert defaults == dict(action_dim=None, M=4, K=1, B=4, rho=1.5, eta=0.3, generator=None, complete=None,
@@ -2718,6 +2748,9 @@ def test_replay_buffer_online_state_round_trip_after_wrapping():
     fill(a, 23)
     state = a.online_state()
     assert len(state["rows"]["rewards"]) == 16  # every row was written online
+    with pytest.raises(fmq.FMQError, match="^" + re.escape("the checkpoint was written by an older fmq.py (linear "
+                                                           "replay buffer); resume it with that") + "$"):  # no ring
+        b.load_online_state({k: v for k, v in state.items() if k != "ring"})
     b.load_online_state(state)
     for k in fmq.ReplayBuffer.FIELDS:
         torch.testing.assert_close(b.data[k], a.data[k])
@@ -3425,24 +3458,45 @@ def test_shapes_and_dtypes_cuda(dtype):
     _check_shapes("cuda", dtype)
 
 
-@pytest.mark.parametrize("bad", [dict(M=0), dict(B=0), dict(K=-1), dict(rho=0.0), dict(rho=-1.0),
-                                 dict(action_dim=None)])
-def test_invalid_args_raise(bad):
+@pytest.mark.parametrize("bad,message", [
+    (dict(M=0), "qgbs: need M >= 1, K >= 0, B >= 1; got M=0, K=1, B=2"),
+    (dict(B=0), "qgbs: need M >= 1, K >= 0, B >= 1; got M=2, K=1, B=0"),
+    (dict(K=-1), "qgbs: need M >= 1, K >= 0, B >= 1; got M=2, K=-1, B=2"),
+    (dict(rho=0.0), "qgbs: need rho > 0 (signal-to-noise ratio); got rho=0.0"),
+    (dict(rho=-1.0), "qgbs: need rho > 0 (signal-to-noise ratio); got rho=-1.0"),
+    (dict(action_dim=None), "qgbs: pass action_dim (the flow map needs a_0 of known size)")])
+def test_invalid_args_raise(bad, message):
     kw = dict(action_dim=D, M=2, K=1, B=2, rho=1.5) | bad
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         qgbs.qgbs(toy_jump, toy_q, make_obs(), **kw)
+
+
+def test_defaults_are_the_papers_best_setting_and_integer_states_work():
+    """Called with no settings, qgbs is M 4, K 1, B 4 (20 NFE), rho 1.5, eta 0.3, completion by the jump, no K = 0
+    step, actions in [-1, 1]: the same actions as with those spelled out, on the same noise. Integer states (e.g.
+    discrete ones) draw noise and return actions of torch's default dtype."""
+    obs = make_obs()
+    got, info = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, generator=gen(0))
+    want, _ = qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=4, K=1, B=4, rho=1.5, eta=0.3, complete=toy_jump,
+                        k0_step=False, action_range=(-1.0, 1.0), generator=gen(0))
+    assert info["nfe"] == 20 and info["beam"].shape == (5, 4, D) and torch.equal(got, want)
+    ints = torch.arange(20).reshape(5, 4)
+    actions, _ = qgbs.qgbs(lambda a_r, r, o: toy_jump(a_r, r, o.float()), lambda o, a: toy_q(o.float(), a), ints,
+                           action_dim=D, generator=gen(0))
+    assert actions.dtype == torch.get_default_dtype() and actions.shape == (5, D)
 
 
 @pytest.mark.parametrize("lo,hi", [(-1.0, 1.0), (-0.2, 0.7)])
 def test_actions_stay_in_action_range(lo, hi):
     overshoot = lambda a_r, r, o: 5 * a_r + o[:, :D]  # noqa: E731
-    far_q = lambda o, a: -((a - 10.0) ** 2).sum(-1)  # maximiser far outside the box  # noqa: E731
-    for K in (0, 1, 2):
-        actions, info = qgbs.qgbs(overshoot, far_q, make_obs(), action_dim=D, M=4, K=K, B=3, eta=5.0,
-                                  generator=gen(K), action_range=(lo, hi))
-        for x in (actions, info["beam"]):
-            assert x.min() >= lo and x.max() <= hi
-    assert torch.allclose(actions, torch.full_like(actions, hi))  # pushed to the upper bound
+    for far, bound in ((10.0, hi), (-10.0, lo)):
+        far_q = lambda o, a: -((a - far) ** 2).sum(-1)  # maximiser far outside the box  # noqa: E731
+        for K in (0, 1, 2):
+            actions, info = qgbs.qgbs(overshoot, far_q, make_obs(), action_dim=D, M=4, K=K, B=3, eta=5.0,
+                                      generator=gen(K), action_range=(lo, hi))
+            for x in (actions, info["beam"]):
+                assert x.min() >= lo and x.max() <= hi
+        assert torch.allclose(actions, torch.full_like(actions, bound))  # pushed to the bound by the eta step
 
 
 def test_renoise_input_is_t_prime_mix_of_beam_and_noise(monkeypatch):
