@@ -2702,6 +2702,65 @@ def test_chunk_return_keeps_the_rewards_dtype():
     torch.testing.assert_close(R, torch.tensor([1 + 0.9 + 0.9 ** 2], dtype=torch.float64), rtol=0, atol=1e-15)
 
 
+def test_env_spec_suggests_the_closest_id_only_when_one_is_close():
+    with pytest.raises(fmq.FMQError) as e:
+        fmq.env_spec("scene-t55")
+    assert str(e.value) == ("unknown env id 'scene-t55' (did you mean 'scene-t5'?); valid ids: " + ", ".join(fmq.ENVS)
+                            + ", or any OGBench '*-singletask-task*-v0' name")
+    with pytest.raises(fmq.FMQError) as e:
+        fmq.env_spec("qqqqqqqq")
+    assert str(e.value).startswith("unknown env id 'qqqqqqqq'; valid ids: can, square")
+
+
+def test_replay_buffer_samples_only_valid_starts_uniformly_also_beyond_124_of_them():
+    """300 one-episode rows, h 2: starts 0..298, each drawn uniformly (the draw is modulo the count of starts, from a
+    range far larger than it); a dataset shorter than the horizon has no start until online rows make one."""
+    n = 300
+    v = np.arange(n, dtype=np.float32)[:, None]
+    data = dict(observations=v, actions=v, rewards=np.zeros(n, np.float32), masks=np.ones(n, np.float32),
+                next_observations=v, ends=np.zeros(n, np.float32))
+    buf = fmq.ReplayBuffer(data, capacity=n + 1, horizon=2, device="cpu")
+    torch.manual_seed(0)
+    starts = buf.sample(60_000, 0.9)["obs"][:, 0].long()
+    counts = torch.bincount(starts, minlength=n)
+    assert counts[n - 1] == 0 and counts[:n - 1].min() > 100 and counts[:n - 1].max() < 300  # mean 200.7
+    short = {k: x[:1] for k, x in data.items()}
+    buf = fmq.ReplayBuffer(short, capacity=5, horizon=3, device="cpu")
+    assert buf.n_starts == 0
+    for x in (5.0, 6.0, 7.0):
+        buf.add([x], [x], 0.0, 1.0, [x + 1], False)
+    assert buf.n_starts == 1 and buf.sample(3, 0.9)["obs"].tolist() == [[5.0]] * 3
+
+
+def test_replay_buffer_first_valid_start_is_the_rings_head():
+    """An episode end at row 0 and h 2: start 0 crosses it; the ring holds starts 1 and 2 from its head, which
+    sampling draws alike (and never 0)."""
+    v = np.arange(4, dtype=np.float32)[:, None]
+    data = dict(observations=v, actions=v, rewards=np.zeros(4, np.float32), masks=np.ones(4, np.float32),
+                next_observations=v, ends=np.array([1, 0, 0, 1], np.float32))
+    buf = fmq.ReplayBuffer(data, capacity=5, horizon=2, device="cpu")
+    torch.manual_seed(0)
+    obs = buf.sample(4000, 0.9)["obs"][:, 0]
+    assert set(obs.tolist()) == {1.0, 2.0} and abs((obs == 1).float().mean().item() - 0.5) < 0.03
+
+
+def test_replay_buffer_checkpoint_holds_the_online_rows_only_and_reloads_from_the_rings_head():
+    """online_state: the 7 online rows (not the 12 offline ones) of a buffer that wrapped (its ring's head moved);
+    loaded into a fresh buffer, the ring starts at its head 0 and samples the chunks the saved buffer held."""
+    src, dst = circular_buffer(cap=16), circular_buffer(cap=16)
+    fill(src, 7)
+    assert src.head > 0
+    state = src.online_state()
+    assert {k: len(x) for k, x in state["rows"].items()} == dict.fromkeys(fmq.ReplayBuffer.FIELDS, 7)
+    dst.load_online_state(state)
+    assert dst.ring_t.tolist() == [0, src.n_starts]
+    torch.manual_seed(0)
+    a = dst.sample(500, 0.9)["obs"]
+    torch.manual_seed(0)
+    b = src.sample(500, 0.9)["obs"]
+    assert set(a[:, 0].tolist()) == set(b[:, 0].tolist())
+
+
 def test_replay_buffer_chunks_stay_inside_episodes():
     n, h = 20, 3
     ends = np.zeros(n, np.float32)
