@@ -409,7 +409,7 @@ def run_cli(*flags):
 
 def checkpoint_step(run):
     """The step of the run's newest checkpoint (-1 if none yet)."""
-    ckpt = max((run / "checkpoints").glob("step_*.pt"))
+    ckpt = max((run / "checkpoints").glob("step_*.pt"), default=None)
     return int(ckpt.stem.split("_")[1]) if ckpt else -1
 
 
