@@ -2892,6 +2892,19 @@ def test_evaluate_seeds_each_episode_whatever_the_waves(seed, episodes, eval_env
     assert all(np.array_equal(np.stack(a.actions), np.stack(b.actions)) for a, b in zip(envs, again))
 
 
+def test_evaluate_resets_episode_i_with_exactly_seed_plus_10000_plus_i():
+    """The reset seeds themselves (TinyEnv's outcomes repeat every 20 seeds, so they cannot tell 10_000 from -10_000)."""
+    seeds = []
+
+    class Env(TinyEnv):
+        def reset(self, seed=None):
+            seeds.append(seed)
+            return super().reset(seed=seed)
+    args = tiny_env_args(Path("."), eval_episodes=5, eval_envs=2, seed=3)
+    fmq.evaluate(fmq.make_agent(args, 3, 2 * args.horizon, "cpu"), [Env(), Env()], args, "onestep")
+    assert seeds == [10_003, 10_004, 10_005, 10_006, 10_007]
+
+
 # ---------------------------------------------------------------- plumbing: logging, videos, Weights & Biases
 @pytest.mark.slow
 def test_run_prints_its_plan_and_result_and_logs_the_last_offline_step(tmp_path, ogb, capsys):
