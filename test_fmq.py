@@ -1232,6 +1232,9 @@ def test_act_and_the_buffer_keep_a_chunk_in_time_order():
     obs = np.random.default_rng(0).normal(size=(3, 6))
     chunks = [fmq.act(agent, o, "best-of-n", args, torch.Generator().manual_seed(0)) for o in (obs, np.float32(obs))]
     assert chunks[0].shape == (3, 5, 2) and np.array_equal(*chunks)
+    fp32 = fmq.select_action(agent, torch.tensor(obs, dtype=torch.float32), "best-of-n", args,
+                             torch.Generator().manual_seed(0))  # without --amp, no autocast: fp32 exactly
+    assert np.array_equal(chunks[0], fp32.detach().view(3, 5, 2).numpy())
     n, v = 12, np.arange(12, dtype=np.float32)
     data = dict(observations=v[:, None], actions=np.stack([v, 100 + v], 1) / 200, rewards=-np.ones(n),
                 masks=np.ones(n), next_observations=v[:, None] + 1, ends=np.arange(n) % 4 == 3)
@@ -1285,6 +1288,8 @@ def test_trust_region_velocity_is_the_maximiser_on_the_boundary():
                                          jac=lambda u: -2 * (u - u_ref[i]))], options=dict(ftol=1e-15, maxiter=500))
         np.testing.assert_allclose(u_star[i], res.x, atol=1e-5)
         assert np.linalg.norm(u_star[i] - u_ref[i]) == pytest.approx(eta[i], abs=1e-12)  # on the boundary
+    u_f = fmq.trust_region_velocity(torch.tensor(u_ref), torch.tensor(grad_q), 0.7).numpy()  # a float eta, in float64
+    np.testing.assert_allclose(np.linalg.norm(u_f - u_ref, axis=1), 0.7, rtol=0, atol=1e-12)
     # kappa1 > 0 shrinks the step below eta and keeps the direction
     u_k = fmq.trust_region_velocity(torch.tensor(u_ref), torch.tensor(grad_q), 1.0, kappa1=0.5).numpy()
     step = u_k - u_ref
@@ -1474,6 +1479,11 @@ def test_sample_r_t_scale_at_the_curriculum_boundaries():
         assert (t - r).mean().item() == pytest.approx(scale / 3, abs=3e-3), step
         assert r.mean().item() == pytest.approx(0.5 - scale / 6, abs=4e-3), step
         assert ((r + t) / 2).mean().item() == pytest.approx(0.5, abs=4e-3)
+    for start, end in ((10, 11), (10, 10)):  # a one-step ramp, and none: the full interval right after the start
+        torch.manual_seed(1)
+        r, t = fmq.sample_r_t(1000, 11, fmq.Args(curriculum_start=start, curriculum_end=end), "cpu")
+        torch.manual_seed(1)
+        torch.testing.assert_close(torch.cat([r, t], 1), torch.rand(2, 1000, 1).sort(0).values.squeeze(-1).T)
 
 
 def test_flow_map_loss_diag_and_distill_draw_their_own_noise_and_times(monkeypatch):
@@ -1629,14 +1639,15 @@ def test_fmq_loss_interpolates_a_r_from_noise_to_data():
     torch.testing.assert_close(a_r1 - a_r0, r.expand(-1, 2))
 
 
-@pytest.mark.parametrize("guidance,expected", [("q1", 0.0), ("mean", 0.2)])
-def test_guidance_critic_q1_or_mean(guidance, expected):
+@pytest.mark.parametrize("guidance,expected,norm", [("q1", 0.0, 5.0), ("mean", 0.2, 4.0)])
+def test_guidance_critic_q1_or_mean(guidance, expected, norm):
     """Alg. 1 guides with grad Q1 = (3, 4) -> (.6, .8); 'mean' with (grad Q1 + grad Q2) / 2 = (0, 4) -> (0, 1). An
     actor returning (.6, .8) (eta 1, beta 0, u_off 0) has loss 0 for q1 and ((.6)^2 + (.2)^2) / 2 = .2 for mean."""
     critic = lambda obs, a: torch.stack([a @ torch.tensor([3.0, 4.0]), a @ torch.tensor([-3.0, 4.0])])  # noqa: E731
     agent, args = fmq_stand_ins(critic, actor=torch.tensor([0.6, 0.8]), eta=1.0, beta=0.0, guidance_critic=guidance)
-    loss, _ = fmq.fmq_loss(agent, torch.zeros(16, 1), torch.zeros(16, 2), args)
+    loss, info = fmq.fmq_loss(agent, torch.zeros(16, 1), torch.zeros(16, 2), args)
     assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert info["actor/q_grad_norm"].item() == pytest.approx(norm, rel=1e-6)  # ||(3, 4)||, ||(0, 4)|| per sample
 
 
 def test_fmq_loss_takes_the_q_gradient_at_a_1_clipped_to_the_action_box():
@@ -1873,7 +1884,10 @@ def test_one_update_steps_on_the_summed_loss_at_pre_update_parameters(monkeypatc
         return fmq_loss(agent, *a)
     fmq_loss = fmq.fmq_loss
     monkeypatch.setattr(fmq, "fmq_loss", fmq_recording)
-    fmq.update(agent, batch, 0, args)
+    torch.manual_seed(0)  # without --amp the update's critic loss is the fp32 one, on the same draws
+    c_loss, _ = fmq.critic_loss(agent, batch, args.discount, args.horizon, fmq.critic_agg(args, True), args.best_of_n)
+    torch.manual_seed(0)
+    assert torch.equal(fmq.update(agent, batch, 0, args)["critic/loss"], c_loss)
     assert all(torch.equal(p, q) for p, q in zip(seen[0], critic_before))
     for before, net in [(critic_before, agent.critic), (actor_before, agent.actor)]:
         steps = torch.cat([(p - b).flatten() for p, b in zip(net.parameters(), before)]).abs()
@@ -2328,6 +2342,8 @@ def test_env_table_and_unknown_id():
     assert len(fmq.ENVS) == 12
     with pytest.raises(fmq.FMQError, match="did you mean 'scene-t5'.*valid ids: can, square"):
         fmq.env_spec("scene-t55")
+    with pytest.raises(fmq.FMQError, match="^unknown env id 'qqq'; valid ids: can, square, "):  # nothing close
+        fmq.env_spec("qqq")
 
 
 def test_missing_ogbench_dataset_names_the_path(tmp_path, monkeypatch):
@@ -2488,8 +2504,9 @@ def test_missing_robomimic_dataset_names_the_path_and_the_v15_download(tmp_path,
                        r"v1.5 file.*hf_hub_download\('robomimic/robomimic_datasets', 'v1.5/square/mh/low_dim_v15"):
         fmq.load_dataset(fmq.env_spec("square"), str(tmp_path))
     monkeypatch.setenv("HOME", str(tmp_path))  # without --dataset-dir: ~/.robomimic (docs/environments.md)
-    with pytest.raises(fmq.FMQError, match=f"not found at {tmp_path}/.robomimic/can/mh/low_dim_v15.hdf5; "):
+    with pytest.raises(fmq.FMQError, match=f"not found at {tmp_path}/.robomimic/can/mh/low_dim_v15.hdf5; ") as e:
         fmq.load_dataset(fmq.env_spec("can"), None)
+    assert f"repo_type='dataset', local_dir='{tmp_path}/.robomimic')" in str(e.value)  # the download goes there
 
 
 @pytest.mark.parametrize("given", [True, False])
@@ -2617,10 +2634,13 @@ def test_load_robomimic_key_order_demo_order_masks_and_ends(tmp_path, monkeypatc
     np.testing.assert_array_equal(data["masks"], [1, 1, 1, 0, 1, 0, 1, 1, 1])
     np.testing.assert_array_equal(data["rewards"], [0, 0, 0, 1, 0, 1, 0, 0, 0])
     np.testing.assert_array_equal(data["ends"], [0, 1, 0, 1, 0, 1, 0, 0, 1])
+    assert all(v.dtype == np.float32 for v in data.values())  # as the official loader's
     assert fmq.RM_KEYS == ("robot0_eef_pos", "robot0_eef_quat", "robot0_gripper_qpos", "object")
     (tmp_path / "v1.5").mkdir()  # hf_hub_download's layout: <root>/v1.5/<task>/mh/low_dim_v15.hdf5
     (tmp_path / "can").rename(tmp_path / "v1.5" / "can")
     np.testing.assert_array_equal(fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))[0]["ends"], data["ends"])
+    monkeypatch.setattr(fmq, "robomimic_mismatch", lambda f, env: dict(fmq.RM_TOL))  # errors at the tolerances pass
+    assert len(fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))[0]["ends"]) == 9
     monkeypatch.setattr(fmq, "robomimic_mismatch", lambda f, env: dict(obs=0, replay=0.2, reward=0))
     with pytest.raises(fmq.FMQError, match="does not reproduce it"):
         fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
@@ -2815,6 +2835,11 @@ def test_replay_buffer_online_state_round_trip_after_wrapping():
         torch.testing.assert_close(b.data[k], a.data[k])
     ring = lambda buf: buf.starts_host[(buf.head + np.arange(buf.n_starts)) % buf.cap].tolist()  # noqa: E731
     assert ring(b) == ring(a)
+    torch.manual_seed(0)  # b samples exactly the chunks of its ring (online row v has observation 88 + v)
+    assert set(b.sample(2048, 0.9)["obs"][:, 0].tolist()) == {88.0 + v for v in ring(b)}
+    c = circular_buffer()
+    fill(c, 3)  # a checkpoint holds the online rows only
+    assert c.online_state()["rows"]["observations"][:, 0].tolist() == [100.0, 101.0, 102.0]
     fill(a, 9, first=23), fill(b, 9, first=23)  # and both go on identically
     assert ring(b) == ring(a) and torch.equal(b.data["actions"], a.data["actions"])
     torch.manual_seed(0)
@@ -2866,6 +2891,17 @@ def test_eval_returns_say_which_reward(monkeypatch, env_id, return_train):
     res = fmq.evaluate(agent, [TwoStepRewardEnv(), TwoStepRewardEnv()], args, "onestep",
                        fmq.reward_fn(fmq.env_spec(env_id), False))
     assert res == dict(success=1.0, return_train=return_train, return_env=-4.0, length=4.0)
+
+
+def test_video_episodes_come_after_the_counted_ones_with_a_frame_every_skip_steps_and_at_the_end():
+    """With `frames`: the video_episodes episodes after the eval_episodes counted ones, seeds 10_001 and 10_002 after
+    one counted episode (successes at steps 4 and 5), a frame every 2 steps and at the end: steps 2, 4 and 2, 4, 5
+    (RenderingTinyEnv's bar is 4 x the step wide)."""
+    args = tiny_env_args(Path("."), eval_episodes=1, eval_envs=2, video_episodes=2, video_frame_skip=2)
+    torch.manual_seed(0)
+    agent, frames = fmq.make_agent(args, 3, 2 * args.horizon, "cpu"), []
+    res = fmq.evaluate(agent, [RenderingTinyEnv() for _ in range(2)], args, "onestep", frames=frames)
+    assert res["length"] == 4.5 and sorted(int((f[0, :, 0] > 0).sum()) // 4 for f in frames) == [2, 2, 4, 4, 5]
 
 
 @pytest.mark.parametrize("seed,episodes,eval_envs", [(0, 5, 1), (0, 5, 2), (0, 5, 3), (0, 5, 5), (1, 4, 3)])
@@ -3584,6 +3620,7 @@ def test_renoise_input_is_t_prime_mix_of_beam_and_noise(monkeypatch):
     qgbs.qgbs(toy_jump, toy_q, obs, action_dim=D, M=M, K=1, B=B, rho=rho, generator=gen(5),
               complete=recording_complete)
     a_0, eps = draws
+    assert a_0.dtype == eps.dtype == obs.dtype == torch.float64  # every draw in the states' dtype
     a_1 = toy_jump(a_0.reshape(-1, D), 0.0, obs.repeat_interleave(M, 0)).clamp(-1, 1).reshape(2, M, 1, D)
     t = rho / (1 + rho)
     (a_tp, t_prime), = seen
