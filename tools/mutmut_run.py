@@ -137,6 +137,9 @@ def main():
         if not a.full:
             ran = {**meta(work, "fmq.py"), **meta(work, "qgbs.py")}
             survived = [n for n in names if ran.get(n) not in (1, 3)]
+            if names and all(ran.get(n) is None for n in names):
+                print(f"mutmut_run: no mutant ran: does the fast tier pass in {work / 'mutants'}? (cd there; "
+                      f"pytest -m 'not slow' -x)", file=sys.stderr)
             print("mutmut_run: not killed in this run:", *(f"{n} ({STATUS.get(ran.get(n), 'suspicious')})"
                                                            for n in survived) or ["none"], sep="\n  ")
     print(json.dumps(counts(work), indent=1))
