@@ -2526,6 +2526,22 @@ def test_a_missing_dataset_leaves_no_folder_and_offers_dataset_dir_only_if_not_g
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"] and not any((tmp_path / "home").iterdir())
 
 
+def test_a_failed_download_keeps_the_files_it_left(tmp_path, monkeypatch):
+    """Only folders the download made and left empty are removed; one holding a partial file stays as it is."""
+    import ogbench
+
+    def partial(name, dataset_dir, **k):
+        Path(dataset_dir).mkdir(parents=True)
+        (Path(dataset_dir) / "scene-play-v0.npz.part").write_bytes(b"12")
+        raise ConnectionResetError("reset by peer")
+    monkeypatch.setattr(ogbench, "make_env_and_datasets", partial)
+    root = tmp_path / "a" / "b"
+    with pytest.raises(fmq.FMQError, match=re.escape(f"{root}/scene-play-v0.npz is missing and could not be "
+                                                     "downloaded (reset by peer)")):
+        fmq.load_dataset(fmq.env_spec("scene-t5"), str(root))
+    assert [p.name for p in root.iterdir()] == ["scene-play-v0.npz.part"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(MADE))
 def test_made_ogbench_data_loads_with_qpos_aligned_to_observations(ogbench_data, name):
@@ -2654,6 +2670,12 @@ def test_load_robomimic_key_order_demo_order_masks_and_ends(tmp_path, monkeypatc
     monkeypatch.setattr(fmq, "RoboMimicEnv", lambda env_args, limit, render=False: {}["no robot"])
     with pytest.raises(fmq.FMQError, match=re.escape("was made with robosuite 1.5.1; the installed ") + r"[\d.]+ "
                        + re.escape("cannot rebuild its env (KeyError: \"'no robot'\"); use robomimic's v1.5 file")):
+        fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
+
+    def long_error(env_args, limit, render=False):
+        raise ValueError("  " + "x" * 199 + "yz  ")  # stripped, then cut at 200 characters
+    monkeypatch.setattr(fmq, "RoboMimicEnv", long_error)
+    with pytest.raises(fmq.FMQError, match=re.escape("(ValueError: '" + "x" * 199 + "y'); use robomimic's")):
         fmq.load_dataset(fmq.env_spec("can"), str(tmp_path))
 
 
