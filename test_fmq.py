@@ -965,6 +965,21 @@ def test_rendering_envs_print_no_gymnasium_render_mode_warning():
     assert out.returncode == 0 and "render_mode" not in out.stderr, out.stderr[-2000:]
 
 
+def test_validate_joins_every_problem_into_one_line_and_cudagraphs_needs_a_cuda_device(monkeypatch):
+    with pytest.raises(fmq.FMQError, match="^" + re.escape("--horizon must be >= 1; eval/log/save intervals and counts "
+                                                           "must be >= 1 (--video-episodes >= 0)") + "$"):
+        fmq.validate(fmq.Args(horizon=0, video_episodes=-1))
+    for cuda, device, ok in ((False, "auto", False), (False, "cuda", False), (True, "cpu", False),
+                             (True, "auto", True), (True, "cuda:1", True)):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        fmq.validate(fmq.Args(device=device))
+        if ok:
+            fmq.validate(fmq.Args(device=device, cudagraphs=True))
+        else:
+            with pytest.raises(fmq.FMQError, match="^--cudagraphs needs CUDA$"):
+                fmq.validate(fmq.Args(device=device, cudagraphs=True))
+
+
 @pytest.mark.parametrize("flag", ["offline_steps", "online_steps", "start_training"])
 def test_a_negative_step_count_names_its_flag(flag):
     with pytest.raises(fmq.FMQError, match=f"^--{flag.replace('_', '-')} must be >= 0$"):
@@ -2162,6 +2177,10 @@ def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, mon
     assert [int(r["step"]) for r in train] == list(range(5, 45, 5))
     # online steps 5, 10, 15, ..: episodes end at online steps 3 (success), 7 (success), 12 (success), 24 (truncated)
     assert [r["env/episode_success"] for r in train] == ["", "", "1.0", "1.0", "1.0", "1.0", "0.0", "0.0"]
+    # their returns (the env's rewards, -min(2, k - t)): k = 3: -2 -1 0; k = 4: -5; k = 5: -7; 12 steps of -2
+    assert [r["env/episode_return"] for r in train] == ["", "", "-3.0", "-5.0", "-7.0", "-7.0", "-24.0", "-24.0"]
+    assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(
+        tiny_env_args(tmp_path, start_training=4))))
     assert [r["phase"] for r in train] == ["offline"] * 2 + ["online"] * 6
     assert [(r["actor/diag_loss"] != "", r["actor/fmq_loss"] != "") for r in train] == [(True, False)] * 2 + [
         (False, True)] * 6  # the offline loss up to the phase switch, FMQ's after it
@@ -2172,6 +2191,67 @@ def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, mon
     assert [int(r["env_steps"]) for r in evals] == [0, 0, 10, 30]
     assert [int(r["env_steps"]) for r in train] == [0, 0, 5, 10, 15, 20, 25, 30]
     assert (final["step"], final["success"]) == (40, 0.8)
+
+
+def recorder():
+    """(log, calls): log(*a) appends a to calls."""
+    calls = []
+    return (lambda *a: calls.append(a)), calls
+
+
+def test_log_train_row_writes_the_losses_episode_and_speed_of_the_step_just_taken(monkeypatch):
+    """At step 11 of a run with 10 offline steps, 5 updates after the last row at t = 100 s and now 103 s: the row is
+    online (the step just taken, 10, is the first online one), env_steps 1, sps 5 / 3 (1.7 in train.csv); TensorBoard
+    gets the losses, the last episode and charts/SPS, W&B the losses and the episode. At step 10 the row is offline."""
+    monkeypatch.setattr(fmq.time, "time", lambda: 103.0)
+    (scalar, scalars), (wandb, wandbs), (train, rows) = recorder(), recorder(), recorder()
+    run = SimpleNamespace(last_log=(6, 100.0), writer=SimpleNamespace(add_scalar=scalar), log_wandb=wandb,
+                          log_train=train, last_ckpt=None)
+    ep = dict(index=1, last={"env/episode_return": -3.0, "env/episode_success": 1.0})
+    args = fmq.Args(offline_steps=10)
+    phase, sps = fmq.log_train_row(run, args, 11, {"critic/loss": torch.tensor(0.5)}, ep)
+    assert (phase, sps, run.last_log) == ("online", 5 / 3, (11, 103.0))
+    logged = {"critic/loss": 0.5, "env/episode_return": -3.0, "env/episode_success": 1.0}
+    assert scalars == [(k, v, 11) for k, v in logged.items()] + [("charts/SPS", 5 / 3, 11)]
+    assert wandbs == [(logged, 11)]
+    assert rows == [({**logged, "step": 11, "phase": "online", "env_steps": 1, "sps": 1.7},)]
+    run.last_log = (5, 100.0)
+    assert fmq.log_train_row(run, args, 10, {}, {})[0] == "offline" and rows[-1][0]["env_steps"] == 0
+
+
+def test_evaluate_and_log_names_each_samplers_row_and_key(monkeypatch):
+    """The run's sampler logs eval/success, each --extra-samplers one eval/success_<name>; eval.csv rows carry the
+    phase (online once u_off exists), env_steps, the sampler's NFE and the time since the run's start (0.1 s)."""
+    monkeypatch.setattr(fmq.time, "time", lambda: 112.345)
+    success = {"onestep": 0.25, "qgbs": 0.75}
+    monkeypatch.setattr(fmq, "evaluate", lambda agent, envs, args, sampler, reward, stop: dict(
+        success=success[sampler], length=9.0))
+    (scalar, scalars), (wandb, wandbs), (log_eval, rows) = recorder(), recorder(), recorder()
+    run = SimpleNamespace(eval_envs=["env"], stop=[], log_eval=log_eval, t0=100.0, rewards=None, video_env=None,
+                          writer=SimpleNamespace(add_scalar=scalar), log_wandb=wandb, last_log=None)
+    args = fmq.Args(sampler="onestep", extra_samplers=("qgbs",), offline_steps=10, eval_episodes=4)
+    got = fmq.evaluate_and_log(run, SimpleNamespace(u_off="frozen"), args, 30)
+    assert got == success and run.last_log == (30, 112.345)
+    assert scalars == [("eval/success", 0.25, 30), ("eval/success_qgbs", 0.75, 30)]
+    assert wandbs == [({"eval/success": 0.25}, 30), ({"eval/success_qgbs": 0.75}, 30)]
+    assert rows == [(dict(step=30, phase="online", sampler=s, env_steps=20, nfe=fmq.sampler_nfe(s, args), episodes=4,
+                          time=12.3, success=success[s], length=9.0),) for s in ("onestep", "qgbs")]
+
+
+def test_make_env_builds_robomimic_envs_from_the_files_metadata_and_ogbench_ones_rendering_only_when_asked(
+        monkeypatch):
+    import ogbench
+    monkeypatch.setattr(fmq, "RoboMimicEnv", lambda *a: a)
+    made = []
+    monkeypatch.setattr(ogbench, "make_env_and_datasets", lambda name, **k: made.append((name, k)) or "env")
+    assert fmq.make_env(fmq.env_spec("square"), {"env_name": "NutAssemblySquare"}) == (
+        {"env_name": "NutAssemblySquare"}, 400, False)
+    assert fmq.make_env(fmq.env_spec("can"), {"env_name": "PickPlaceCan"}, render=True)[1:] == (300, True)
+    assert fmq.make_env(fmq.env_spec("scene-t5")) == "env"
+    fmq.make_env(fmq.env_spec("cube-dbl-t3"), render=True)
+    assert made == [("scene-play-singletask-task5-v0", dict(env_only=True)), (
+        "cube-double-play-singletask-task3-v0", dict(env_only=True, render_mode="rgb_array", width=200, height=200))]
+    assert fmq.VIDEO_SIZE == (200, 200)
 
 
 def test_main_runs_on_the_threads_it_is_given(tmp_path, tiny_env):
@@ -2876,6 +2956,24 @@ def test_buffer_that_does_not_fit_is_reported_before_training():
     fmq.preallocation_check(1000, 87, torch.device("cpu"))
 
 
+def test_buffer_check_counts_4_bytes_a_float_8_a_row_and_leaves_a_tenth_free(monkeypatch):
+    """A row of F floats takes 4 F + 8 bytes (float32 columns and the int64 index); the buffer may take 90% of the
+    free memory: the CPU's available pages, a GPU's free (not total) memory."""
+    free = {"SC_AVPHYS_PAGES": 120, "SC_PAGE_SIZE": 1}
+    monkeypatch.setattr(fmq.os, "sysconf", lambda name: free[name])
+    fmq.preallocation_check(9, 1, torch.device("cpu"))  # 9 x 12 = 108 bytes = 0.9 x 120: fits
+    free["SC_AVPHYS_PAGES"] = 119
+    with pytest.raises(fmq.FMQError):
+        fmq.preallocation_check(9, 1, torch.device("cpu"))
+    free.update(SC_AVPHYS_PAGES=2 ** 18, SC_PAGE_SIZE=2 ** 12)  # 1 GiB
+    with pytest.raises(fmq.FMQError, match=r"^the replay buffer needs 1\.5 GiB on cpu but only 1\.0 GiB is free; use "
+                                           r"fewer --online-steps or another device$"):
+        fmq.preallocation_check(2 ** 27, 1, torch.device("cpu"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 ** 30, 2 ** 40))  # (free, total)
+    with pytest.raises(fmq.FMQError, match=r"needs 1\.5 GiB on cuda:0 but only 1\.0 GiB is free"):
+        fmq.preallocation_check(2 ** 27, 1, torch.device("cuda:0"))
+
+
 def test_replay_sampling_is_uniform_over_valid_chunk_starts():
     """Chunks start uniformly among the starts that keep a chunk inside one trajectory (also with the ring's head
     moved on by wrapping); the batch's rows are independent."""
@@ -3008,6 +3106,29 @@ def test_videos_go_to_tensorboard_as_a_small_preview_and_the_end_line_names_them
     assert [(i.step, i.width, i.height) for i in images] == [(0, 32, 24), (2, 32, 24)]
     gif = iio.imread(images[0].encoded_image_string, extension=".gif", index=None)
     np.testing.assert_array_equal(gif[..., :3], frames[::2, ::2, ::2])
+
+
+def test_write_video_mp4_at_15_fps_gif_looping_forever_rgb_summary_and_the_wandb_row(tmp_path):
+    """The mp4 keeps an odd frame size (macro_block_size=1: no resize to 16 multiples) at 15 fps; the GIF loops for
+    ever (loop=0), every 2nd frame at half size, 130 ms a frame (2000 / 15 ms; GIFs count in 10 ms); the image is RGB
+    (colorspace 3); W&B gets the mp4's path at the step."""
+    import imageio.v3 as iio
+    frames = (np.arange(4 * 20 * 30 * 3).reshape(4, 20, 30, 3) % 251).astype(np.uint8)
+    summaries, logged = [], []
+    writer = SimpleNamespace(file_writer=SimpleNamespace(add_summary=lambda s, step: summaries.append((s, step))))
+    path = tmp_path / "videos" / "step_000000007.mp4"
+    fmq.write_video(path, frames, writer, lambda row, step: logged.append((row, step)), 7)
+    meta = iio.immeta(path, plugin="FFMPEG")
+    assert meta["fps"] == 15 and meta["size"] == (30, 20)
+    assert iio.imread(path, plugin="FFMPEG", index=None).shape == (4, 20, 30, 3)
+    (summary, step), = summaries
+    image = summary.value[0].image
+    assert (step, summary.value[0].tag, image.height, image.width, image.colorspace) == (7, "eval/video", 10, 15, 3)
+    gif_meta = iio.immeta(image.encoded_image_string, extension=".gif")
+    assert (gif_meta["loop"], gif_meta["duration"]) == (0, 130)
+    np.testing.assert_array_equal(iio.imread(image.encoded_image_string, extension=".gif", index=None)[..., :3],
+                                  frames[::2, ::2, ::2])
+    assert logged == [({"eval/video": path}, 7)]
 
 
 @pytest.mark.slow
@@ -3401,7 +3522,8 @@ def test_resume_goes_on_from_the_newest_readable_checkpoint_and_says_which_it_sk
     assert torch.load(newest, weights_only=False)["step"] == 40  # saved again, whole
     for path in (run / "checkpoints").iterdir():
         path.write_bytes(b"")
-    with pytest.raises(fmq.FMQError, match=r"cannot read checkpoint .*/step_000000010.pt \(EOFError"):
+    with pytest.raises(fmq.FMQError, match=r"cannot read checkpoint .*/step_000000010.pt \(EOFError: Ran out of inpu"
+                                           r"t\)$"):
         fmq.main(tiny_env_args(tmp_path, resume="auto"))  # after one line for each newer one
 
 
