@@ -3454,6 +3454,49 @@ def test_a_stop_during_an_evaluation_is_honoured_at_once_saved_and_resumed(tmp_p
             (run / name).read_text() == whole.read_text())
 
 
+def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_replays_that_episode(
+        tmp_path, monkeypatch, tiny_env, capsys):
+    """SIGTERM at the training env's 2nd step (after the evaluations at steps 0 and 10, 31 env steps each): the run
+    stops at step 12, saves it and says so; resumed, it replays the first online episode from the dataset's end (60
+    rows) and ends as an uninterrupted run. Each evaluation's success is the actor's (a number of its weights), so
+    final.json holds the last evaluation's, not the first one's."""
+    real_evaluate, real_step, steps = fmq.evaluate, TinyEnv.step, []
+
+    def evaluate(agent, *a, **k):
+        return dict(real_evaluate(agent, *a, **k), success=round(float(next(agent.actor.parameters()).detach().sum()), 4))
+
+    def step(self, action):
+        steps.append(np.array(action))
+        if len(steps) == 64:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(self, action)
+    monkeypatch.setattr(fmq, "evaluate", evaluate)
+    monkeypatch.setattr(TinyEnv, "step", step)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    args = lambda d: tiny_env_args(tmp_path / d, resume="auto")  # noqa: E731
+    try:
+        assert fmq.main(args("stopped")) is None
+    finally:
+        [signal.signal(s, h) for s, h in handlers.items()]
+    run = tmp_path / "stopped" / "runs" / "tiny__fmq__0"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"fmq: stopped at step 12 as asked; saved {run}/checkpoints/step_000000012.pt; continue with the same flags "
+        f"and --resume {run}")
+    ckpt = torch.load(run / "checkpoints" / "step_000000012.pt", weights_only=False)
+    assert ckpt["step"] == 12
+    replayed = []
+    monkeypatch.setattr(TinyEnv, "step", lambda self, action: replayed.append(action) or real_step(self, action))
+    fmq.main(args("stopped"))
+    np.testing.assert_array_equal(np.stack(replayed[:2]), np.stack(steps[62:64]))  # the episode's 2 actions, again
+    fmq.main(args("whole"))
+    whole = tmp_path / "whole" / "runs" / "tiny__fmq__0"
+    for name in ("train.csv", "eval.csv"):
+        assert strip_timing(read_csv(run / name)) == strip_timing(read_csv(whole / name))
+    evals, final = read_csv(whole / "eval.csv"), json.loads((whole / "final.json").read_text())
+    assert (run / "final.json").read_text() == (whole / "final.json").read_text()
+    assert final["success"] == float(evals[-1]["success"]) != float(evals[0]["success"])
+
+
 def test_evaluating_a_checkpoint_loads_no_dataset_and_says_what_it_does(tmp_path, monkeypatch, tiny_env, capsys):
     """--offline-steps 0 --online-steps 0 --load-checkpoint: the env gives the shapes, no dataset is loaded, and the
     run's lines name the checkpoint it evaluates and the files it writes (no train.csv or checkpoints/)."""
