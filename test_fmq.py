@@ -5,6 +5,7 @@ import dataclasses
 import inspect
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -2254,6 +2255,69 @@ def test_make_env_builds_robomimic_envs_from_the_files_metadata_and_ogbench_ones
     assert fmq.VIDEO_SIZE == (200, 200)
 
 
+def test_start_run_seeds_picks_the_device_sizes_the_buffer_and_refuses_bad_shapes_horizons_and_renderers(
+        tmp_path, tiny_env, monkeypatch):
+    """Python's, numpy's and torch's global RNGs seeded with --seed; --device auto: CUDA when there is one; the buffer
+    check for dataset + online rows of 2 obs + action + reward + mask floats; one line for a dataset of other shapes,
+    a horizon as long as the episode, and a video env that cannot render (naming MUJOCO_GL)."""
+    checked = []
+    monkeypatch.setattr(fmq, "preallocation_check", lambda *a: checked.append(a))
+    run = fmq.start_run(tiny_env_args(tmp_path, seed=3, device="auto"))
+    assert (random.random(), np.random.random(), torch.rand(1).item()) == (
+        random.Random(3).random(), np.random.RandomState(3).random(),
+        torch.rand(1, generator=torch.Generator().manual_seed(3)).item())
+    assert run.device == torch.device("cpu") or torch.cuda.is_available()
+    assert checked == [(90, 2 * 3 + 2 + 2, run.device)] and (run.n_off, run.buffer.cap) == (60, 90)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # an evaluation alone: no buffer on the device
+    assert fmq.start_run(tiny_env_args(tmp_path, device="auto", offline_steps=0, online_steps=0,
+                                       load_checkpoint="x.pt")).device == torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(fmq.FMQError, match=re.escape("--horizon 12 must be shorter than the episode (12 steps)")):
+        fmq.start_run(tiny_env_args(tmp_path, horizon=12))
+    wide = dict(tiny_dataset(), actions=np.zeros((60, 3), np.float32))
+    monkeypatch.setattr(fmq, "load_dataset", lambda spec, dataset_dir: (wide, None))
+    with pytest.raises(fmq.FMQError, match=re.escape("dataset shapes (obs (3,), actions (3,)) do not match env tiny "
+                                                     "(obs (3,), actions (2,))")):
+        fmq.start_run(tiny_env_args(tmp_path))
+
+    class Headless(TinyEnv):
+        def render(self):
+            raise RuntimeError(" no display ")
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None, render=False: Headless() if render else TinyEnv())
+    for gl, named in (("osmesa", "osmesa"), ("", "glfw")):
+        monkeypatch.setenv("MUJOCO_GL", gl)
+        with pytest.raises(fmq.FMQError, match=re.escape(f"--video-episodes: rendering with MUJOCO_GL={named} failed "
+                                                         "(RuntimeError: no display); headless, use MUJOCO_GL=egl")):
+            fmq.start_run(tiny_env_args(tmp_path, video_episodes=1))
+
+
+def test_wandb_logger_keeps_its_run_id_and_last_step_and_a_resumed_run_sends_no_step_again(tmp_path, monkeypatch):
+    """--track: wandb.init with the run's project, entity, group, name, id and config; every row is sent (a step's
+    train and eval rows), its step written to wandb.json (atomically) first; a Path is sent as a video; a resumed run
+    keeps the id and skips the steps its first part sent. Without --track nothing is sent or written."""
+    calls = []
+    fake = SimpleNamespace(init=lambda **k: calls.append(("init", k)), log=lambda row, step: calls.append((row, step)),
+                           Video=lambda path: ("video", path))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert fmq.wandb_logger(fmq.Args(), tmp_path, False)({"a": 1}, 0) is None and not calls
+    args = fmq.Args(track=True, wandb_project="p", wandb_entity="e", wandb_group="g")
+    log = fmq.wandb_logger(args, tmp_path / "run1", False)
+    (_, init), = calls
+    assert re.fullmatch("[0-9a-f]{8}", init.pop("id"))
+    assert init == dict(project="p", entity="e", group="g", name="run1", resume="allow", config=dataclasses.asdict(args))
+    (tmp_path / "run1").mkdir()
+    log({"x": 1.0}, 0), log({"x": 2.0}, 0), log({"v": tmp_path / "a.mp4"}, 5)
+    assert calls[1:] == [({"x": 1.0}, 0), ({"x": 2.0}, 0), ({"v": ("video", str(tmp_path / "a.mp4"))}, 5)]
+    state = json.loads((tmp_path / "run1" / "wandb.json").read_text())
+    assert state["step"] == 5 and sorted(p.name for p in (tmp_path / "run1").iterdir()) == ["wandb.json"]
+    del calls[:]
+    log = fmq.wandb_logger(args, tmp_path / "run1", True)
+    assert calls[0][1]["id"] == state["id"]
+    log({"x": 3.0}, 5), log({"x": 4.0}, 6)
+    assert calls[1:] == [({"x": 4.0}, 6)]
+    assert fmq.wandb_logger(args, tmp_path / "run1", False) and calls[-1][1]["id"] != state["id"]  # a new run
+
+
 def test_main_runs_on_the_threads_it_is_given(tmp_path, tiny_env):
     """--threads (default 1) sets torch's CPU threads at the start of a run, whatever they were."""
     torch.set_num_threads(2)
@@ -3092,7 +3156,8 @@ def test_videos_go_to_tensorboard_as_a_small_preview_and_the_end_line_names_them
     size (the GIF of the whole video is ~17x its mp4); the end line names videos/."""
     import imageio.v3 as iio
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None, render=False: RenderingTinyEnv())
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None, render=False: RenderingTinyEnv() if render
+                        else TinyEnv())  # only the video env renders
     fmq.main(tiny_env_args(tmp_path, offline_steps=2, online_steps=0, video_episodes=1, video_frame_skip=1))
     run = tmp_path / "runs" / "tiny__fmq__0"
     assert capsys.readouterr().out.splitlines()[-1].endswith(f"files in {run} (eval.csv, train.csv, TensorBoard, "
@@ -3479,7 +3544,9 @@ def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_rep
     finally:
         [signal.signal(s, h) for s, h in handlers.items()]
     run = tmp_path / "stopped" / "runs" / "tiny__fmq__0"
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    err = capsys.readouterr().err
+    assert "fmq: SIGTERM: stopping within one env step (again: at once)\n" in err
+    assert err.strip().splitlines()[-1] == (
         f"fmq: stopped at step 12 as asked; saved {run}/checkpoints/step_000000012.pt; continue with the same flags "
         f"and --resume {run}")
     ckpt = torch.load(run / "checkpoints" / "step_000000012.pt", weights_only=False)
@@ -3495,6 +3562,24 @@ def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_rep
     evals, final = read_csv(whole / "eval.csv"), json.loads((whole / "final.json").read_text())
     assert (run / "final.json").read_text() == (whole / "final.json").read_text()
     assert final["success"] == float(evals[-1]["success"]) != float(evals[0]["success"])
+
+
+def test_a_second_signal_stops_at_once(tmp_path, monkeypatch, tiny_env):
+    real_step, steps = TinyEnv.step, []
+
+    def step(self, action):
+        steps.append(action)
+        if len(steps) == 64:  # the training env's 2nd step: two SIGINTs
+            os.kill(os.getpid(), signal.SIGINT), os.kill(os.getpid(), signal.SIGINT)
+        return real_step(self, action)
+    monkeypatch.setattr(TinyEnv, "step", step)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        with pytest.raises(SystemExit, match="^fmq: stopped at once by a second SIGINT$"):
+            fmq.main(tiny_env_args(tmp_path))
+    finally:
+        [signal.signal(s, h) for s, h in handlers.items()]
+    assert len(steps) == 64
 
 
 def test_evaluating_a_checkpoint_loads_no_dataset_and_says_what_it_does(tmp_path, monkeypatch, tiny_env, capsys):
