@@ -902,7 +902,8 @@ def test_horizon_longer_than_episode(tmp_path, ogb):
     (dict(qgbs_m=0), "QGBS needs --qgbs-m >= 1"), (dict(qgbs_b=0), "QGBS needs"), (dict(qgbs_k=-1), "QGBS needs"),
     (dict(num_critics=1), "--num-critics must be >= 2"), (dict(horizon=0), "--horizon must be >= 1"),
     (dict(time_dim=3), "--time-dim 0/even"), (dict(euler_steps=-1, online_target="mvp"), "--euler-steps >= 0"),
-    (dict(eval_episodes=0), "counts must be >= 1"), (dict(start_training=-1), "--start-training must be >= 0"),
+    (dict(eval_episodes=0), "counts must be >= 1"), (dict(save_interval=0), "counts must be >= 1"),
+    (dict(start_training=-1), "--start-training must be >= 0"),
     (dict(best_of_n=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
     (dict(utd_ratio=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
     (dict(threads=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
@@ -2304,7 +2305,8 @@ def test_wandb_logger_keeps_its_run_id_and_last_step_and_a_resumed_run_sends_no_
     log = fmq.wandb_logger(args, tmp_path / "run1", False)
     (_, init), = calls
     assert re.fullmatch("[0-9a-f]{8}", init.pop("id"))
-    assert init == dict(project="p", entity="e", group="g", name="run1", resume="allow", config=dataclasses.asdict(args))
+    assert init == dict(project="p", entity="e", group="g", name="run1", resume="allow",
+                        config=dataclasses.asdict(args))
     (tmp_path / "run1").mkdir()
     log({"x": 1.0}, 0), log({"x": 2.0}, 0), log({"v": tmp_path / "a.mp4"}, 5)
     assert calls[1:] == [({"x": 1.0}, 0), ({"x": 2.0}, 0), ({"v": ("video", str(tmp_path / "a.mp4"))}, 5)]
@@ -3369,6 +3371,9 @@ def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_pa
         next(agent.critic.parameters())[0, 0, 0] = float("inf")
     with pytest.raises(fmq.FMQError, match=r"non-finite actor/x, network weights at or before step 7; .* c\.pt$"):
         fmq.check_finite(SimpleNamespace(last_ckpt="c.pt"), 7, {"critic/loss": 1.0, "actor/x": float("nan")}, agent)
+    with pytest.raises(fmq.FMQError, match=r"^non-finite network weights at or before step 9; training stopped\. Last "
+                       r"good checkpoint: none yet$"):  # checked before anything of a checkpoint is saved
+        fmq.save_run(SimpleNamespace(last_ckpt=None), agent, args, 9, {}, [])
 
 
 def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buffer(tmp_path, monkeypatch, tiny_env):
@@ -3528,7 +3533,8 @@ def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_rep
     real_evaluate, real_step, steps = fmq.evaluate, TinyEnv.step, []
 
     def evaluate(agent, *a, **k):
-        return dict(real_evaluate(agent, *a, **k), success=round(float(next(agent.actor.parameters()).detach().sum()), 4))
+        weights = next(agent.actor.parameters()).detach()
+        return dict(real_evaluate(agent, *a, **k), success=round(float(weights.sum()), 4))
 
     def step(self, action):
         steps.append(np.array(action))
