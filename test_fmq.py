@@ -3379,7 +3379,8 @@ def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_pa
 def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buffer(tmp_path, monkeypatch, tiny_env):
     """A run killed in the update of step 37 (its checkpoint: step 30; train.csv already has step 35; episodes ended at
     online steps 3, 7, 12, 24, the fourth is replayed from its start; the buffer of 61 rows wrapped) and resumed ends
-    exactly as the uninterrupted run: the same csv rows (step 35 logged once), the same networks, the same result."""
+    exactly as the uninterrupted run: the same csv rows and TensorBoard scalars (step 35 logged once), the same
+    networks, the same result."""
     args = lambda d: tiny_env_args(tmp_path / d, buffer_size=0, start_training=2, resume="auto")  # noqa: E731
     buffers, _ = recording_buffer(monkeypatch)
     fmq.main(args("a"))
@@ -3409,6 +3410,15 @@ def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buff
     for k in ("actor", "critic", "critic_target", "u_off"):
         assert all(torch.equal(ckpt_a[k][n], v) for n, v in ckpt_b[k].items()), k
     assert (run_a / "final.json").read_text() == (run_b / "final.json").read_text()
+    scalars = [tensorboard_scalars(r) for r in (run_a, run_b)]  # the rows after step 30 purged: none twice or lost
+    assert scalars[0] == scalars[1] and [s for s, _ in scalars[0]["critic/loss"]] == list(range(5, 45, 5))
+
+
+def tensorboard_scalars(run):
+    """{tag: [(step, value)]} of a run's TensorBoard events, charts/SPS left out."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    return {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"] if t != "charts/SPS"}
 
 
 def test_a_checkpoint_of_other_nets_is_refused_in_one_line(tmp_path):
