@@ -3114,6 +3114,39 @@ def test_evaluate_seeds_each_episode_whatever_the_waves(seed, episodes, eval_env
     assert all(np.array_equal(np.stack(a.actions), np.stack(b.actions)) for a, b in zip(envs, again))
 
 
+def test_evaluation_noise_is_one_stream_across_waves(monkeypatch):
+    """One generator for the whole evaluation: wave 2 (episode 10001, 4 steps: 2 chunks of 3) goes on drawing where
+    wave 1 (episode 10000, 3 steps: 1 chunk) stopped; it does not start the stream again."""
+    draws = []
+
+    def act(agent, obs, sampler, args, gen):
+        draws.append(torch.rand(1, generator=gen).item())
+        return np.zeros((len(obs), args.horizon, 2), np.float32)
+    monkeypatch.setattr(fmq, "act", act)
+    args = tiny_env_args(Path("."), eval_episodes=2, eval_envs=1)
+    fmq.evaluate(SimpleNamespace(actor=torch.nn.Linear(1, 1)), [TinyEnv()], args, "onestep")
+    assert draws == torch.rand(3, generator=torch.Generator().manual_seed(10_000)).tolist()
+
+
+def test_restore_run_goes_on_with_the_checkpoints_step_episode_queue_clock_and_every_rng(monkeypatch):
+    ckpt = dict(step=7, step0=3, time=50.0, buffer="rows", episode=dict(index=2, start=61, ret=-1.0, queue=[[0.5]]),
+                rng=dict(python=random.Random(5).getstate(), numpy=np.random.RandomState(5).get_state(),
+                         torch=torch.Generator().manual_seed(5).get_state(), cuda=None))
+    monkeypatch.setattr(fmq, "load_checkpoint", lambda path, args, agent, c: c)
+    loaded = []
+    run = SimpleNamespace(resume_from="step_7.pt", ckpt=ckpt, n_off=60, step0=0, t0=None,
+                          buffer=SimpleNamespace(load_online_state=loaded.append))
+    monkeypatch.setattr(fmq.time, "time", lambda: 1000.0)
+    step, ep, queue = fmq.restore_run(run, None, fmq.Args())
+    assert (step, ep, queue, run.step0, run.t0, loaded, run.ckpt) == (7, ckpt["episode"], [[0.5]], 3, 950.0, ["rows"],
+                                                                      None)
+    assert (random.random(), np.random.random(), torch.rand(1).item()) == (
+        random.Random(5).random(), np.random.RandomState(5).random(),
+        torch.rand(1, generator=torch.Generator().manual_seed(5)).item())
+    fresh = SimpleNamespace(resume_from=None, n_off=60, step0=0)
+    assert fmq.restore_run(fresh, None, fmq.Args()) == (0, dict(index=0, start=60, ret=0.0), [])
+
+
 def test_evaluate_resets_episode_i_with_exactly_seed_plus_10000_plus_i():
     """The reset seeds themselves (TinyEnv's outcomes repeat every 20 seeds, so they cannot tell 10_000 from -10_000)."""
     seeds = []
