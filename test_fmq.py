@@ -971,6 +971,12 @@ def test_validate_joins_every_problem_into_one_line_and_cudagraphs_needs_a_cuda_
     with pytest.raises(fmq.FMQError, match="^" + re.escape("--horizon must be >= 1; eval/log/save intervals and counts "
                                                            "must be >= 1 (--video-episodes >= 0)") + "$"):
         fmq.validate(fmq.Args(horizon=0, video_episodes=-1))
+    with pytest.raises(fmq.FMQError, match=r"^--dataset-proportion must be in \(0, 1\]$"):
+        fmq.validate(fmq.Args(dataset_proportion=2.0))
+    monkeypatch.setattr(fmq.shutil, "which", lambda name: None)
+    with pytest.raises(fmq.FMQError, match=r"^--compile needs a C\+\+ compiler for its kernels \(g\+\+, or set CXX\): "
+                                           r"install one \(e\.g\. apt-get install g\+\+\) or leave out --compile$"):
+        fmq.validate(fmq.Args(compile=True))
     for cuda, device, ok in ((False, "auto", False), (False, "cuda", False), (True, "cpu", False),
                              (True, "auto", True), (True, "cuda:1", True)):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -2238,6 +2244,12 @@ def test_evaluate_and_log_names_each_samplers_row_and_key(monkeypatch):
     assert wandbs == [({"eval/success": 0.25}, 30), ({"eval/success_qgbs": 0.75}, 30)]
     assert rows == [(dict(step=30, phase="online", sampler=s, env_steps=20, nfe=fmq.sampler_nfe(s, args), episodes=4,
                           time=12.3, success=success[s], length=9.0),) for s in ("onestep", "qgbs")]
+    args.eval_envs, run.eval_envs, made = 3, None, []
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args: made.append((spec, env_args)) or "env")
+    run.spec, run.env_args = "spec", "meta"
+    fmq.evaluate_and_log(run, SimpleNamespace(u_off=None), args, 30)  # min(eval_envs, eval_episodes) envs, once
+    fmq.evaluate_and_log(run, SimpleNamespace(u_off=None), args, 40)
+    assert made == [("spec", "meta")] * 3 and run.eval_envs == ["env"] * 3 and rows[-1][0]["phase"] == "offline"
 
 
 def test_make_env_builds_robomimic_envs_from_the_files_metadata_and_ogbench_ones_rendering_only_when_asked(
@@ -2261,9 +2273,14 @@ def test_start_run_seeds_picks_the_device_sizes_the_buffer_and_refuses_bad_shape
     """Python's, numpy's and torch's global RNGs seeded with --seed; --device auto: CUDA when there is one; the buffer
     check for dataset + online rows of 2 obs + action + reward + mask floats; one line for a dataset of other shapes,
     a horizon as long as the episode, and a video env that cannot render (naming MUJOCO_GL)."""
-    checked = []
+    checked, made = [], []
     monkeypatch.setattr(fmq, "preallocation_check", lambda *a: checked.append(a))
+    monkeypatch.setattr(fmq, "load_dataset", lambda spec, dataset_dir: (tiny_dataset(), "meta"))
+    monkeypatch.setattr(fmq, "make_env", lambda *a, **k: made.append((a, k)) or TinyEnv())
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     run = fmq.start_run(tiny_env_args(tmp_path, seed=3, device="auto"))
+    assert made == [((fmq.env_spec("tiny"), "meta"), {})] and run.env_args == "meta"
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # --deterministic on a GPU
     assert (random.random(), np.random.random(), torch.rand(1).item()) == (
         random.Random(3).random(), np.random.RandomState(3).random(),
         torch.rand(1, generator=torch.Generator().manual_seed(3)).item())
@@ -2275,6 +2292,13 @@ def test_start_run_seeds_picks_the_device_sizes_the_buffer_and_refuses_bad_shape
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(fmq.FMQError, match=re.escape("--horizon 12 must be shorter than the episode (12 steps)")):
         fmq.start_run(tiny_env_args(tmp_path, horizon=12))
+    with pytest.raises(fmq.FMQError, match=f"^--resume {tmp_path}: no checkpoint in {tmp_path}/checkpoints$"):
+        fmq.start_run(tiny_env_args(tmp_path, resume=str(tmp_path)))
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(dict(step=5), tmp_path / "checkpoints" / "step_000000005.pt")
+    run = fmq.start_run(tiny_env_args(tmp_path, resume=str(tmp_path)))
+    assert (run.resume_from, run.last_ckpt, run.ckpt) == ((tmp_path / "checkpoints" / "step_000000005.pt",) * 2 + (
+        dict(step=5),))
     wide = dict(tiny_dataset(), actions=np.zeros((60, 3), np.float32))
     monkeypatch.setattr(fmq, "load_dataset", lambda spec, dataset_dir: (wide, None))
     with pytest.raises(fmq.FMQError, match=re.escape("dataset shapes (obs (3,), actions (3,)) do not match env tiny "
@@ -3145,6 +3169,24 @@ def test_restore_run_goes_on_with_the_checkpoints_step_episode_queue_clock_and_e
         torch.rand(1, generator=torch.Generator().manual_seed(5)).item())
     fresh = SimpleNamespace(resume_from=None, n_off=60, step0=0)
     assert fmq.restore_run(fresh, None, fmq.Args()) == (0, dict(index=0, start=60, ret=0.0), [])
+    # a checkpoint without step0, time and queue (and a GPU run's CUDA RNG states, resumed on a CPU)
+    bare = dict(step=7, buffer=None, episode=dict(index=2, start=61, ret=-1.0),
+                rng=dict(ckpt["rng"], cuda=[torch.zeros(16, dtype=torch.uint8)]))
+    run = SimpleNamespace(resume_from="step_7.pt", ckpt=bare, n_off=60, step0=0, t0=None,
+                          buffer=SimpleNamespace(load_online_state=loaded.append))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert fmq.restore_run(run, None, fmq.Args())[2] == [] and (run.step0, run.t0) == (0, 1000.0)
+    cuda_states = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", cuda_states.append)
+    run.ckpt = bare
+    fmq.restore_run(run, None, fmq.Args())
+    assert cuda_states == [bare["rng"]["cuda"]]
+    # --load-checkpoint: only the nets; the curriculum goes on from the checkpoint's own step (and its step0)
+    for saved, step0 in ((dict(step=100), 100), (dict(step=100, step0=20), 120)):
+        monkeypatch.setattr(fmq, "load_checkpoint", lambda path, args, agent, c=None: saved)
+        fresh = SimpleNamespace(resume_from=None, n_off=60, step0=0)
+        assert fmq.restore_run(fresh, None, fmq.Args(load_checkpoint="x.pt"))[0] == 0 and fresh.step0 == step0
 
 
 def test_evaluate_resets_episode_i_with_exactly_seed_plus_10000_plus_i():
@@ -3416,6 +3458,8 @@ def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buff
     networks, the same result."""
     args = lambda d: tiny_env_args(tmp_path / d, buffer_size=0, start_training=2, resume="auto")  # noqa: E731
     buffers, _ = recording_buffer(monkeypatch)
+    real_wandb, resumed = fmq.wandb_logger, []
+    monkeypatch.setattr(fmq, "wandb_logger", lambda a, d, r: resumed.append(r) or real_wandb(a, d, r))
     fmq.main(args("a"))
     real = fmq.update
 
@@ -3443,6 +3487,7 @@ def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buff
     for k in ("actor", "critic", "critic_target", "u_off"):
         assert all(torch.equal(ckpt_a[k][n], v) for n, v in ckpt_b[k].items()), k
     assert (run_a / "final.json").read_text() == (run_b / "final.json").read_text()
+    assert resumed == [False, False, True]  # W&B is told which run goes on
     scalars = [tensorboard_scalars(r) for r in (run_a, run_b)]  # the rows after step 30 purged: none twice or lost
     assert scalars[0] == scalars[1] and [s for s, _ in scalars[0]["critic/loss"]] == list(range(5, 45, 5))
 
@@ -3604,8 +3649,10 @@ def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_rep
     monkeypatch.setattr(TinyEnv, "step", lambda self, action: replayed.append(action) or real_step(self, action))
     fmq.main(args("stopped"))
     np.testing.assert_array_equal(np.stack(replayed[:2]), np.stack(steps[62:64]))  # the episode's 2 actions, again
-    fmq.main(args("whole"))
     whole = tmp_path / "whole" / "runs" / "tiny__fmq__0"
+    whole.mkdir(parents=True)  # a run that failed before its first checkpoint left an eval.csv: a new run rewrites it
+    (whole / "eval.csv").write_text("step,success\n0,0.5\n")
+    fmq.main(args("whole"))
     for name in ("train.csv", "eval.csv"):
         assert strip_timing(read_csv(run / name)) == strip_timing(read_csv(whole / name))
     evals, final = read_csv(whole / "eval.csv"), json.loads((whole / "final.json").read_text())
