@@ -2344,6 +2344,18 @@ def test_wandb_logger_keeps_its_run_id_and_last_step_and_a_resumed_run_sends_no_
     assert fmq.wandb_logger(args, tmp_path / "run1", False) and calls[-1][1]["id"] != state["id"]  # a new run
 
 
+def test_progress_bar_shows_the_phase_speed_and_last_success(tmp_path, tiny_env, capsys):
+    """tqdm's bar, on stderr: at each log row the phase of the step just taken, steps per second and the run's
+    sampler's last success; at each evaluation the phase to come and the new success (TinyEnv: 0.8)."""
+    fmq.main(tiny_env_args(tmp_path, offline_steps=10, online_steps=10))
+    frames = re.findall(r"\| (\d+)/20 \[[^\]]*?(?:it/s|s/it)(?:, ([^\]]*?))?\s*\]", capsys.readouterr().err)
+    shown = [(int(n), re.sub(r"sps=\d+", "sps=S", post)) for n, post in frames]
+    row, ev = "phase={}, sps=S, success=0.8", "phase={}, success=0.8"
+    assert shown == [(0, ""), (5, row.format("offline")), (10, row.format("offline")), (10, ev.format("online")),
+                     (15, row.format("online")), (20, row.format("online")), (20, ev.format("online")),
+                     (20, ev.format("online"))]
+
+
 def test_main_runs_on_the_threads_it_is_given(tmp_path, tiny_env):
     """--threads (default 1) sets torch's CPU threads at the start of a run, whatever they were."""
     torch.set_num_threads(2)
@@ -3237,8 +3249,9 @@ def test_videos_go_to_tensorboard_as_a_small_preview_and_the_end_line_names_them
                         else TinyEnv())  # only the video env renders
     fmq.main(tiny_env_args(tmp_path, offline_steps=2, online_steps=0, video_episodes=1, video_frame_skip=1))
     run = tmp_path / "runs" / "tiny__fmq__0"
-    assert capsys.readouterr().out.splitlines()[-1].endswith(f"files in {run} (eval.csv, train.csv, TensorBoard, "
-                                                             f"checkpoints/, videos/)")
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"fmq: run {run} on cpu, dataset 60 rows; 2 offline + 0 online steps, starting at step 0"
+    assert out[-1].endswith(f"files in {run} (eval.csv, train.csv, TensorBoard, checkpoints/, videos/)")
     # the video episode is the 6th (seed 10005): success at step 3 + 10005 % 5 = 3; frames after steps 1, 2, 3
     frames = np.stack([RenderingTinyEnv.render(SimpleNamespace(n=n)) for n in (1, 2, 3)])
     for s in (0, 2):
@@ -3649,6 +3662,7 @@ def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_rep
     monkeypatch.setattr(TinyEnv, "step", lambda self, action: replayed.append(action) or real_step(self, action))
     fmq.main(args("stopped"))
     np.testing.assert_array_equal(np.stack(replayed[:2]), np.stack(steps[62:64]))  # the episode's 2 actions, again
+    assert re.findall(r"\| (\d+)/40 \[", capsys.readouterr().err)[0] == "12"  # the progress bar starts there
     whole = tmp_path / "whole" / "runs" / "tiny__fmq__0"
     whole.mkdir(parents=True)  # a run that failed before its first checkpoint left an eval.csv: a new run rewrites it
     (whole / "eval.csv").write_text("step,success\n0,0.5\n")
