@@ -2187,8 +2187,8 @@ def test_main_warm_up_phase_switch_success_counting_and_eval_waves(tmp_path, mon
     assert [r["env/episode_success"] for r in train] == ["", "", "1.0", "1.0", "1.0", "1.0", "0.0", "0.0"]
     # their returns (the env's rewards, -min(2, k - t)): k = 3: -2 -1 0; k = 4: -5; k = 5: -7; 12 steps of -2
     assert [r["env/episode_return"] for r in train] == ["", "", "-3.0", "-5.0", "-7.0", "-7.0", "-24.0", "-24.0"]
-    assert json.loads((run / "config.json").read_text()) == json.loads(json.dumps(dataclasses.asdict(
-        tiny_env_args(tmp_path, start_training=4))))
+    config = dataclasses.asdict(tiny_env_args(tmp_path, start_training=4))
+    assert (run / "config.json").read_text() == json.dumps(config, indent=2)
     assert [r["phase"] for r in train] == ["offline"] * 2 + ["online"] * 6
     assert [(r["actor/diag_loss"] != "", r["actor/fmq_loss"] != "") for r in train] == [(True, False)] * 2 + [
         (False, True)] * 6  # the offline loss up to the phase switch, FMQ's after it
@@ -3629,7 +3629,7 @@ def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_rep
         tmp_path, monkeypatch, tiny_env, capsys):
     """SIGTERM at the training env's 2nd step (after the evaluations at steps 0 and 10, 31 env steps each): the run
     stops at step 12, saves it and says so; resumed, it replays the first online episode from the dataset's end (60
-    rows) and ends as an uninterrupted run. Each evaluation's success is the actor's (a number of its weights), so
+    rows) and ends as an uninterrupted run; an env that no longer gives the episode's observations is refused. Each evaluation's success is the actor's (a number of its weights), so
     final.json holds the last evaluation's, not the first one's."""
     real_evaluate, real_step, steps = fmq.evaluate, TinyEnv.step, []
 
@@ -3658,6 +3658,12 @@ def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_rep
         f"and --resume {run}")
     ckpt = torch.load(run / "checkpoints" / "step_000000012.pt", weights_only=False)
     assert ckpt["step"] == 12
+    real_obs = TinyEnv.obs
+    monkeypatch.setattr(TinyEnv, "obs", lambda self, last=0.0: real_obs(self, last) + 1)  # the env changed
+    with pytest.raises(fmq.FMQError, match=r"^replaying the interrupted episode did not reproduce its observations "
+                                           r"\(env changed\?\)$"):
+        fmq.main(args("stopped"))
+    monkeypatch.setattr(TinyEnv, "obs", real_obs)
     replayed = []
     monkeypatch.setattr(TinyEnv, "step", lambda self, action: replayed.append(action) or real_step(self, action))
     fmq.main(args("stopped"))
