@@ -3629,8 +3629,8 @@ def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_rep
         tmp_path, monkeypatch, tiny_env, capsys):
     """SIGTERM at the training env's 2nd step (after the evaluations at steps 0 and 10, 31 env steps each): the run
     stops at step 12, saves it and says so; resumed, it replays the first online episode from the dataset's end (60
-    rows) and ends as an uninterrupted run; an env that no longer gives the episode's observations is refused. Each evaluation's success is the actor's (a number of its weights), so
-    final.json holds the last evaluation's, not the first one's."""
+    rows) and ends as an uninterrupted run; an env that no longer gives the episode's observations is refused. Each
+    evaluation's success is the actor's (a number of its weights), so final.json holds the last evaluation's."""
     real_evaluate, real_step, steps = fmq.evaluate, TinyEnv.step, []
 
     def evaluate(agent, *a, **k):
