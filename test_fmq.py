@@ -2029,6 +2029,61 @@ def test_make_update_runs_update_on_a_fresh_batch_of_the_runs_size_and_discount(
     torch.testing.assert_close(seen[0][0]["R"], torch.full((5,), -2.71))
 
 
+def test_cudagraphs_warm_up_three_eager_updates_on_a_side_stream_then_capture_once_and_replay_per_phase(monkeypatch):
+    """--cudagraphs, with torch.cuda's streams and graphs replaced by recorders (the logic, on any machine): per phase,
+    3 eager updates on a side stream that waits for the current one (and back), then one capture whose outputs every
+    later call returns after a replay, the step written into the captured step tensor; the online phase warms up and
+    captures its own graph, and the offline graph is released."""
+    import weakref
+    log, steps = [], []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            log.append(("enter", self.name))
+
+        def __exit__(self, *a):
+            log.append(("exit", self.name))
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name, other.name))
+
+        def replay(self):
+            log.append(("replay", self.name))
+    graphs = []
+    current, side = Recorder("current"), Recorder("side")
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device: side)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: s)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: graphs.append(Recorder(f"graph{len(graphs)}")) or graphs[-1])
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: Recorder(("capture", g.name)))
+
+    def update(agent, batch, step, args):
+        steps.append(step)
+        log.append(("update", int(step)))
+        return {"n": len(steps)}
+    monkeypatch.setattr(fmq, "update", update)
+    agent = SimpleNamespace(u_off=None)
+    step_fn = fmq.make_update(agent, circular_buffer(), fmq.Args(batch_size=2, horizon=3, cudagraphs=True))
+    eager = lambda s: [("wait", "side", "current"), ("enter", "side"), ("update", s), ("exit", "side"),  # noqa: E731
+                       ("wait", "current", "side")]
+    assert [step_fn(s) for s in range(5)] == [{"n": 1}, {"n": 2}, {"n": 3}, {"n": 4}, {"n": 4}]
+    assert log == eager(0) + eager(1) + eager(2) + [("enter", ("capture", "graph0")), ("update", 3),
+                                                    ("exit", ("capture", "graph0")), ("replay", "graph0"),
+                                                    ("replay", "graph0")]
+    assert steps[3] is steps[0] and int(steps[3]) == 4  # the replay reads the step from the captured tensor
+    offline_graph = weakref.ref(graphs[0])
+    agent.u_off, log[:] = "frozen", []
+    assert [step_fn(s) for s in range(5, 10)] == [{"n": 5}, {"n": 6}, {"n": 7}, {"n": 8}, {"n": 8}]
+    assert log == eager(5) + eager(6) + eager(7) + [("enter", ("capture", "graph1")), ("update", 8),
+                                                    ("exit", ("capture", "graph1")), ("replay", "graph1"),
+                                                    ("replay", "graph1")]
+    del graphs[0]
+    assert offline_graph() is None  # released at the online capture
+
+
 def test_polyak_before_the_optimiser_step_is_seen_at_a_large_lr():
     """With lr 0.1 the critic moves ~0.1 per step, so a Polyak step taken after the optimiser step (or with 1 - tau)
     lands ~5e-4 away from tau toward the pre-update critic: far outside the tolerance (float32 rounding, 1e-7)."""
