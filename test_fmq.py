@@ -2084,6 +2084,30 @@ def test_cudagraphs_warm_up_three_eager_updates_on_a_side_stream_then_capture_on
     assert offline_graph() is None  # released at the online capture
 
 
+def test_compile_sets_dynamos_options_compiles_the_update_with_static_shapes_and_drops_one_note(monkeypatch):
+    """--compile (the compiler itself replaced by a recorder; the slow tier runs it): backward and autograd.grad traced,
+    nested graph breaks, eager's random draws, torch.compile(dynamic=False) over the whole update, and a log filter
+    that drops only dynamo's note on Optimizer.step's record-function label."""
+    import logging
+    for cfg, name in ((torch._dynamo.config, "trace_autograd_ops"), (torch._dynamo.config, "nested_graph_breaks"),
+                      (torch._inductor.config, "fallback_random")):
+        monkeypatch.setattr(cfg, name, False)
+    logger = logging.getLogger("torch._dynamo.variables.ctx_manager")
+    monkeypatch.setattr(logger, "filters", [])
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **k: compiled.append(k) or (lambda: ("compiled", fn())))
+    monkeypatch.setattr(fmq, "update", lambda agent, batch, step, args: {"step": int(step)})
+    step_fn = fmq.make_update(SimpleNamespace(u_off=None), circular_buffer(), fmq.Args(batch_size=2, horizon=3,
+                                                                                       compile=True))
+    assert step_fn(7) == ("compiled", {"step": 7}) and compiled == [dict(dynamic=False)]
+    assert (torch._dynamo.config.trace_autograd_ops, torch._dynamo.config.nested_graph_breaks,
+            torch._inductor.config.fallback_random) == (True, True, True)
+    record = lambda msg: logging.LogRecord("x", logging.WARNING, "f", 1, msg, ("fn",), None)  # noqa: E731
+    (drop,) = logger.filters  # the note: torch/_dynamo/variables/ctx_manager.py's warning_once
+    assert not drop(record("Profiler record function %s will be ignored"))
+    assert drop(record("Graph break in user code %s"))
+
+
 def test_polyak_before_the_optimiser_step_is_seen_at_a_large_lr():
     """With lr 0.1 the critic moves ~0.1 per step, so a Polyak step taken after the optimiser step (or with 1 - tau)
     lands ~5e-4 away from tau toward the pre-update critic: far outside the tolerance (float32 rounding, 1e-7)."""
