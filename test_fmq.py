@@ -902,7 +902,9 @@ def test_horizon_longer_than_episode(tmp_path, ogb):
     (dict(qgbs_m=0), "QGBS needs --qgbs-m >= 1"), (dict(qgbs_b=0), "QGBS needs"), (dict(qgbs_k=-1), "QGBS needs"),
     (dict(num_critics=1), "--num-critics must be >= 2"), (dict(horizon=0), "--horizon must be >= 1"),
     (dict(time_dim=3), "--time-dim 0/even"), (dict(euler_steps=-1, online_target="mvp"), "--euler-steps >= 0"),
-    (dict(eval_episodes=0), "counts must be >= 1"), (dict(save_interval=0), "counts must be >= 1"),
+    *[(dict([(k, 0)]), "eval/log/save intervals and counts must be >= 1") for k in (
+        "eval_episodes", "eval_envs", "log_interval", "eval_interval", "save_interval", "keep_checkpoints",
+        "video_frame_skip")], (dict(batch_size=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
     (dict(start_training=-1), "--start-training must be >= 0"),
     (dict(best_of_n=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
     (dict(utd_ratio=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
@@ -2329,6 +2331,20 @@ def test_evaluate_and_log_names_each_samplers_row_and_key(monkeypatch):
     fmq.evaluate_and_log(run, SimpleNamespace(u_off=None), args, 30)  # min(eval_envs, eval_episodes) envs, once
     fmq.evaluate_and_log(run, SimpleNamespace(u_off=None), args, 40)
     assert made == [("spec", "meta")] * 3 and run.eval_envs == ["env"] * 3 and rows[-1][0]["phase"] == "offline"
+    stops, videos = [], []  # --video-episodes: the run's sampler, rendered in the video env, stoppable, written
+
+    def evaluate(agent, envs, args, sampler, reward=None, frames=None, stop=()):
+        stops.append(stop)
+        if frames is not None:
+            assert (envs, sampler) == (["video env"], "onestep")
+            frames += [np.zeros((2, 2, 3), np.uint8)] * 3
+        return dict(success=success[sampler], length=9.0)
+    monkeypatch.setattr(fmq, "evaluate", evaluate)
+    monkeypatch.setattr(fmq, "write_video", lambda path, frames, writer, log, s: videos.append((path, frames.shape, s)))
+    args.video_episodes, run.video_env, run.dir = 1, "video env", Path("rundir")
+    fmq.evaluate_and_log(run, SimpleNamespace(u_off=None), args, 50)
+    assert all(s is run.stop for s in stops) and len(stops) == 3
+    assert videos == [(Path("rundir/videos/step_000000050.mp4"), (3, 2, 2, 3), 50)]
 
 
 def test_make_env_builds_robomimic_envs_from_the_files_metadata_and_ogbench_ones_rendering_only_when_asked(
@@ -2357,9 +2373,11 @@ def test_start_run_seeds_picks_the_device_sizes_the_buffer_and_refuses_bad_shape
     monkeypatch.setattr(fmq, "load_dataset", lambda spec, dataset_dir: (tiny_dataset(), "meta"))
     monkeypatch.setattr(fmq, "make_env", lambda *a, **k: made.append((a, k)) or TinyEnv())
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
     run = fmq.start_run(tiny_env_args(tmp_path, seed=3, device="auto"))
     assert made == [((fmq.env_spec("tiny"), "meta"), {})] and run.env_args == "meta"
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # --deterministic on a GPU
+    assert torch.are_deterministic_algorithms_enabled() and not torch.utils.deterministic.fill_uninitialized_memory
     assert (random.random(), np.random.random(), torch.rand(1).item()) == (
         random.Random(3).random(), np.random.RandomState(3).random(),
         torch.rand(1, generator=torch.Generator().manual_seed(3)).item())
@@ -2368,6 +2386,7 @@ def test_start_run_seeds_picks_the_device_sizes_the_buffer_and_refuses_bad_shape
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # an evaluation alone: no buffer on the device
     assert fmq.start_run(tiny_env_args(tmp_path, device="auto", offline_steps=0, online_steps=0,
                                        load_checkpoint="x.pt")).device == torch.device("cuda")
+    assert fmq.start_run(tiny_env_args(tmp_path, device="cpu")).device == torch.device("cpu")  # as asked
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(fmq.FMQError, match=re.escape("--horizon 12 must be shorter than the episode (12 steps)")):
         fmq.start_run(tiny_env_args(tmp_path, horizon=12))
@@ -2378,21 +2397,30 @@ def test_start_run_seeds_picks_the_device_sizes_the_buffer_and_refuses_bad_shape
     run = fmq.start_run(tiny_env_args(tmp_path, resume=str(tmp_path)))
     assert (run.resume_from, run.last_ckpt, run.ckpt) == ((tmp_path / "checkpoints" / "step_000000005.pt",) * 2 + (
         dict(step=5),))
+    held = tmp_path / "runs" / "tiny__fmq__0"
+    (held / "checkpoints").mkdir(parents=True)
+    (held / "checkpoints" / "step_000000005.pt").write_bytes(b"")
+    with pytest.raises(fmq.FMQError, match=f"^{held} already holds a run; continue it with --resume auto, or pick "
+                                           f"another --exp-name$"):
+        fmq.start_run(tiny_env_args(tmp_path))
     wide = dict(tiny_dataset(), actions=np.zeros((60, 3), np.float32))
     monkeypatch.setattr(fmq, "load_dataset", lambda spec, dataset_dir: (wide, None))
     with pytest.raises(fmq.FMQError, match=re.escape("dataset shapes (obs (3,), actions (3,)) do not match env tiny "
                                                      "(obs (3,), actions (2,))")):
-        fmq.start_run(tiny_env_args(tmp_path))
+        fmq.start_run(tiny_env_args(tmp_path, exp_name="w"))
 
     class Headless(TinyEnv):
         def render(self):
             raise RuntimeError(" no display ")
-    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None, render=False: Headless() if render else TinyEnv())
+    specs = []
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None, render=False: specs.append(spec) or (
+        Headless() if render else TinyEnv()))
     for gl, named in (("osmesa", "osmesa"), ("", "glfw")):
         monkeypatch.setenv("MUJOCO_GL", gl)
         with pytest.raises(fmq.FMQError, match=re.escape(f"--video-episodes: rendering with MUJOCO_GL={named} failed "
                                                          "(RuntimeError: no display); headless, use MUJOCO_GL=egl")):
-            fmq.start_run(tiny_env_args(tmp_path, video_episodes=1))
+            fmq.start_run(tiny_env_args(tmp_path, video_episodes=1, exp_name="v"))
+    assert specs == [fmq.env_spec("tiny")] * 4
 
 
 def test_wandb_logger_keeps_its_run_id_and_last_step_and_a_resumed_run_sends_no_step_again(tmp_path, monkeypatch):
@@ -2421,6 +2449,9 @@ def test_wandb_logger_keeps_its_run_id_and_last_step_and_a_resumed_run_sends_no_
     log({"x": 3.0}, 5), log({"x": 4.0}, 6)
     assert calls[1:] == [({"x": 4.0}, 6)]
     assert fmq.wandb_logger(args, tmp_path / "run1", False) and calls[-1][1]["id"] != state["id"]  # a new run
+    monkeypatch.setitem(sys.modules, "wandb", None)  # not installed
+    with pytest.raises(fmq.FMQError, match=r"^--track logs to Weights & Biases: `pip install wandb` first$"):
+        fmq.wandb_logger(args, tmp_path / "run1", False)
 
 
 def test_progress_bar_shows_the_phase_speed_and_last_success(tmp_path, tiny_env, capsys):
@@ -3247,7 +3278,7 @@ def test_restore_run_goes_on_with_the_checkpoints_step_episode_queue_clock_and_e
     ckpt = dict(step=7, step0=3, time=50.0, buffer="rows", episode=dict(index=2, start=61, ret=-1.0, queue=[[0.5]]),
                 rng=dict(python=random.Random(5).getstate(), numpy=np.random.RandomState(5).get_state(),
                          torch=torch.Generator().manual_seed(5).get_state(), cuda=None))
-    monkeypatch.setattr(fmq, "load_checkpoint", lambda path, args, agent, c: c)
+    monkeypatch.setattr(fmq, "load_checkpoint", lambda path, args, agent, c: c if path == "step_7.pt" else None)
     loaded = []
     run = SimpleNamespace(resume_from="step_7.pt", ckpt=ckpt, n_off=60, step0=0, t0=None,
                           buffer=SimpleNamespace(load_online_state=loaded.append))
@@ -3541,6 +3572,23 @@ def test_nan_stops_the_run_at_its_step_and_keeps_the_last_good_checkpoint(tmp_pa
     with pytest.raises(fmq.FMQError, match=r"^non-finite network weights at or before step 9; training stopped\. Last "
                        r"good checkpoint: none yet$"):  # checked before anything of a checkpoint is saved
         fmq.save_run(SimpleNamespace(last_ckpt=None), agent, args, 9, {}, [])
+
+
+def test_save_run_keeps_the_run_state_and_every_rng_and_the_cuda_ones_where_there_is_a_gpu(tmp_path, monkeypatch):
+    args, agent, _ = small_agent()
+    run = SimpleNamespace(last_ckpt=None, step0=4, t0=100.0, dir=tmp_path, buffer=SimpleNamespace(online_state=dict))
+    monkeypatch.setattr(fmq.time, "time", lambda: 130.0)
+    for gpu, cuda in ((False, None), (True, ["cuda state"])):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: gpu)
+        monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: ["cuda state"])
+        random.seed(1), np.random.seed(2), torch.manual_seed(3)
+        path = fmq.save_run(run, agent, args, 9 + gpu, dict(index=1, start=3, ret=0.0), [[0.5]])
+        ckpt = torch.load(path, weights_only=False)
+        assert (ckpt["step"], ckpt["step0"], ckpt["time"], ckpt["episode"], ckpt["buffer"]) == (
+            9 + gpu, 4, 30.0, dict(index=1, start=3, ret=0.0, queue=[[0.5]]), {})
+        assert ckpt["rng"]["python"] == random.Random(1).getstate() and ckpt["rng"]["cuda"] == cuda
+        assert np.random.RandomState(2).random() == (np.random.set_state(ckpt["rng"]["numpy"]), np.random.random())[1]
+        assert torch.equal(ckpt["rng"]["torch"], torch.Generator().manual_seed(3).get_state())
 
 
 def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buffer(tmp_path, monkeypatch, tiny_env):
