@@ -969,6 +969,52 @@ def test_rendering_envs_print_no_gymnasium_render_mode_warning():
     assert out.returncode == 0 and "render_mode" not in out.stderr, out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("bad,line", [
+    (dict(horizon=0), "--horizon must be >= 1"),
+    (dict(qgbs_b=0), "QGBS needs --qgbs-m >= 1, --qgbs-b >= 1, --qgbs-k >= 0"),
+    (dict(qgbs_rho=0.0), "--qgbs-rho must be > 0"),
+    (dict(euler_steps=1), "--online-target fmq needs a flow map (u(a_r, r, 1), one jump): not --flow-map-loss none or "
+                          "--euler-steps"),
+    (dict(flow_map_loss="none"), "--online-target fmq needs a flow map (u(a_r, r, 1), one jump): not --flow-map-loss "
+                                 "none or --euler-steps"),
+    (dict(time_dim=-2, online_target="mvp"), "need --euler-steps >= 0, --time-dim 0/even"),
+    (dict(num_critics=1), "--num-critics must be >= 2 (FMQ's delta_critic is the critics' spread)"),
+    (dict(threads=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
+    (dict(online_steps=1, start_training=2), "--start-training 2 > --online-steps 1: the online phase would never "
+                                             "update; lower --start-training"),
+    (dict(offline_steps=0), "--offline-steps 0 needs --load-checkpoint (a pretrained flow map for u_off) or --resume")])
+def test_validate_says_each_problem_in_its_own_words(bad, line):
+    with pytest.raises(fmq.FMQError, match=f"^{re.escape(line)}$"):
+        fmq.validate(fmq.Args(**bad))
+
+
+def test_compile_looks_for_the_compiler_cxx_names(monkeypatch):
+    monkeypatch.setattr(fmq.shutil, "which", lambda name: f"/usr/bin/{name}" if name == "clang++" else None)
+    monkeypatch.setenv("CXX", "clang++")
+    fmq.validate(fmq.Args(compile=True))
+    monkeypatch.delenv("CXX")
+    with pytest.raises(fmq.FMQError, match="^--compile needs a C"):
+        fmq.validate(fmq.Args(compile=True))
+
+
+def test_finish_run_writes_final_json_and_the_end_line_and_closes_the_logs(tmp_path, monkeypatch, capsys):
+    """The end line lists every sampler's success; --track ends the W&B run; a stopped evaluation-only run (nothing
+    to save) says only where it stopped."""
+    closed = []
+    monkeypatch.setitem(sys.modules, "wandb", SimpleNamespace(finish=lambda: closed.append("wandb")))
+    run = SimpleNamespace(writer=SimpleNamespace(close=lambda: closed.append("tb")), stop=[], dir=tmp_path,
+                          eval_only=False)
+    args = fmq.Args(track=True, eval_episodes=4, sampler="qgbs")
+    final = fmq.finish_run(run, None, args, 30, {}, [], {"qgbs": 0.5, "best-of-n": 0.25})
+    assert final == json.loads((tmp_path / "final.json").read_text()) == dict(step=30, success=0.5, sampler="qgbs")
+    assert capsys.readouterr().out == (f"fmq: done at step 30; success qgbs 0.50, best-of-n 0.25 (4 episodes); files "
+                                       f"in {tmp_path} (eval.csv, train.csv, TensorBoard, checkpoints/)\n")
+    assert closed == ["tb", "wandb"]
+    run.stop, run.buffer, run.eval_only = [signal.SIGTERM], None, True
+    assert fmq.finish_run(run, None, fmq.Args(), 0, {}, [], {}) is None
+    assert capsys.readouterr().err == "fmq: stopped at step 0 as asked\n"
+
+
 def test_validate_joins_every_problem_into_one_line_and_cudagraphs_needs_a_cuda_device(monkeypatch):
     with pytest.raises(fmq.FMQError, match="^" + re.escape("--horizon must be >= 1; eval/log/save intervals and counts "
                                                            "must be >= 1 (--video-episodes >= 0)") + "$"):
@@ -2368,14 +2414,18 @@ def test_start_run_seeds_picks_the_device_sizes_the_buffer_and_refuses_bad_shape
     """Python's, numpy's and torch's global RNGs seeded with --seed; --device auto: CUDA when there is one; the buffer
     check for dataset + online rows of 2 obs + action + reward + mask floats; one line for a dataset of other shapes,
     a horizon as long as the episode, and a video env that cannot render (naming MUJOCO_GL)."""
-    checked, made = [], []
+    checked, made, ids, loads = [], [], [], []
+    spec = dict(suite="tiny", name="tiny", reward=None)
+    monkeypatch.setattr(fmq, "env_spec", lambda env_id: ids.append(env_id) or spec)
     monkeypatch.setattr(fmq, "preallocation_check", lambda *a: checked.append(a))
-    monkeypatch.setattr(fmq, "load_dataset", lambda spec, dataset_dir: (tiny_dataset(), "meta"))
+    monkeypatch.setattr(fmq, "load_dataset", lambda *a: loads.append(a) or (tiny_dataset(), "meta"))
     monkeypatch.setattr(fmq, "make_env", lambda *a, **k: made.append((a, k)) or TinyEnv())
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
-    run = fmq.start_run(tiny_env_args(tmp_path, seed=3, device="auto"))
-    assert made == [((fmq.env_spec("tiny"), "meta"), {})] and run.env_args == "meta"
+    run = fmq.start_run(tiny_env_args(tmp_path, seed=3, device="auto", dataset_dir="data/here"))
+    assert made == [((spec, "meta"), {})] and (run.env_args, run.spec, ids, loads) == ("meta", spec, ["tiny"], [
+        (spec, "data/here")])
+    assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32  # JAX's GPU matmul precision
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # --deterministic on a GPU
     assert torch.are_deterministic_algorithms_enabled() and not torch.utils.deterministic.fill_uninitialized_memory
     assert (random.random(), np.random.random(), torch.rand(1).item()) == (
@@ -2387,6 +2437,10 @@ def test_start_run_seeds_picks_the_device_sizes_the_buffer_and_refuses_bad_shape
     assert fmq.start_run(tiny_env_args(tmp_path, device="auto", offline_steps=0, online_steps=0,
                                        load_checkpoint="x.pt")).device == torch.device("cuda")
     assert fmq.start_run(tiny_env_args(tmp_path, device="cpu")).device == torch.device("cpu")  # as asked
+    spec["suite"], loads[:] = "robomimic", []  # evaluating a RoboMimic checkpoint: its env comes from the dataset
+    assert fmq.start_run(tiny_env_args(tmp_path, offline_steps=0, online_steps=0, load_checkpoint="x.pt")
+                         ).env_args == "meta" and len(loads) == 1
+    spec["suite"] = "tiny"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(fmq.FMQError, match=re.escape("--horizon 12 must be shorter than the episode (12 steps)")):
         fmq.start_run(tiny_env_args(tmp_path, horizon=12))
@@ -2404,23 +2458,24 @@ def test_start_run_seeds_picks_the_device_sizes_the_buffer_and_refuses_bad_shape
                                            f"another --exp-name$"):
         fmq.start_run(tiny_env_args(tmp_path))
     wide = dict(tiny_dataset(), actions=np.zeros((60, 3), np.float32))
-    monkeypatch.setattr(fmq, "load_dataset", lambda spec, dataset_dir: (wide, None))
+    monkeypatch.setattr(fmq, "load_dataset", lambda spec, dataset_dir: (wide, "meta"))
     with pytest.raises(fmq.FMQError, match=re.escape("dataset shapes (obs (3,), actions (3,)) do not match env tiny "
                                                      "(obs (3,), actions (2,))")):
         fmq.start_run(tiny_env_args(tmp_path, exp_name="w"))
 
     class Headless(TinyEnv):
         def render(self):
-            raise RuntimeError(" no display ")
+            raise RuntimeError(" no display" + "." * 200)  # stripped, cut at 200 characters
     specs = []
-    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None, render=False: specs.append(spec) or (
+    monkeypatch.setattr(fmq, "make_env", lambda spec, env_args=None, render=False: specs.append((spec, env_args)) or (
         Headless() if render else TinyEnv()))
     for gl, named in (("osmesa", "osmesa"), ("", "glfw")):
         monkeypatch.setenv("MUJOCO_GL", gl)
         with pytest.raises(fmq.FMQError, match=re.escape(f"--video-episodes: rendering with MUJOCO_GL={named} failed "
-                                                         "(RuntimeError: no display); headless, use MUJOCO_GL=egl")):
+                                                         f"(RuntimeError: no display{'.' * 190}); headless, use "
+                                                         "MUJOCO_GL=egl")):
             fmq.start_run(tiny_env_args(tmp_path, video_episodes=1, exp_name="v"))
-    assert specs == [fmq.env_spec("tiny")] * 4
+    assert specs == [(spec, "meta")] * 4
 
 
 def test_wandb_logger_keeps_its_run_id_and_last_step_and_a_resumed_run_sends_no_step_again(tmp_path, monkeypatch):
@@ -2464,6 +2519,15 @@ def test_progress_bar_shows_the_phase_speed_and_last_success(tmp_path, tiny_env,
     assert shown == [(0, ""), (5, row.format("offline")), (10, row.format("offline")), (10, ev.format("online")),
                      (15, row.format("online")), (20, row.format("online")), (20, ev.format("online")),
                      (20, ev.format("online"))]
+
+
+def test_one_online_step_freezes_u_off_and_updates(tmp_path, tiny_env, capsys):
+    fmq.main(tiny_env_args(tmp_path, offline_steps=2, online_steps=1))
+    run = tmp_path / "runs" / "tiny__fmq__0"
+    assert capsys.readouterr().out.splitlines()[0] == (f"fmq: run {run} on cpu, dataset 60 rows; 2 offline + 1 online "
+                                                       f"steps (updates from online step 1), starting at step 0")
+    ckpt = torch.load(run / "checkpoints" / "step_000000003.pt", weights_only=False)
+    assert ckpt["u_off"] is not None and read_csv(run / "train.csv")[-1]["actor/fmq_loss"] != ""
 
 
 def test_main_runs_on_the_threads_it_is_given(tmp_path, tiny_env):
@@ -3181,7 +3245,8 @@ def test_buffer_check_counts_4_bytes_a_float_8_a_row_and_leaves_a_tenth_free(mon
     with pytest.raises(fmq.FMQError, match=r"^the replay buffer needs 1\.5 GiB on cpu but only 1\.0 GiB is free; use "
                                            r"fewer --online-steps or another device$"):
         fmq.preallocation_check(2 ** 27, 1, torch.device("cpu"))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (2 ** 30, 2 ** 40))  # (free, total)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: {torch.device("cuda:0"): (2 ** 30, 2 ** 40)}[
+        device])  # (free, total) of that device
     with pytest.raises(fmq.FMQError, match=r"needs 1\.5 GiB on cuda:0 but only 1\.0 GiB is free"):
         fmq.preallocation_check(2 ** 27, 1, torch.device("cuda:0"))
 
@@ -3367,8 +3432,14 @@ def test_videos_go_to_tensorboard_as_a_small_preview_and_the_end_line_names_them
     for s in (0, 2):
         np.testing.assert_array_equal(iio.imread(run / "videos" / f"step_{s:09d}.mp4", plugin="FFMPEG",
                                                  index=None).mean(-1).round(-1), frames.mean(-1).round(-1))
-    images = EventAccumulator(str(run), size_guidance={"images": 0}).Reload().Images("eval/video")
+    acc = EventAccumulator(str(run), size_guidance={"images": 0, "tensors": 0}).Reload()
+    images = acc.Images("eval/video")
     assert [(i.step, i.width, i.height) for i in images] == [(0, 32, 24), (2, 32, 24)]
+    [text] = acc.Tensors("hyperparameters/text_summary")  # the flags as a table in TensorBoard's text tab
+    args = dataclasses.asdict(tiny_env_args(tmp_path, offline_steps=2, online_steps=0, video_episodes=1,
+                                            video_frame_skip=1))
+    assert text.tensor_proto.string_val[0].decode() == "|param|value|\n|-|-|" + "".join(f"\n|{k}|{v}|" for k, v in
+                                                                                     args.items())
     gif = iio.imread(images[0].encoded_image_string, extension=".gif", index=None)
     np.testing.assert_array_equal(gif[..., :3], frames[::2, ::2, ::2])
 
@@ -3599,7 +3670,8 @@ def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buff
     args = lambda d: tiny_env_args(tmp_path / d, buffer_size=0, start_training=2, resume="auto")  # noqa: E731
     buffers, _ = recording_buffer(monkeypatch)
     real_wandb, resumed = fmq.wandb_logger, []
-    monkeypatch.setattr(fmq, "wandb_logger", lambda a, d, r: resumed.append(r) or real_wandb(a, d, r))
+    monkeypatch.setattr(fmq, "wandb_logger", lambda a, d, r: resumed.append((d.parent.parent.name, r)) or real_wandb(
+        a, d, r))
     fmq.main(args("a"))
     real = fmq.update
 
@@ -3627,7 +3699,7 @@ def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buff
     for k in ("actor", "critic", "critic_target", "u_off"):
         assert all(torch.equal(ckpt_a[k][n], v) for n, v in ckpt_b[k].items()), k
     assert (run_a / "final.json").read_text() == (run_b / "final.json").read_text()
-    assert resumed == [False, False, True]  # W&B is told which run goes on
+    assert resumed == [("a", False), ("b", False), ("b", True)]  # W&B gets the run folder, and which run goes on
     scalars = [tensorboard_scalars(r) for r in (run_a, run_b)]  # the rows after step 30 purged: none twice or lost
     assert scalars[0] == scalars[1] and [s for s, _ in scalars[0]["critic/loss"]] == list(range(5, 45, 5))
 
@@ -3642,7 +3714,9 @@ def tensorboard_scalars(run):
 def test_a_checkpoint_of_other_nets_is_refused_in_one_line(tmp_path):
     args, agent, _ = small_agent()
     state = dict({k: getattr(agent, k).state_dict() for k in fmq.NETS}, step=1, args=dataclasses.asdict(args))
-    path = fmq.save_checkpoint(tmp_path, dict(state, u_off=None), keep=1)
+    path = fmq.save_checkpoint(tmp_path / "run", dict(state, u_off=None), keep=1)  # its folders made as needed
+    assert path == tmp_path / "run" / "checkpoints" / "step_000000001.pt"
+    fmq.load_checkpoint(tmp_path / "gone.pt", args, fmq.make_agent(args, 6, 10, "cpu"), torch.load(path))  # read
     other = dataclasses.replace(args, hidden_dim=32)
     with pytest.raises(fmq.FMQError, match=r"does not fit this run: it has \{'hidden_dim': 16\}, this run \{'hidden_"
                        r"dim': 32\}"):
@@ -3798,10 +3872,11 @@ def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_rep
     assert re.findall(r"\| (\d+)/40 \[", capsys.readouterr().err)[0] == "12"  # the progress bar starts there
     whole = tmp_path / "whole" / "runs" / "tiny__fmq__0"
     whole.mkdir(parents=True)  # a run that failed before its first checkpoint left an eval.csv: a new run rewrites it
-    (whole / "eval.csv").write_text("step,success\n0,0.5\n")
+    (whole / "eval.csv").write_text("step,success\n0,0.5\n"), (whole / "train.csv").write_text("step\n5\n")
     fmq.main(args("whole"))
     for name in ("train.csv", "eval.csv"):
         assert strip_timing(read_csv(run / name)) == strip_timing(read_csv(whole / name))
+    assert [int(r["step"]) for r in read_csv(whole / "train.csv")][:2] == [5, 10]  # the leftover row not kept
     evals, final = read_csv(whole / "eval.csv"), json.loads((whole / "final.json").read_text())
     assert (run / "final.json").read_text() == (whole / "final.json").read_text()
     assert final["success"] == float(evals[-1]["success"]) != float(evals[0]["success"])
