@@ -9,7 +9,7 @@ command, in a work folder outside the repo (mutmut reads its config from a setup
 
 The work folder (--work, default /tmp/fmq-mutmut) keeps mutmut's results between runs, so a later sample adds to
 the earlier ones (a changed function is mutated and run again). `mutmut show NAME` / `mutmut results` inside it
-show a mutant's diff and the survivors. One child process; OMP_NUM_THREADS=1.
+show a mutant's diff and the survivors. One child process (--jobs N: N at once), each on OMP_NUM_THREADS=1.
 """
 import argparse
 import fnmatch
@@ -109,6 +109,7 @@ def main():
     p.add_argument("--names", nargs="*", default=[], help="run exactly these mutants (e.g. last run's survivors)")
     p.add_argument("--full", action="store_true", help="run every mutant")
     p.add_argument("--counts", action="store_true", help="only print the counts of the runs so far")
+    p.add_argument("--jobs", type=int, default=1, help="mutants run at once (one core each; 2 on a 2-core machine)")
     a = p.parse_args()
     work = Path(a.work)
     try:
@@ -132,7 +133,7 @@ def main():
         print(f"mutmut_run: {len(names)} mutants in {work}", flush=True)
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         mutmut_bin = Path(sys.executable).parent / "mutmut"
-        cmd = [str(mutmut_bin), "run", "--max-children", "1"] + ([] if a.full else names)
+        cmd = [str(mutmut_bin), "run", "--max-children", str(a.jobs)] + ([] if a.full else names)
         subprocess.run(cmd, cwd=work, env=env)
         if not a.full:
             ran = {**meta(work, "fmq.py"), **meta(work, "qgbs.py")}

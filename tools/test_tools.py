@@ -1,5 +1,5 @@
-"""Tests for tools/: report.py, sweep.py, make_dataset.py, import_official.py, qgbs_sweep.py, gpu_check.py.
-A plain `pytest` (or `pytest -m "not slow"`) from the repository root collects them with test_fmq.py; the helpers they
+"""Tests for tools/: report.py, sweep.py, make_dataset.py, import_official.py, qgbs_sweep.py, gpu_check.py,
+mutmut_run.py. A plain `pytest` (or `pytest -m "not slow"`) from the repository root collects them with test_fmq.py; the helpers they
 share with test_fmq.py are imported from it."""
 import dataclasses
 import json
@@ -24,6 +24,7 @@ import fmq  # noqa: E402
 import import_official  # noqa: E402
 import bitcheck  # noqa: E402
 import make_dataset  # noqa: E402
+import mutmut_run  # noqa: E402
 import qgbs_sweep  # noqa: E402
 import report  # noqa: E402
 import sweep  # noqa: E402
@@ -657,3 +658,15 @@ def test_bitcheck_digest_hashes_tensors_in_key_order_without_args_and_time(tmp_p
     (tmp_path / "c.csv").write_text("step,time,sps,loss\n10,1.5,99,0.26\n")
     assert bitcheck.csv_digest(tmp_path / "a.csv") == bitcheck.csv_digest(tmp_path / "b.csv")
     assert bitcheck.csv_digest(tmp_path / "a.csv") != bitcheck.csv_digest(tmp_path / "c.csv")
+
+
+def test_mutmut_run_counts_each_status_for_the_method_and_the_rest(tmp_path):
+    """mutmut's exit codes per mutant (its .meta files) -> statuses; METHOD's patterns split the method (losses,
+    the buffer's methods, qgbs.py) from the rest (main's loop, videos)."""
+    (tmp_path / "mutants").mkdir()
+    codes = {"fmq.x_flow_map_loss__mutmut_1": 1, "fmq.xǁReplayBufferǁadd__mutmut_4": None,
+             "fmq.x_main__mutmut_2": 0, "fmq.x_write_video__mutmut_5": 36}
+    (tmp_path / "mutants" / "fmq.py.meta").write_text(json.dumps(dict(exit_code_by_key=codes)))
+    (tmp_path / "mutants" / "qgbs.py.meta").write_text(json.dumps(dict(exit_code_by_key={"qgbs.x_qgbs__mutmut_3": 33})))
+    assert mutmut_run.counts(tmp_path) == {"method": {"generated": 3, "killed": 1, "not checked": 1, "no tests": 1},
+                                           "rest": {"generated": 2, "survived": 1, "timeout": 1}}
