@@ -1,6 +1,6 @@
 """Tests for tools/: report.py, sweep.py, make_dataset.py, import_official.py, qgbs_sweep.py, gpu_check.py,
-mutmut_run.py. A plain `pytest` (or `pytest -m "not slow"`) from the repository root collects them with test_fmq.py; the helpers they
-share with test_fmq.py are imported from it."""
+mutmut_run.py. A plain `pytest` (or `pytest -m "not slow"`) from the repository root collects them with test_fmq.py;
+the helpers they share with test_fmq.py are imported from it."""
 import dataclasses
 import json
 import os
