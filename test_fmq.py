@@ -2137,19 +2137,18 @@ def test_compile_sets_dynamos_options_compiles_the_update_with_static_shapes_and
     nested graph breaks, eager's random draws, torch.compile(dynamic=False) over the whole update, and a log filter
     that drops only dynamo's note on Optimizer.step's record-function label."""
     import logging
-    for cfg, name in ((torch._dynamo.config, "trace_autograd_ops"), (torch._dynamo.config, "nested_graph_breaks"),
-                      (torch._inductor.config, "fallback_random")):
-        monkeypatch.setattr(cfg, name, False)
     logger = logging.getLogger("torch._dynamo.variables.ctx_manager")
     monkeypatch.setattr(logger, "filters", [])
     compiled = []
     monkeypatch.setattr(torch, "compile", lambda fn, **k: compiled.append(k) or (lambda: ("compiled", fn())))
     monkeypatch.setattr(fmq, "update", lambda agent, batch, step, args: {"step": int(step)})
-    step_fn = fmq.make_update(SimpleNamespace(u_off=None), circular_buffer(), fmq.Args(batch_size=2, horizon=3,
-                                                                                       compile=True))
+    with torch._dynamo.config.patch(trace_autograd_ops=False, nested_graph_breaks=False), \
+            torch._inductor.config.patch(fallback_random=False):  # (torch's configs: set back by their own patch)
+        step_fn = fmq.make_update(SimpleNamespace(u_off=None), circular_buffer(), fmq.Args(batch_size=2, horizon=3,
+                                                                                           compile=True))
+        assert (torch._dynamo.config.trace_autograd_ops, torch._dynamo.config.nested_graph_breaks,
+                torch._inductor.config.fallback_random) == (True, True, True)
     assert step_fn(7) == ("compiled", {"step": 7}) and compiled == [dict(dynamic=False)]
-    assert (torch._dynamo.config.trace_autograd_ops, torch._dynamo.config.nested_graph_breaks,
-            torch._inductor.config.fallback_random) == (True, True, True)
     record = lambda msg: logging.LogRecord("x", logging.WARNING, "f", 1, msg, ("fn",), None)  # noqa: E731
     (drop,) = logger.filters  # the note: torch/_dynamo/variables/ctx_manager.py's warning_once
     assert not drop(record("Profiler record function %s will be ignored"))
