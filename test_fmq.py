@@ -2512,13 +2512,13 @@ def test_wandb_logger_keeps_its_run_id_and_last_step_and_a_resumed_run_sends_no_
 def test_progress_bar_shows_the_phase_speed_and_last_success(tmp_path, tiny_env, capsys):
     """tqdm's bar, on stderr: at each log row the phase of the step just taken, steps per second and the run's
     sampler's last success; at each evaluation the phase to come and the new success (TinyEnv: 0.8)."""
-    fmq.main(tiny_env_args(tmp_path, offline_steps=10, online_steps=10))
+    fmq.main(tiny_env_args(tmp_path, offline_steps=10, online_steps=10, eval_interval=5))
     frames = re.findall(r"\| (\d+)/20 \[[^\]]*?(?:it/s|s/it)(?:, ([^\]]*?))?\s*\]", capsys.readouterr().err)
     shown = [(int(n), re.sub(r"sps=\d+", "sps=S", post)) for n, post in frames]
     row, ev = "phase={}, sps=S, success=0.8", "phase={}, success=0.8"
-    assert shown == [(0, ""), (5, row.format("offline")), (10, row.format("offline")), (10, ev.format("online")),
-                     (15, row.format("online")), (20, row.format("online")), (20, ev.format("online")),
-                     (20, ev.format("online"))]
+    assert shown == [(0, ""), (5, row.format("offline")), (5, ev.format("offline")), (10, row.format("offline")),
+                     (10, ev.format("online")), (15, row.format("online")), (15, ev.format("online")),
+                     (20, row.format("online")), (20, ev.format("online")), (20, ev.format("online"))]
 
 
 def test_one_online_step_freezes_u_off_and_updates(tmp_path, tiny_env, capsys):
@@ -3368,6 +3368,8 @@ def test_restore_run_goes_on_with_the_checkpoints_step_episode_queue_clock_and_e
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", cuda_states.append)
     run.ckpt = bare
     fmq.restore_run(run, None, fmq.Args())
+    run.ckpt = dict(bare, rng=dict(bare["rng"], cuda=None))  # a CPU run's checkpoint resumed on a GPU
+    fmq.restore_run(run, None, fmq.Args())
     assert cuda_states == [bare["rng"]["cuda"]]
     # --load-checkpoint: only the nets; the curriculum goes on from the checkpoint's own step (and its step0)
     for saved, step0 in ((dict(step=100), 100), (dict(step=100, step0=20), 120)):
@@ -3951,7 +3953,8 @@ def test_sps_leaves_out_evaluations_and_eval_time_goes_on_across_a_resume(tmp_pa
             (0, 100.0), (10, 210.0), (20, 320.0), (40, 440.0)], d
 
 
-def test_resume_goes_on_from_the_newest_readable_checkpoint_and_says_which_it_skipped(tmp_path, tiny_env, capsys):
+def test_resume_goes_on_from_the_newest_readable_checkpoint_and_says_which_it_skipped(tmp_path, tiny_env, capsys,
+                                                                                      monkeypatch):
     """The newest checkpoint (step 40) truncated, as a full disk or a copy cut short leaves it: --resume goes on from
     step 30's, in one line naming the one it skipped and why, and ends as the run did; none readable: an error."""
     run = tmp_path / "runs" / "tiny__fmq__0"
@@ -3971,6 +3974,9 @@ def test_resume_goes_on_from_the_newest_readable_checkpoint_and_says_which_it_sk
     with pytest.raises(fmq.FMQError, match=r"cannot read checkpoint .*/step_000000010.pt \(EOFError: Ran out of inpu"
                                            r"t\)$"):
         fmq.main(tiny_env_args(tmp_path, resume="auto"))  # after one line for each newer one
+    monkeypatch.setattr(torch, "load", lambda *a, **k: (_ for _ in ()).throw(RuntimeError(" " + "x" * 250)))
+    with pytest.raises(fmq.FMQError, match=r"^cannot read checkpoint c\.pt \(RuntimeError: x{200}\)$"):
+        fmq.read_checkpoint("c.pt")  # the reason stripped and cut at 200 characters
 
 
 # ---------------------------------------------------------------- plumbing: official checkpoints in fmq.py
