@@ -3665,11 +3665,12 @@ def test_save_run_keeps_the_run_state_and_every_rng_and_the_cuda_ones_where_ther
 
 
 def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buffer(tmp_path, monkeypatch, tiny_env):
-    """A run killed in the update of step 37 (its checkpoint: step 30; train.csv already has step 35; episodes ended at
-    online steps 3, 7, 12, 24, the fourth is replayed from its start; the buffer of 61 rows wrapped) and resumed ends
-    exactly as the uninterrupted run: the same csv rows and TensorBoard scalars (step 35 logged once), the same
-    networks, the same result."""
-    args = lambda d: tiny_env_args(tmp_path / d, buffer_size=0, start_training=2, resume="auto")  # noqa: E731
+    """A run logging every step, killed in the update of step 37 (its checkpoint: step 30; train.csv already has steps
+    31-37; episodes ended at online steps 3, 7, 12, 24, the fourth is replayed from its start; the buffer of 61 rows
+    wrapped) and resumed ends exactly as the uninterrupted run: the same csv rows and TensorBoard scalars (steps 31-37
+    logged once: TensorBoard's rows from step 31 on purged), the same networks, the same result."""
+    args = lambda d: tiny_env_args(tmp_path / d, buffer_size=0, start_training=2, resume="auto",  # noqa: E731
+                                   log_interval=1)
     buffers, _ = recording_buffer(monkeypatch)
     real_wandb, resumed = fmq.wandb_logger, []
     monkeypatch.setattr(fmq, "wandb_logger", lambda a, d, r: resumed.append((d.parent.parent.name, r)) or real_wandb(
@@ -3690,7 +3691,7 @@ def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buff
     run_a, run_b = (tmp_path / d / "runs" / "tiny__fmq__0" for d in "ab")
     assert buffers[-1].cap == 61 and buffers[-1].written == 60 + 28  # wrapped before the kill
     assert max((run_b / "checkpoints").glob("step_*.pt")).name == "step_000000030.pt"
-    assert int(read_csv(run_b / "train.csv")[-1]["step"]) == 35  # a row past the checkpoint
+    assert int(read_csv(run_b / "train.csv")[-1]["step"]) == 37  # rows past the checkpoint
     monkeypatch.setattr(fmq, "update", real)
     fmq.main(args("b"))
     for name in ("train.csv", "eval.csv"):
@@ -3703,7 +3704,8 @@ def test_resume_with_a_row_past_the_checkpoint_an_episode_end_and_a_wrapped_buff
     assert (run_a / "final.json").read_text() == (run_b / "final.json").read_text()
     assert resumed == [("a", False), ("b", False), ("b", True)]  # W&B gets the run folder, and which run goes on
     scalars = [tensorboard_scalars(r) for r in (run_a, run_b)]  # the rows after step 30 purged: none twice or lost
-    assert scalars[0] == scalars[1] and [s for s, _ in scalars[0]["critic/loss"]] == list(range(5, 45, 5))
+    updated = [s for s in range(1, 41) if s != 11]  # step 11 (online step 1) only collected data: start_training 2
+    assert scalars[0] == scalars[1] and [s for s, _ in scalars[0]["critic/loss"]] == updated
 
 
 def tensorboard_scalars(run):
