@@ -980,6 +980,7 @@ def test_rendering_envs_print_no_gymnasium_render_mode_warning():
     (dict(time_dim=-2, online_target="mvp"), "need --euler-steps >= 0, --time-dim 0/even"),
     (dict(num_critics=1), "--num-critics must be >= 2 (FMQ's delta_critic is the critics' spread)"),
     (dict(threads=0), "need --best-of-n, --batch-size, --utd-ratio, --threads >= 1"),
+    (dict(dataset_proportion=2.0), "--dataset-proportion must be in (0, 1]"),
     (dict(online_steps=1, start_training=2), "--start-training 2 > --online-steps 1: the online phase would never "
                                              "update; lower --start-training"),
     (dict(offline_steps=0), "--offline-steps 0 needs --load-checkpoint (a pretrained flow map for u_off) or --resume")])
@@ -993,7 +994,8 @@ def test_compile_looks_for_the_compiler_cxx_names(monkeypatch):
     monkeypatch.setenv("CXX", "clang++")
     fmq.validate(fmq.Args(compile=True))
     monkeypatch.delenv("CXX")
-    with pytest.raises(fmq.FMQError, match="^--compile needs a C"):
+    with pytest.raises(fmq.FMQError, match=r"^--compile needs a C\+\+ compiler for its kernels \(g\+\+, or set CXX\): "
+                                           r"install one \(e\.g\. apt-get install g\+\+\) or leave out --compile$"):
         fmq.validate(fmq.Args(compile=True))
 
 
@@ -1019,12 +1021,6 @@ def test_validate_joins_every_problem_into_one_line_and_cudagraphs_needs_a_cuda_
     with pytest.raises(fmq.FMQError, match="^" + re.escape("--horizon must be >= 1; eval/log/save intervals and counts "
                                                            "must be >= 1 (--video-episodes >= 0)") + "$"):
         fmq.validate(fmq.Args(horizon=0, video_episodes=-1))
-    with pytest.raises(fmq.FMQError, match=r"^--dataset-proportion must be in \(0, 1\]$"):
-        fmq.validate(fmq.Args(dataset_proportion=2.0))
-    monkeypatch.setattr(fmq.shutil, "which", lambda name: None)
-    with pytest.raises(fmq.FMQError, match=r"^--compile needs a C\+\+ compiler for its kernels \(g\+\+, or set CXX\): "
-                                           r"install one \(e\.g\. apt-get install g\+\+\) or leave out --compile$"):
-        fmq.validate(fmq.Args(compile=True))
     for cuda, device, ok in ((False, "auto", False), (False, "cuda", False), (True, "cpu", False),
                              (True, "auto", True), (True, "cuda:1", True)):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -3830,31 +3826,45 @@ def test_a_stop_during_an_evaluation_is_honoured_at_once_saved_and_resumed(tmp_p
             (run / name).read_text() == whole.read_text())
 
 
+@pytest.fixture
+def signal_handlers():
+    """main installs its own SIGTERM / SIGINT handlers: the test's are put back after it."""
+    saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    yield
+    for s, h in saved.items():
+        signal.signal(s, h)
+
+
+def signals_at_env_step(monkeypatch, n, *sigs):
+    """Patches TinyEnv.step to keep every action taken and send `sigs` to this process at the n-th env step (62 env
+    steps are the evaluations at steps 0 and 10 of tiny_env_args, so 63 and 64 are the training env's first two)."""
+    real_step, actions = TinyEnv.step, []
+
+    def step(self, action):
+        actions.append(np.array(action))
+        if len(actions) == n:
+            for sig in sigs:
+                os.kill(os.getpid(), sig)
+        return real_step(self, action)
+    monkeypatch.setattr(TinyEnv, "step", step)
+    return actions
+
+
 def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_replays_that_episode(
-        tmp_path, monkeypatch, tiny_env, capsys):
+        tmp_path, monkeypatch, tiny_env, capsys, signal_handlers):
     """SIGTERM at the training env's 2nd step (after the evaluations at steps 0 and 10, 31 env steps each): the run
     stops at step 12, saves it and says so; resumed, it replays the first online episode from the dataset's end (60
     rows) and ends as an uninterrupted run; an env that no longer gives the episode's observations is refused. Each
     evaluation's success is the actor's (a number of its weights), so final.json holds the last evaluation's."""
-    real_evaluate, real_step, steps = fmq.evaluate, TinyEnv.step, []
+    real_evaluate, real_step = fmq.evaluate, TinyEnv.step
 
     def evaluate(agent, *a, **k):
         weights = next(agent.actor.parameters()).detach()
         return dict(real_evaluate(agent, *a, **k), success=round(float(weights.sum()), 4))
-
-    def step(self, action):
-        steps.append(np.array(action))
-        if len(steps) == 64:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_step(self, action)
     monkeypatch.setattr(fmq, "evaluate", evaluate)
-    monkeypatch.setattr(TinyEnv, "step", step)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    steps = signals_at_env_step(monkeypatch, 64, signal.SIGTERM)
     args = lambda d: tiny_env_args(tmp_path / d, resume="auto")  # noqa: E731
-    try:
-        assert fmq.main(args("stopped")) is None
-    finally:
-        [signal.signal(s, h) for s, h in handlers.items()]
+    assert fmq.main(args("stopped")) is None
     run = tmp_path / "stopped" / "runs" / "tiny__fmq__0"
     err = capsys.readouterr().err
     assert "fmq: SIGTERM: stopping within one env step (again: at once)\n" in err
@@ -3886,21 +3896,10 @@ def test_a_stop_in_the_first_online_episode_saves_where_it_is_and_the_resume_rep
     assert final["success"] == float(evals[-1]["success"]) != float(evals[0]["success"])
 
 
-def test_a_second_signal_stops_at_once(tmp_path, monkeypatch, tiny_env):
-    real_step, steps = TinyEnv.step, []
-
-    def step(self, action):
-        steps.append(action)
-        if len(steps) == 64:  # the training env's 2nd step: two SIGINTs
-            os.kill(os.getpid(), signal.SIGINT), os.kill(os.getpid(), signal.SIGINT)
-        return real_step(self, action)
-    monkeypatch.setattr(TinyEnv, "step", step)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        with pytest.raises(SystemExit, match="^fmq: stopped at once by a second SIGINT$"):
-            fmq.main(tiny_env_args(tmp_path))
-    finally:
-        [signal.signal(s, h) for s, h in handlers.items()]
+def test_a_second_signal_stops_at_once(tmp_path, monkeypatch, tiny_env, signal_handlers):
+    steps = signals_at_env_step(monkeypatch, 64, signal.SIGINT, signal.SIGINT)  # the training env's 2nd step
+    with pytest.raises(SystemExit, match="^fmq: stopped at once by a second SIGINT$"):
+        fmq.main(tiny_env_args(tmp_path))
     assert len(steps) == 64
 
 
